@@ -1,0 +1,39 @@
+// Every op schema of the extension, once. Kernels register per device in
+// csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu (CUDA). The contract of both ops is the one
+// of moram_kernels/reference.py: two atom segments numbered globally, segment 0 first.
+#include <torch/extension.h>
+
+TORCH_LIBRARY(moram_kernels_C, m) {
+  m.def(
+      "moram_fwd(Tensor x, Tensor keys0, Tensor values0, Tensor? scale0, Tensor keys1, "
+      "Tensor values1, Tensor? scale1, int k, float tau, float delta, float eps) "
+      "-> (Tensor y, Tensor idx, Tensor p_sel, Tensor norm)");
+  m.def(
+      "moram_bwd(Tensor gy, Tensor x, Tensor keys0, Tensor values0, Tensor? scale0, "
+      "Tensor keys1, Tensor values1, Tensor? scale1, Tensor? gram0, Tensor idx, "
+      "Tensor p_sel, Tensor norm, float tau, float delta, float eps, bool need_x, "
+      "bool need_seg0, bool need_seg1) "
+      "-> (Tensor gx, Tensor gkeys0, Tensor gvalues0, Tensor gkeys1, Tensor gvalues1)");
+}
+
+// Which device kernels this build carries (setup.py defines the macros).
+static bool has_cpu() {
+#ifdef MORAM_WITH_CPU
+  return true;
+#else
+  return false;
+#endif
+}
+
+static bool has_cuda() {
+#ifdef MORAM_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("has_cpu", &has_cpu, "whether CPU kernels are compiled in");
+  m.def("has_cuda", &has_cuda, "whether CUDA kernels are compiled in");
+}

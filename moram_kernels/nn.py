@@ -1,0 +1,159 @@
+"""``MoRAMLinear``: a frozen ``nn.Linear`` plus a growing bank of rank-1 atoms."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .ops import _check_real, moram_segments
+
+__all__ = ["MoRAMLinear"]
+
+
+class MoRAMLinear(nn.Module):
+    """``y = base_layer(x) + moram(dropout(x), atoms)``, ``[..., d_in] -> [..., d_out]``.
+
+    The bank is kept as two segments so that a forward pass never concatenates it:
+
+    * ``frozen_keys [N_f, d_in]`` / ``frozen_values [N_f, d_out]``: buffers, atoms of
+      past tasks. Their values already carry the ``alpha / r`` scale they were trained
+      with (baked in by :meth:`add_task`), so a frozen atom's scale is 1.
+    * ``keys [r, d_in]`` / ``values [r, d_out]``: parameters, the current task's atoms,
+      whose values are scaled by ``alpha / r`` at run time.
+
+    ``add_task()`` replaces the two parameters, so build the optimiser after it.
+    """
+
+    def __init__(self, base: nn.Linear, r: int = 16, k: int = 16, tau: float = 0.01,
+                 delta: float = 0.2, dropout: float = 0.0, alpha: float | None = None,
+                 eps: float = 1e-12, backend: str | None = None):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
+        for name, v in (("r", r), ("k", k)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        self.tau = _check_real("tau", tau, positive=True)
+        self.delta = _check_real("delta", delta)
+        self.eps = _check_real("eps", eps, positive=True)
+        dropout = _check_real("dropout", dropout)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if alpha is not None:
+            alpha = _check_real("alpha", alpha, positive=True)
+        self.r, self.k, self.alpha, self.backend = r, k, alpha, backend
+
+        self.base_layer = base
+        base.requires_grad_(False)
+        w = base.weight
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.register_buffer("frozen_keys", w.new_empty(0, self.in_features))
+        self.register_buffer("frozen_values", w.new_empty(0, self.out_features))
+        self.keys = nn.Parameter(w.new_empty(0, self.in_features))
+        self.values = nn.Parameter(w.new_empty(0, self.out_features))
+        self.register_buffer("task_sizes", torch.zeros(0, dtype=torch.long, device=w.device))
+        self.adapter_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._gram_cache: tuple[tuple, Tensor] | None = None
+
+    # ---- sizes ---------------------------------------------------------------------------
+
+    @property
+    def num_atoms(self) -> int:
+        return self.frozen_keys.shape[0] + self.keys.shape[0]
+
+    @property
+    def num_trainable_atoms(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def num_tasks(self) -> int:
+        return self.task_sizes.shape[0]
+
+    @property
+    def scaling(self) -> float:
+        """Scale of the trainable atoms' values: ``alpha / r``, or 1 when alpha is None."""
+        return 1.0 if self.alpha is None else self.alpha / self.r
+
+    # ---- the task lifecycle --------------------------------------------------------------
+
+    @torch.no_grad()
+    def add_task(self) -> None:
+        """Freeze every atom (baking in its scale) and append ``r`` fresh trainable atoms:
+        keys Kaiming-uniform (as ``nn.Linear`` initialises weights), values zero."""
+        w = self.base_layer.weight
+        if self.keys.shape[0]:
+            self.frozen_keys = torch.cat([self.frozen_keys, self.keys.detach().to(self.frozen_keys.dtype)])
+            self.frozen_values = torch.cat(
+                [self.frozen_values, (self.values.detach() * self.scaling).to(self.frozen_values.dtype)])
+        keys = torch.empty(self.r, self.in_features, dtype=self.keys.dtype, device=w.device)
+        nn.init.kaiming_uniform_(keys, a=math.sqrt(5))
+        self.keys = nn.Parameter(keys)
+        self.values = nn.Parameter(torch.zeros(self.r, self.out_features, dtype=self.values.dtype,
+                                               device=w.device))
+        self.task_sizes = torch.cat([self.task_sizes, self.task_sizes.new_tensor([self.r])])
+        self._gram_cache = None
+
+    def _frozen_gram(self) -> Tensor | None:
+        """``frozen_keys^T frozen_keys`` (fp32), cached, when it pays to use it.
+
+        The backward's dense normalisation term over the frozen atoms is either
+        ``-alpha * P0 A0`` (recompute ``P0 = x A0^T``: 2·T·N_f·d_in) or ``-alpha * x G0``
+        (T·d_in^2 with ``G0`` cached). ``G0`` is worth its d_in^2 floats of memory only
+        when the frozen bank is at least as big (N_f >= d_in); below that, backends
+        recompute.
+        """
+        fk = self.frozen_keys
+        if fk.shape[0] < self.in_features or torch.compiler.is_compiling():
+            return None
+        key = (fk.data_ptr(), fk._version, tuple(fk.shape), fk.dtype)
+        if self._gram_cache is None or self._gram_cache[0] != key:
+            a = fk.detach().float()
+            self._gram_cache = (key, a.t() @ a)
+        return self._gram_cache[1]
+
+    # ---- forward -------------------------------------------------------------------------
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base_layer(x)
+        if self.num_atoms == 0:
+            return y
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x has d_in = {x.shape[-1]}, this layer takes {self.in_features}")
+        n1 = self.keys.shape[0]
+        scale1 = None
+        if self.scaling != 1.0 and n1:
+            scale1 = torch.full((n1,), self.scaling, device=x.device,
+                                dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+        need_grad = torch.is_grad_enabled() and self.keys.requires_grad
+        delta = 0.0 if self.training else self.delta      # the threshold is an eval-time rule
+        d, idx = moram_segments(
+            self.adapter_dropout(x), self.frozen_keys, self.frozen_values, None,
+            self.keys, self.values, scale1, k=self.k, tau=self.tau, delta=delta, eps=self.eps,
+            gram0=self._frozen_gram() if need_grad else None, backend=self.backend)
+        return y + d.to(y.dtype)
+
+    # ---- state_dict: shapes grow with tasks, so loading resizes first ----------------------
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        for name in ("frozen_keys", "frozen_values", "task_sizes"):
+            t = state_dict.get(prefix + name)
+            cur = getattr(self, name)
+            if isinstance(t, Tensor) and t.dim() == cur.dim() and t.shape[1:] == cur.shape[1:]:
+                setattr(self, name, cur.new_empty(t.shape))
+        for name in ("keys", "values"):
+            t = state_dict.get(prefix + name)
+            cur = getattr(self, name)
+            if isinstance(t, Tensor) and t.dim() == 2 and t.shape[1:] == cur.shape[1:] \
+                    and t.shape != cur.shape:
+                setattr(self, name, nn.Parameter(cur.new_empty(t.shape), requires_grad=cur.requires_grad))
+        self._gram_cache = None
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"N={self.num_atoms}, trainable={self.num_trainable_atoms}, r={self.r}, k={self.k}, "
+                f"tau={self.tau}, delta={self.delta}, alpha={self.alpha}")

@@ -1,0 +1,203 @@
+"""The MoRAM custom ops, their fake kernels and autograd, and the functional :func:`moram`.
+
+Two ops live in the ``moram_kernels`` namespace:
+
+* ``moram_fwd(x, keys0, values0, scale0, keys1, values1, scale1, gram0, k, tau, delta,
+  eps, backend) -> (y, idx, p_sel, norm)``
+* ``moram_bwd(...) -> (gx, gkeys0, gvalues0, gkeys1, gvalues1)``
+
+Both forward to the backend named by ``backend`` (already resolved by the dispatch
+table), so ``torch.compile(fullgraph=True)`` sees one opaque node per call and no
+graph break. ``gram0`` (``keys0^T keys0``) is only read by the backward.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _dispatch
+from .reference import effective_k
+
+__all__ = ["moram", "moram_segments"]
+
+
+def _impl(backend: str):
+    return _dispatch._BY_NAME[backend].impl()
+
+
+@torch.library.custom_op("moram_kernels::moram_fwd", mutates_args=())
+def moram_fwd_op(
+    x: Tensor, keys0: Tensor, values0: Tensor, scale0: Optional[Tensor],
+    keys1: Tensor, values1: Tensor, scale1: Optional[Tensor], gram0: Optional[Tensor],
+    k: int, tau: float, delta: float, eps: float, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return tuple(_impl(backend).moram_fwd(x, keys0, values0, scale0, keys1, values1, scale1,
+                                          k, tau, delta, eps))
+
+
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@moram_fwd_op.register_fake
+def _(x, keys0, values0, scale0, keys1, values1, scale1, gram0, k, tau, delta, eps, backend):
+    t = x.shape[0]
+    acc = _acc_dtype(x)
+    return (x.new_empty(t, values0.shape[1]),
+            x.new_empty(t, k, dtype=torch.int64),
+            x.new_empty(t, k, dtype=acc),
+            x.new_empty(t, dtype=acc))
+
+
+@torch.library.custom_op("moram_kernels::moram_bwd", mutates_args=())
+def moram_bwd_op(
+    gy: Tensor, x: Tensor, keys0: Tensor, values0: Tensor, scale0: Optional[Tensor],
+    keys1: Tensor, values1: Tensor, scale1: Optional[Tensor], gram0: Optional[Tensor],
+    idx: Tensor, p_sel: Tensor, norm: Tensor, tau: float, delta: float, eps: float,
+    need_x: bool, need_seg0: bool, need_seg1: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    out = _impl(backend).moram_bwd(gy, x, keys0, values0, scale0, keys1, values1, scale1, gram0,
+                                   idx, p_sel, norm, tau, delta, eps, need_x, need_seg0, need_seg1)
+    # custom ops return tensors, never None: an unneeded gradient is an empty tensor
+    return tuple(x.new_empty(0) if g is None else g for g in out)
+
+
+@moram_bwd_op.register_fake
+def _(gy, x, keys0, values0, scale0, keys1, values1, scale1, gram0, idx, p_sel, norm,
+      tau, delta, eps, need_x, need_seg0, need_seg1, backend):
+    def like(t, need):
+        return torch.empty_like(t) if need else x.new_empty(0)
+    return (like(x, need_x), like(keys0, need_seg0), like(values0, need_seg0),
+            like(keys1, need_seg1), like(values1, need_seg1))
+
+
+def _setup_context(ctx, inputs, output):
+    x, keys0, values0, scale0, keys1, values1, scale1, gram0, k, tau, delta, eps, backend = inputs
+    _, idx, p_sel, norm = output
+    ctx.mark_non_differentiable(idx, p_sel, norm)
+    ctx.save_for_backward(x, keys0, values0, scale0, keys1, values1, scale1, gram0, idx, p_sel, norm)
+    ctx.hyper = (tau, delta, eps, backend)
+
+
+def _backward(ctx, gy, _gidx, _gpsel, _gnorm):
+    x, keys0, values0, scale0, keys1, values1, scale1, gram0, idx, p_sel, norm = ctx.saved_tensors
+    tau, delta, eps, backend = ctx.hyper
+    need = ctx.needs_input_grad
+    need_x, need_seg0, need_seg1 = need[0], need[1] or need[2], need[4] or need[5]
+    if not (need_x or need_seg0 or need_seg1):
+        return (None,) * 13
+    gx, gk0, gv0, gk1, gv1 = moram_bwd_op(
+        gy.contiguous(), x, keys0, values0, scale0, keys1, values1, scale1, gram0,
+        idx, p_sel, norm, tau, delta, eps, need_x, need_seg0, need_seg1, backend)
+    return (gx if need_x else None,
+            gk0 if need[1] else None, gv0 if need[2] else None, None,
+            gk1 if need[4] else None, gv1 if need[5] else None, None,
+            None, None, None, None, None, None)
+
+
+moram_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- validation: every error names the argument -------------------------------------------
+
+def _check_real(name: str, v, *, positive: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
+    v = float(v)
+    if math.isnan(v):
+        raise ValueError(f"{name} must not be NaN")
+    if positive and not (v > 0 and math.isfinite(v)):
+        raise ValueError(f"{name} must be finite and > 0, got {v}")
+    return v
+
+
+def _validate(x, keys, values, k, tau, delta, eps, value_scale, backend):
+    for name, t in (("x", x), ("keys", keys), ("values", values)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension [..., d_in]")
+    if keys.dim() != 2:
+        raise ValueError(f"keys must be 2-D [N, d_in], got shape {tuple(keys.shape)}")
+    if values.dim() != 2:
+        raise ValueError(f"values must be 2-D [N, d_out], got shape {tuple(values.shape)}")
+    if keys.shape[0] != values.shape[0]:
+        raise ValueError(f"keys and values must hold the same number of atoms, "
+                         f"got keys N = {keys.shape[0]} and values N = {values.shape[0]}")
+    if x.shape[-1] != keys.shape[1]:
+        raise ValueError(f"x has d_in = {x.shape[-1]} in its last dimension, "
+                         f"but keys have d_in = {keys.shape[1]}")
+    for name, t in (("keys", keys), ("values", values)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    tau = _check_real("tau", tau, positive=True)
+    delta = _check_real("delta", delta)
+    eps = _check_real("eps", eps, positive=True)
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
+    n = keys.shape[0]
+    scale = None
+    if isinstance(value_scale, Tensor):
+        if value_scale.shape != (n,):
+            raise ValueError(f"value_scale must have shape [N] = [{n}], got {tuple(value_scale.shape)}")
+        if value_scale.device != x.device:
+            raise ValueError(f"value_scale is on {value_scale.device} but x is on {x.device}")
+        scale = value_scale.detach().to(_acc_dtype(x)).contiguous()
+    elif value_scale is not None:
+        v = _check_real("value_scale", value_scale)
+        scale = torch.full((n,), v, dtype=_acc_dtype(x), device=x.device)
+    return int(k), tau, delta, eps, scale
+
+
+# ---- the functional API ---------------------------------------------------------------------
+
+def moram_segments(x, keys0, values0, scale0, keys1, values1, scale1, *, k, tau, delta, eps,
+                   gram0=None, backend=None) -> tuple[Tensor, Tensor | None]:
+    """MoRAM delta over two atom segments, ``[..., d_in] -> [..., d_out]``, plus the
+    ``[T, K]`` selected atom ids (None when nothing was selected).
+
+    Inputs are assumed validated. ``keys0``/``values0`` is typically a frozen bank and
+    ``keys1``/``values1`` the trainable atoms; neither is concatenated.
+    """
+    lead, d_out = x.shape[:-1], values0.shape[1]
+    n = keys0.shape[0] + keys1.shape[0]
+    x2 = x.reshape(-1, x.shape[-1])
+    t = x2.shape[0]
+    if n == 0 or t == 0:
+        return x.new_zeros(*lead, d_out), None
+    kk = effective_k(k, n)
+    inp = _dispatch.Inputs(x.device, x.dtype, keys0.dtype, values0.dtype,
+                           x.shape[-1], d_out, n, kk)
+    b = _dispatch.select(backend, inp)
+    y, idx, _, _ = moram_fwd_op(x2, keys0, values0, scale0, keys1, values1, scale1, gram0,
+                                kk, tau, delta, eps, b.name)
+    return y.reshape(*lead, d_out), idx
+
+
+def moram(x: Tensor, keys: Tensor, values: Tensor, *, k: int, tau: float, delta: float = 0.0,
+          eps: float = 1e-12, value_scale=None, backend: str | None = None) -> Tensor:
+    """MoRAM adapter delta (MORAM_OP.md section 2), ``[..., d_in] -> [..., d_out]``.
+
+    ``keys [N, d_in]`` and ``values [N, d_out]`` hold the atoms; ``k`` atoms are kept per
+    token (effective K = min(max(k, 2), N)), softmaxed at temperature ``tau``, and those
+    whose normalised score is below ``delta`` dropped (0 disables it). ``value_scale`` is
+    None, a float or a ``[N]`` tensor multiplying each value row. Differentiable with
+    respect to ``x``, ``keys`` and ``values``; returns the dtype of ``x``.
+    """
+    k, tau, delta, eps, scale = _validate(x, keys, values, k, tau, delta, eps, value_scale, backend)
+    empty_k = keys.new_empty(0, keys.shape[1])
+    empty_v = values.new_empty(0, values.shape[1])
+    y, _ = moram_segments(x, keys, values, scale, empty_k, empty_v, None,
+                          k=k, tau=tau, delta=delta, eps=eps, backend=backend)
+    return y
