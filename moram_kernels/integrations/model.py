@@ -140,9 +140,12 @@ def inject(model: nn.Module, config: MoRAMConfig) -> nn.Module:
             raise ValueError(f"module {n!r} is the same object as a target module; MoRAM cannot "
                              "wrap a shared module at one place only")
 
-    # Validate every layer before the model changes (bad hyper-parameters raise here).
-    wrapped = {name: MoRAMLinear(lin, **config.layer_kwargs()) for name, lin in targets}
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    try:    # building the layers validates the hyper-parameters (and freezes each base)
+        wrapped = {name: MoRAMLinear(lin, **config.layer_kwargs()) for name, lin in targets}
+    except Exception:
+        _restore_requires_grad(model, requires_grad)
+        raise
     model.requires_grad_(False)
     for name, layer in wrapped.items():
         _set_submodule(model, name, layer)
@@ -157,6 +160,12 @@ def inject(model: nn.Module, config: MoRAMConfig) -> nn.Module:
     return model
 
 
+def _restore_requires_grad(model: nn.Module, flags: dict[str, bool]) -> None:
+    for n, p in model.named_parameters():
+        if n in flags:
+            p.requires_grad_(flags[n])
+
+
 def remove(model: nn.Module) -> nn.Module:
     """Undo :func:`inject`: put every original module back (the very same objects, so the
     base weights are untouched), restore each parameter's ``requires_grad`` and drop the
@@ -168,9 +177,7 @@ def remove(model: nn.Module) -> nn.Module:
     for name, layer in layers.items():
         _set_submodule(model, name, layer.base_layer)
     if state is not None:
-        for n, p in model.named_parameters():
-            if n in state["requires_grad"]:
-                p.requires_grad_(state["requires_grad"][n])
+        _restore_requires_grad(model, state["requires_grad"])
         delattr(model, _STATE_ATTR)
     for attr in ("moram_config", "moram_summary"):
         if attr in model.__dict__:
