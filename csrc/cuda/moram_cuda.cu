@@ -41,6 +41,8 @@ namespace moram_cuda {
 
 // Score scratch per tile: 2^26 fp32 = 256 MiB, e.g. 4096 tokens x 16384 atoms.
 constexpr int64_t kScoreBudget = int64_t(1) << 26;
+// Below this many tokens per tile, more warps per token keep the GPU busy (decode).
+constexpr int64_t kFewTokens = 128;
 
 // ---- host helpers -----------------------------------------------------------------------
 
@@ -232,12 +234,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moram_fwd_cuda(
     const at::Tensor xt = x.narrow(0, t0, tt);
     const at::Tensor p0 = s.n0 ? scores_fp32(xt.to(k0.scalar_type()), k0) : at::Tensor();
     const at::Tensor p1 = s.n1 ? scores_fp32(xt.to(k1.scalar_type()), k1) : at::Tensor();
-    select_topk_kernel<<<static_cast<unsigned>(tt), kTopkWarps * kWarp, 0, stream>>>(
-        s.n0 ? p0.data_ptr<float>() : nullptr, s.n1 ? p1.data_ptr<float>() : nullptr,
-        static_cast<int>(s.n0), static_cast<int>(s.n1), static_cast<int>(k),
-        static_cast<float>(tau), static_cast<float>(delta), static_cast<float>(eps), scale,
-        idx.data_ptr<int64_t>() + t0 * k, p_sel.data_ptr<float>() + t0 * k,
-        norm.data_ptr<float>() + t0, coef.data_ptr<float>() + t0 * k);
+    const auto launch = [&](auto warps) {
+      constexpr int W = decltype(warps)::value;
+      select_topk_kernel<W><<<static_cast<unsigned>(tt), W * kWarp, 0, stream>>>(
+          s.n0 ? p0.data_ptr<float>() : nullptr, s.n1 ? p1.data_ptr<float>() : nullptr,
+          static_cast<int>(s.n0), static_cast<int>(s.n1), static_cast<int>(k),
+          static_cast<float>(tau), static_cast<float>(delta), static_cast<float>(eps), scale,
+          idx.data_ptr<int64_t>() + t0 * k, p_sel.data_ptr<float>() + t0 * k,
+          norm.data_ptr<float>() + t0, coef.data_ptr<float>() + t0 * k);
+    };
+    if (tt < kFewTokens) {
+      launch(std::integral_constant<int, kTopkWarpsFew>{});
+    } else {
+      launch(std::integral_constant<int, kTopkWarps>{});
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   launch_gather(s.values0, s.values1, s.n0, idx, coef, y, stream);
@@ -280,8 +290,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moram_bwd
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto f32 = x.options().dtype(at::kFloat);
-  const at::Tensor none = at::empty({0}, x.options());
-  at::Tensor gx = none, gk0 = none, gv0 = none, gk1 = none, gv1 = none;
+  // an unneeded gradient is an empty tensor (the schema returns Tensor, not Tensor?)
+  const auto none = [&] { return at::empty({0}, x.options()); };
+  at::Tensor gx = none(), gk0 = none(), gv0 = none(), gk1 = none(), gv1 = none();
   if (T == 0 || !(need_x || need_seg0 || need_seg1)) return {gx, gk0, gv0, gk1, gv1};
 
   const at::Tensor gyc = gy.contiguous();

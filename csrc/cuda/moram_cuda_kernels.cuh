@@ -6,7 +6,10 @@
 
 namespace moram_cuda {
 
-constexpr int kTopkWarps = 8;     // warps per token in select_topk_kernel
+// select_topk_kernel runs kTopkWarps warps per token, or kTopkWarpsFew when the tile has
+// few tokens (decode), so that one token's atoms spread over more of the GPU.
+constexpr int kTopkWarps = 8;
+constexpr int kTopkWarpsFew = 32;
 constexpr int kTopkUnroll = 4;    // score chunks in flight per lane
 constexpr int kRowThreads = 128;  // threads per block of the row kernels
 constexpr int kTokenWarps = 4;    // tokens per block of bwd_token_kernel
@@ -18,16 +21,17 @@ __device__ __forceinline__ float score_at(const float* q0, const float* q1, int 
   return j < n0 ? q0[j] : q1[j - n0];
 }
 
-// One block per token of the tile. Scores p0 [tile, n0] and p1 [tile, n1] (fp32, row-major);
-// outputs are already offset to the tile's first token.
-__global__ void __launch_bounds__(kTopkWarps * kWarp)
+// One block of W warps per token of the tile. Scores p0 [tile, n0] and p1 [tile, n1] (fp32,
+// row-major); outputs are already offset to the tile's first token.
+template <int W>
+__global__ void __launch_bounds__(W * kWarp)
 select_topk_kernel(const float* __restrict__ p0, const float* __restrict__ p1, int n0, int n1,
                    int K, float tau, float delta, float eps, Scale2 scale,
                    int64_t* __restrict__ idx_out, float* __restrict__ psel_out,
                    float* __restrict__ norm_out, float* __restrict__ coef_out) {
-  __shared__ float cand_v[kTopkWarps][kMaxK];
-  __shared__ int cand_i[kTopkWarps][kMaxK];
-  __shared__ float part_ss[kTopkWarps];
+  __shared__ float cand_v[W][kMaxK];
+  __shared__ int cand_i[W][kMaxK];
+  __shared__ float part_ss[W];
 
   const int64_t t = blockIdx.x;
   const int warp = threadIdx.x / kWarp;
@@ -36,7 +40,7 @@ select_topk_kernel(const float* __restrict__ p0, const float* __restrict__ p1, i
   const float* q0 = n0 ? p0 + t * n0 : nullptr;
   const float* q1 = n1 ? p1 + t * n1 : nullptr;
   // Every active warp gets a stripe of at least K atoms, so its K slots fill with real ids.
-  const int n_warps = min(kTopkWarps, n / K);
+  const int n_warps = min(W, n / K);
 
   float ss = 0.f;
   WarpTopK top;
@@ -89,7 +93,7 @@ select_topk_kernel(const float* __restrict__ p0, const float* __restrict__ p1, i
     }
   }
   float total = 0.f;
-  for (int w = 0; w < kTopkWarps; ++w) total += part_ss[w];
+  for (int w = 0; w < W; ++w) total += part_ss[w];
 
   // Epilogue on the K kept scores: n = max(||p||, eps) (NaN stays NaN, as in torch),
   // s = p / n, w = softmax(s / tau) over the K, mask s >= delta when delta > 0.
