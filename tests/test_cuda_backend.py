@@ -111,10 +111,31 @@ def check_backward(impl, c, K, tau, delta, *, need=(True, True, True), with_gram
     return got
 
 
+# ---- without the backend: clear refusals (these run everywhere) -------------------------------
+
+def test_forced_cuda_backend_on_cpu_tensors_says_why():
+    x, keys, values = torch.randn(3, 8), torch.randn(10, 8), torch.randn(10, 4)
+    with pytest.raises(RuntimeError, match="cuda backend takes CUDA tensors"):
+        mk.moram(x, keys, values, k=2, tau=0.1, backend="cuda")
+
+
+def test_cuda_module_refuses_to_import_without_cuda_kernels():
+    from moram_kernels import _C_loader
+    why = _C_loader.why_unavailable("cuda")
+    if why is None:
+        pytest.skip("the extension here carries the CUDA kernels")
+    with pytest.raises(ImportError, match="CUDA kernels"):
+        import moram_kernels._cuda  # noqa: F401
+
+
 # ---- the tests (GPU only) --------------------------------------------------------------------
 
 _why = _unavailable()
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_why is not None, reason=_why or "")]
+
+
+def needs_gpu(test):
+    """A GPU test: skipped, with the reason, where the cuda backend cannot run."""
+    return pytest.mark.gpu(pytest.mark.skipif(_why is not None, reason=_why or "")(test))
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 #        T,  d_in, d_out, n0,   n1,  K
@@ -135,6 +156,7 @@ def impl():
     return _dispatch._BY_NAME["cuda"].impl()
 
 
+@needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
 @pytest.mark.parametrize("delta", [0.0, 0.2])
@@ -144,6 +166,7 @@ def test_forward_parity(impl, dtype, shape, delta):
     check_forward(impl, c, K, tau=0.05, delta=delta)
 
 
+@needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
 @pytest.mark.parametrize("delta", [0.0, 0.2])
@@ -155,12 +178,14 @@ def test_backward_parity(impl, dtype, shape, delta):
                    with_gram=(n0 % 2 == 0))
 
 
+@needs_gpu
 @pytest.mark.parametrize("need", [(True, False, False), (False, False, True), (False, True, False)])
 def test_backward_only_what_is_needed(impl, need):
     c = make_case("cuda", torch.float32, 13, 24, 16, 40, 8)
     check_backward(impl, c, 6, tau=0.1, delta=0.0, need=need, with_gram=False)
 
 
+@needs_gpu
 @pytest.mark.parametrize("x_dtype,atom_dtype", [(torch.bfloat16, torch.float32),
                                                 (torch.float32, torch.float16),
                                                 (torch.float16, torch.bfloat16)], ids=str)
@@ -170,6 +195,7 @@ def test_mixed_dtypes(impl, x_dtype, atom_dtype):
     check_backward(impl, c, 8, tau=0.03, delta=0.0)
 
 
+@needs_gpu
 def test_non_contiguous_x(impl):
     c = make_case("cuda", torch.float32, 17, 48, 24, 90, 6)
     c["x"] = torch.randn(48, 17 * 2, device="cuda").t()[::2]     # [17, 48], strided
@@ -178,6 +204,7 @@ def test_non_contiguous_x(impl):
     check_backward(impl, c, 7, tau=0.05, delta=0.0)
 
 
+@needs_gpu
 def test_zero_and_nan_tokens_stay_local(impl):
     c = make_case("cuda", torch.float32, 6, 32, 16, 50, 0)
     c["x"][1] = 0.0
@@ -191,6 +218,7 @@ def test_zero_and_nan_tokens_stay_local(impl):
     assert int(idx.min()) >= 0 and int(idx.max()) < 50
 
 
+@needs_gpu
 def test_dvalues_is_deterministic(impl):
     # many tokens on few atoms: every atom row sums hundreds of contributions
     c = make_case("cuda", torch.float32, 4096, 32, 64, 8, 8)
@@ -200,6 +228,7 @@ def test_dvalues_is_deterministic(impl):
         assert torch.equal(ga, gb)
 
 
+@needs_gpu
 def test_autograd_through_moram_matches_reference():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(4, 5, 32, generator=g).cuda().requires_grad_()
@@ -216,6 +245,7 @@ def test_autograd_through_moram_matches_reference():
         _assert_close(got, want, torch.float32, "autograd")
 
 
+@needs_gpu
 def test_k_above_64_is_refused(impl):
     c = make_case("cuda", torch.float32, 4, 16, 8, 100, 0)
     with pytest.raises(RuntimeError, match="k must be in"):
@@ -224,6 +254,7 @@ def test_k_above_64_is_refused(impl):
         mk.moram(c["x"], c["keys0"], c["values0"], k=65, tau=0.05, backend="cuda")
 
 
+@needs_gpu
 def test_bad_input_names_the_argument(impl):
     c = make_case("cuda", torch.float32, 4, 16, 8, 10, 0)
     with pytest.raises(RuntimeError, match="keys1"):
