@@ -59,7 +59,7 @@ def _ext_modules_and_cmdclass():
         archs = os.environ.get("MORAM_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
         # No --use_fast_math: the kernels are bound by memory and cuBLAS, and IEEE expf and
         # division keep them within rounding of the reference. Keep in sync with
-        # tools/cuda_compile_check.py, which compiles with the same flags.
+        # .ci/cuda_compile_check.py, which compiles with the same flags.
         nvcc = ["-O3", "-std=c++17", "-lineinfo"]
         for a in filter(None, (x.strip() for x in archs)):
             nvcc += ["-gencode", f"arch=compute_{a},code=sm_{a}"]

@@ -1,6 +1,6 @@
 """The CUDA sources compile for sm_80 and sm_90 without register spills (no GPU needed).
 
-Runs tools/cuda_compile_check.py (nvcc -c against the installed torch's headers, both
+Runs .ci/cuda_compile_check.py (nvcc -c against the installed torch's headers, both
 archs in one nvcc call; about 50 s of CPU). Skips when nvcc is not installed.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TOOL = ROOT / "tools" / "cuda_compile_check.py"
+TOOL = ROOT / ".ci" / "cuda_compile_check.py"
 KERNELS = ("select_topk_kernel", "gather_rows_kernel", "bwd_token_kernel",
            "scatter_rows_kernel", "add_selected_kernel")
 

@@ -9,7 +9,7 @@ error or on any register spill in the project's kernels (namespace ``moram_cuda`
 The CPU torch wheel lacks the generated header ``c10/cuda/impl/cuda_cmake_macros.h``; a
 one-line shim in a temporary include directory stands in for it.
 
-Usage: ``python tools/cuda_compile_check.py [--archs 80,90] [--keep DIR]``
+Usage: ``python .ci/cuda_compile_check.py [--archs 80,90] [--keep DIR]``
 (``MORAM_CUDA_ARCHS`` is the default for ``--archs``). Exit 2: nvcc not found.
 """
 
