@@ -171,7 +171,16 @@ def train_impls(s: Setup, backends: list[str], compile: bool) -> list[Impl]:
 
 def _saved(module: nn.Module, x: Tensor) -> tuple[Tensor, int]:
     from .timing import saved_for_backward
-    exclude = [x, *module.parameters(), *module.buffers()]
+
+    def exclude() -> list[Tensor]:
+        out = [x, *module.parameters(), *module.buffers()]
+        # MoRAMLinear's cached Gram matrix of the frozen keys lives as long as the layer,
+        # whether or not a backward is pending, so it is not memory a step holds
+        for m in module.modules():
+            cache = getattr(m, "_gram_cache", None)
+            if isinstance(cache, tuple) and isinstance(cache[-1], Tensor):
+                out.append(cache[-1])
+        return out
     return saved_for_backward(lambda: module(x), exclude)
 
 

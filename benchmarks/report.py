@@ -197,9 +197,7 @@ def write_all(rows, hw, args, notes, mem_note, elapsed) -> dict:
     stamp = hw["timestamp_utc"].replace("-", "").replace(":", "")
     folder = os.path.join(args.out, f"{stamp}-{args.size}")
     os.makedirs(folder, exist_ok=True)
-    import sys
-    command = "python -m benchmarks " + " ".join(sys.argv[1:]) if not getattr(args, "argv", None) else args.argv
-    text = markdown(rows, hw, notes, mem_note, elapsed, command.strip())
+    text = markdown(rows, hw, notes, mem_note, elapsed, args.command)
     csv_path, md_path = os.path.join(folder, "results.csv"), os.path.join(folder, "results.md")
     write_csv(rows, csv_path)
     with open(md_path, "w") as f:

@@ -60,6 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="results folder (default benchmarks/results/); a timestamped subfolder is made")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    args.command = " ".join(["python -m benchmarks"] + list(sys.argv[1:] if argv is None else argv))
     args.size = "smoke" if args.smoke else "quick" if args.quick else "full"
     if args.max_call_s is None:
         args.max_call_s = {"full": 20.0, "quick": 5.0, "smoke": 5.0}[args.size]

@@ -172,19 +172,21 @@ class PeakMemory:
 
 # ---- bytes saved for backward --------------------------------------------------------------
 
-def saved_for_backward(run_forward: Callable[[], torch.Tensor], exclude: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
+def saved_for_backward(run_forward: Callable[[], torch.Tensor],
+                       exclude: Callable[[], list[torch.Tensor]]) -> tuple[torch.Tensor, int]:
     """Run the forward under ``saved_tensors_hooks``; return its output and the bytes of
-    the distinct storages autograd keeps for backward, not counting storages that belong
-    to ``exclude`` (inputs, parameters, buffers: they stay alive regardless)."""
-    skip = {t.untyped_storage().data_ptr() for t in exclude if t is not None and t.numel()}
+    the distinct storages autograd keeps for backward, not counting storages of the
+    tensors ``exclude()`` lists after the forward (inputs, parameters, buffers, caches:
+    they stay alive whether or not a backward is pending)."""
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        s = t.untyped_storage()
-        if s.data_ptr() not in skip and t.numel():
+        if t.numel():
+            s = t.untyped_storage()
             seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = run_forward()
-    return y, sum(seen.values())
+    skip = {t.untyped_storage().data_ptr() for t in exclude() if t is not None and t.numel()}
+    return y, sum(n for ptr, n in seen.items() if ptr not in skip)

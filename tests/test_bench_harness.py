@@ -119,7 +119,7 @@ def test_saved_for_backward_counts_activations_only():
     w = torch.randn(64, 32, requires_grad=True)
     x = torch.randn(10, 64)
     # x @ w saves x and w (excluded); tanh saves its [10, 32] output
-    y, nbytes = saved_for_backward(lambda: torch.tanh(x @ w), exclude=[x, w])
+    y, nbytes = saved_for_backward(lambda: torch.tanh(x @ w), exclude=lambda: [x, w])
     assert y.shape == (10, 32)
     assert nbytes == 10 * 32 * 4
 
