@@ -35,6 +35,7 @@ class Impl:
     compiled: bool = False
     dense_tn: float = 0.0                   # [T, N] fp32 tensors it keeps alive, for the skip rule
     saved: Callable[[], int] | None = None  # bytes saved for backward (train)
+    backend: str | None = None              # the moram backend it forces, if any
     tensors: list[Tensor] = field(default_factory=list)
 
 
@@ -105,7 +106,7 @@ def eval_impls(s: Setup, backends: list[str], compile: bool) -> list[Impl]:
     for b in backends:
         impls.append(Impl(backend_impl(b), "moram",
                           *wrap(lambda x, b=b: mk.moram(x, keys, values, backend=b, **hyper)),
-                          dense_tn=2 if b == "reference" else 0))
+                          dense_tn=2 if b == "reference" else 0, backend=b))
     ka, va = keys[:c.r], values[:c.r]
     impls.append(Impl(LORA_N, "lora", *wrap(lambda x: lora_delta(x, keys, values)), rank=c.n, dense_tn=1))
     impls.append(Impl(LORA_R, "lora", *wrap(lambda x: lora_delta(x, ka, va)), rank=c.r))
@@ -162,7 +163,8 @@ def train_impls(s: Setup, backends: list[str], compile: bool) -> list[Impl]:
     for b in backends:
         def use(b=b):
             layer.backend = b
-        impls.append(Impl(backend_impl(b), "moram", **step_fn(layer, use), dense_tn=3 if b == "reference" else 0))
+        impls.append(Impl(backend_impl(b), "moram", **step_fn(layer, use), dense_tn=3 if b == "reference" else 0,
+                          backend=b))
     for name, rank in ((LORA_N, c.n), (LORA_R, c.r)):
         lora = LoRALinear(s.base, rank, scaling=c.scaling)
         impls.append(Impl(name, "lora", **step_fn(lora), rank=rank, dense_tn=3 if name == LORA_N else 0))
@@ -221,6 +223,14 @@ def dense_flops(case: Case, mode: str) -> float:
     """FLOPs of the authors' dense layer, for estimating run time before running it."""
     f = 2 * case.t * case.n * (case.d_in + case.d_out)
     return f if mode == "eval" else 3 * f + 4 * case.t * case.d_in * case.d_out
+
+
+def refusal(case: Case, s: "Setup", backend: str) -> str | None:
+    """Why the dispatch table would refuse this backend for these inputs, if it would."""
+    from moram_kernels import _dispatch
+    inp = _dispatch.Inputs(s.device, s.dtype, s.dtype, s.dtype, case.d_in, case.d_out, case.n, case.kk)
+    reasons = _dispatch._BY_NAME[backend].refuses(inp, True)
+    return "; ".join(reasons) if reasons else None
 
 
 def estimated_gb(case: Case, impl: Impl) -> float:

@@ -16,8 +16,8 @@ import moram_kernels as mk
 
 from . import grid, report
 from .hardware import detect
-from .impls import (AUTHORS, FLOOR, Impl, Setup, dense_flops, estimated_gb, eval_impls, rel_err,
-                    train_impls, work)
+from .impls import (AUTHORS, FLOOR, Impl, Setup, dense_flops, estimated_gb, eval_impls, refusal,
+                    rel_err, train_impls, work)
 from .timing import Budget, PeakMemory, TooSlow, time_cpu, time_cuda
 
 BUDGETS = {
@@ -120,6 +120,11 @@ def bench_case(case, mode, setup: Setup, backends, args, device, dtype, timer, b
                    dtype=str(dtype).replace("torch.", ""), impl=impl.name, status="ok", reason="",
                    flops=flops, bytes=nbytes)
         rows.append(row)
+        why = refusal(case, setup, impl.backend) if impl.backend else None
+        if why:
+            row.update(status="skipped", reason=f"{impl.backend} refuses these inputs: {why}")
+            pbar.update(1)
+            continue
         gb = estimated_gb(case, impl)
         if gb > args.max_dense_gb:
             row.update(status="skipped", reason=f"would hold ~{gb:.1f} GB of [T, N] fp32 tensors "

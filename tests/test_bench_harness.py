@@ -142,3 +142,18 @@ def test_grid_merges_shared_shapes_and_work_counts():
 def test_bad_arguments_are_refused(argv):
     with pytest.raises(SystemExit):
         run.parse_args(argv)
+
+
+def test_backend_refusal_is_a_skip_with_its_reason(tmp_path, monkeypatch):
+    import dataclasses
+
+    from moram_kernels import _dispatch
+    ref = _dispatch._BY_NAME["reference"]
+    monkeypatch.setitem(_dispatch._BY_NAME, "reference",
+                        dataclasses.replace(ref, refuses=lambda inp, forced: [f"no K = {inp.k} today"]))
+    run.main(["--smoke", "--modes", "eval", "--no-compile", "--no-memory", "--no-plots", "--no-progress",
+              "--out", str(tmp_path)])
+    (folder,) = glob.glob(str(tmp_path / "*-smoke"))
+    rows = [r for r in _read_csv(folder) if r["impl"] == "moram:reference"]
+    assert rows and all(r["status"] == "skipped" and "reference refuses these inputs: no K = 4 today"
+                        in r["reason"] for r in rows)
