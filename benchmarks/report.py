@@ -76,9 +76,10 @@ def markdown(rows: list[dict], hw: dict, notes: list[str], mem_note: str, elapse
     except ValueError:
         busy = False
     if busy and hw["device"] == "cpu":
+        hint = (", and multi-threaded small ops wait for descheduled threads (`--threads 1` avoids that)"
+                if hw["torch_threads"] != "1" else "")
         notes = notes + [f"the machine was busy (load average {hw['load_avg_1min']} on {hw['cpu_cores']} cores "
-                         "at the start): timings are noisy, and multi-threaded small ops wait for "
-                         "descheduled threads (`--threads 1` avoids that)"]
+                         f"at the start): timings are noisy{hint}"]
     for n in notes:
         out.append(f"- {n}")
     if notes:

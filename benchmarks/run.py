@@ -47,7 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--k", type=_ints, default=None, help="custom grid: k values")
     p.add_argument("--T", type=_ints, default=None, help="custom grid: token counts")
     p.add_argument("--r", type=int, default=16, help="custom grid: trainable atoms in the train step")
-    p.add_argument("--no-compile", action="store_true", help="do not time torch.compile of the authors' layer")
+    p.add_argument("--compile", default=None, choices=["all", "eval", "none"],
+                   help="modes in which to time torch.compile of the authors' layer (default: all; "
+                        "eval with --quick, whose budget a cold compile of the train step would break)")
+    p.add_argument("--no-compile", action="store_true", help="same as --compile none")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--max-dense-gb", type=float, default=2.0,
@@ -64,6 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.size = "smoke" if args.smoke else "quick" if args.quick else "full"
     if args.max_call_s is None:
         args.max_call_s = {"full": 20.0, "quick": 5.0, "smoke": 5.0}[args.size]
+    if args.no_compile:
+        args.compile = "none"
+    elif args.compile is None:
+        args.compile = "eval" if args.size == "quick" else "all"
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in args.modes if m not in ("eval", "train")]
     if bad:
@@ -107,7 +114,7 @@ def _sync(device: torch.device) -> None:
 
 
 def bench_case(case, mode, setup: Setup, backends, args, device, dtype, timer, budget, pbar) -> list[dict]:
-    impls: list[Impl] = (eval_impls if mode == "eval" else train_impls)(setup, backends, not args.no_compile)
+    impls: list[Impl] = (eval_impls if mode == "eval" else train_impls)(setup, backends, args.compile != "none")
     rows: list[dict] = []
     floor_rate = None           # FLOP/s of the bare GEMM, to predict slow implementations
     ref_out = None
@@ -120,6 +127,11 @@ def bench_case(case, mode, setup: Setup, backends, args, device, dtype, timer, b
                    dtype=str(dtype).replace("torch.", ""), impl=impl.name, status="ok", reason="",
                    flops=flops, bytes=nbytes)
         rows.append(row)
+        if impl.compiled and args.compile not in ("all", mode):
+            row.update(status="skipped", reason=f"torch.compile not timed in {mode} mode (--compile {args.compile}; "
+                                                "a cold compile of the train step takes tens of seconds on 2 cores)")
+            pbar.update(1)
+            continue
         why = refusal(case, setup, impl.backend) if impl.backend else None
         if why:
             row.update(status="skipped", reason=f"{impl.backend} refuses these inputs: {why}")
@@ -189,7 +201,7 @@ def memory_pass(cases, args, backends, device, dtype, rows, pbar) -> str | None:
     for case in cases:
         setup = Setup(case, device, dtype, seed=args.seed)
         for mode in args.modes:
-            impls = (eval_impls if mode == "eval" else train_impls)(setup, backends, not args.no_compile)
+            impls = (eval_impls if mode == "eval" else train_impls)(setup, backends, args.compile != "none")
             for impl in impls:
                 r = ok.get((mode, case.d_in, case.n, case.k, case.t, case.r, case.tau, impl.name))
                 if r is None:
@@ -223,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*TF32.*")
 
     from tqdm.auto import tqdm
-    n_impls = 4 + len(backends) + (0 if args.no_compile else 1)
+    n_impls = 4 + len(backends) + (args.compile != "none")
     total = len(cases) * len(args.modes) * n_impls
     rows: list[dict] = []
     t_start = time.perf_counter()
