@@ -14,6 +14,7 @@ import textwrap
 import pytest
 import torch
 
+import moram_kernels as mk
 from benchmarks import report, run
 from benchmarks.grid import Case, merge
 from benchmarks.impls import AUTHORS, COMPILED, FLOOR, LORA_N, LORA_R, Impl, work
@@ -35,14 +36,15 @@ def _read_csv(folder: str) -> list[dict]:
 
 def test_smoke_run_writes_table_csv_and_plots(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--smoke", "--no-compile", "--threads", "1", "--no-progress",
+        [sys.executable, "-m", "benchmarks", "--smoke", "--device", "cpu", "--no-compile", "--threads", "1", "--no-progress",
          "--out", str(tmp_path)], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     (folder,) = glob.glob(str(tmp_path / "*-smoke"))
     rows = _read_csv(folder)
     assert set(report.COLUMNS) <= set(rows[0])
     impls = {r["impl"] for r in rows}
-    assert {AUTHORS, "moram:reference", LORA_N, LORA_R, FLOOR} <= impls
+    timed = [b for b in mk.available_backends() if b != "triton"]      # CPU run: no interpreter
+    assert {AUTHORS, LORA_N, LORA_R, FLOOR} | {f"moram:{b}" for b in timed} == impls
     assert COMPILED not in impls
     assert {r["mode"] for r in rows} == {"eval", "train"}
     for r in rows:
@@ -56,7 +58,7 @@ def test_smoke_run_writes_table_csv_and_plots(tmp_path):
         if r["mode"] == "train" and r["impl"] != FLOOR:
             assert r["saved_bwd_mb"] != ""
     md = open(os.path.join(folder, "results.md")).read()
-    assert "| sweep | d | N | k | T | authors | reference |" in md
+    assert "| sweep | d | N | k | T | authors | " + " | ".join(timed) + " | LoRA R=N |" in md
     assert md.strip() in out.stdout
     for name in ("time_vs_N.png", "speedup_vs_N.png"):
         with open(os.path.join(folder, name), "rb") as f:
