@@ -133,7 +133,7 @@ def markdown(rows: list[dict], hw: dict, notes: list[str], mem_note: str, elapse
             "best/floor = its time over the bare `x @ keys.T` GEMM; GFLOP/s and GB/s are its nominal useful "
             "work (the sparse algorithm's FLOPs, each tensor touched once) over its time. "
             f"Peak memory: {mem_note}. saved MB: bytes autograd keeps for backward, not counting inputs, "
-            "parameters and buffers. LoRA R=N is a dense adapter as wide as the bank, R=r one task's adapter.",
+            "parameters, buffers and the cached Gram matrix. LoRA R=N is a dense adapter as wide as the bank, R=r one task's adapter.",
             ""]
     errs = [r["max_rel_err"] for r in rows if r.get("max_rel_err") is not None]
     if errs:
