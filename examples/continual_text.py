@@ -251,9 +251,11 @@ def plot(results, tasks, path):
     width = 0.8 / len(results)
     for m, (method, acc) in enumerate(results.items()):
         n = len(acc)
-        ax1.bar([j + m * width for j in range(n)], [100 * a for a in acc[-1]], width, label=method)
+        final, bwt = summarise(acc)
+        label = f"{method} (avg {100 * final:.1f}%, BWT {100 * bwt:+.1f})"
+        ax1.bar([j + m * width for j in range(n)], [100 * a for a in acc[-1]], width, label=label)
         seen = [100 * sum(acc[i][: i + 1]) / (i + 1) for i in range(n)]
-        ax2.plot(range(1, n + 1), seen, marker="o", label=method)
+        ax2.plot(range(1, n + 1), seen, marker="o", label=label)
     ax1.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(tasks))], tasks)
     ax1.set_ylabel("accuracy after the last task (%)")
     ax1.set_title("final accuracy per task")
@@ -364,7 +366,8 @@ def main(argv=None):
         plot(results, args.tasks, args.out / "accuracy.png")
         if usage:
             mk.integrations.plot_usage(usage[args.tasks[-1]], args.out / "moram_usage.png",
-                                       title=f"MoRAM atom usage on {args.tasks[-1]} after all tasks")
+                                       title=f"MoRAM atom usage on {args.tasks[-1]} after all tasks "
+                                             f"(layer i = encoder layer {top.config.num_hidden_layers - args.adapt_layers} + i)")
         print(f"\nwrote {args.out}/accuracy.png, moram_usage.png and results.json")
     except ImportError:
         print(f"\nmatplotlib is missing: no plots; wrote {args.out}/results.json")

@@ -152,8 +152,9 @@ def plot_usage(record: UsageRecord | nn.Module, path, *, title: str | None = Non
         ax.tick_params(labelsize=6)
         ax.set_xlim(-0.5, max(c.shape[0], 1) - 0.5)
     axes[-1].set_xlabel("atom (in creation order)")
-    fig.legend(handles=[Patch(color=colours[i], label=f"task {i}") for i in range(n_tasks)],
-               loc="upper right", fontsize=7, ncol=min(n_tasks, 8))
     fig.suptitle(title or "MoRAM atom usage (share of top-K selections per layer)", fontsize=9)
+    axes[0].legend(handles=[Patch(color=colours[i], label=f"task {i}") for i in range(n_tasks)],
+                   loc="lower left", bbox_to_anchor=(0.0, 1.02), fontsize=7, ncol=min(n_tasks, 10),
+                   frameon=False, borderaxespad=0.0)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(str(path), dpi=110)
