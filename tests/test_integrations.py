@@ -681,3 +681,9 @@ def test_continual_text_example_quick(tmp_path):
         assert len(m) == 5 and all(0.0 <= a <= 1.0 for a in m[-1])
     # the frozen encoder cannot forget: its heads never change after their task
     assert results["frozen"]["bwt"] == 0.0
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    for png in ("accuracy.png", "moram_usage.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
