@@ -181,6 +181,7 @@ def test_remove_restores_requires_grad():
 def test_gpt2_conv1d_matches_an_equivalent_linear():
     """Conv1D stores its weight [d_in, d_out]; the wrapped layer must equal a MoRAMLinear
     around the nn.Linear with the transposed weight, atoms and all."""
+    _need_transformers()
     from transformers.pytorch_utils import Conv1D
     torch.manual_seed(0)
     conv = Conv1D(nf=24, nx=16)
