@@ -30,17 +30,18 @@ using at::Tensor;
 
 // ---- tuning --------------------------------------------------------------------------------
 
-// BT x BN fp32 scores per work item: 256 x 1024 is 1 MiB, which stays in a 2 MiB L2 between
-// the GEMM that writes it and the scan that reads it, and keeps MKL within ~5 % of its
-// whole-matrix GFLOP/s (smaller tiles lose more to packing). Overridable for tuning.
+// BT x BN fp32 scores per work item: 512 x 1024 is 2 MiB, about one core's L2, between the
+// GEMM that writes it and the scan that reads it. Tiles this big keep MKL near its
+// whole-matrix GFLOP/s (small ones lose to packing); several items per thread keep the
+// dynamic schedule balanced on a shared machine. Read per call, to tune without rebuilding.
 int64_t env_int(const char* name, int64_t dflt) {
   const char* v = std::getenv(name);
   if (v == nullptr || *v == '\0') return dflt;
   const long long r = std::atoll(v);
   return r > 0 ? static_cast<int64_t>(r) : dflt;
 }
-int64_t block_tokens() { static const int64_t v = env_int("MORAM_CPU_BT", 256); return v; }
-int64_t tile_atoms() { static const int64_t v = env_int("MORAM_CPU_BN", 1024); return v; }
+int64_t block_tokens() { return env_int("MORAM_CPU_BT", 512); }
+int64_t tile_atoms() { return env_int("MORAM_CPU_BN", 1024); }
 
 // Exceptions must not cross an OpenMP region boundary: keep the first, rethrow after.
 struct FirstError {
@@ -134,19 +135,45 @@ Atoms make_atoms(const Tensor& x, const Tensor& keys0, const Tensor& values0,
 
 // ---- per-row helpers ----------------------------------------------------------------------
 
+// The hot loops are compiled for AVX-512 and AVX2+FMA as well as the baseline, picked at
+// load time (GCC function multiversioning), so one binary runs everywhere and vectorises
+// wide where it can. The bodies are the portable `omp simd` loops below.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12 && \
+    !defined(MORAM_NO_CLONES)
+#define MORAM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define MORAM_CLONES
+#endif
+
 template <typename V>
-inline void axpy_row(float c, const V* __restrict__ src, float* __restrict__ acc, int64_t n) {
+inline void axpy_body(float c, const V* __restrict__ src, float* __restrict__ acc, int64_t n) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) acc[j] += c * static_cast<float>(src[j]);
 }
 
 template <typename V>
-inline float dot_row(const V* __restrict__ a, const float* __restrict__ b, int64_t n) {
+inline float dot_body(const V* __restrict__ a, const float* __restrict__ b, int64_t n) {
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
   for (int64_t j = 0; j < n; ++j) s += static_cast<float>(a[j]) * b[j];
   return s;
 }
+
+template <typename T>
+inline void store_body(const float* __restrict__ src, T* __restrict__ dst, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<T>(src[j]);
+}
+
+MORAM_CLONES void axpy_row(float c, const float* src, float* acc, int64_t n) { axpy_body(c, src, acc, n); }
+MORAM_CLONES void axpy_row(float c, const at::Half* src, float* acc, int64_t n) { axpy_body(c, src, acc, n); }
+MORAM_CLONES void axpy_row(float c, const at::BFloat16* src, float* acc, int64_t n) { axpy_body(c, src, acc, n); }
+MORAM_CLONES float dot_row(const float* a, const float* b, int64_t n) { return dot_body(a, b, n); }
+MORAM_CLONES float dot_row(const at::Half* a, const float* b, int64_t n) { return dot_body(a, b, n); }
+MORAM_CLONES float dot_row(const at::BFloat16* a, const float* b, int64_t n) { return dot_body(a, b, n); }
+MORAM_CLONES void store_row(const float* src, float* dst, int64_t n) { store_body(src, dst, n); }
+MORAM_CLONES void store_row(const float* src, at::Half* dst, int64_t n) { store_body(src, dst, n); }
+MORAM_CLONES void store_row(const float* src, at::BFloat16* dst, int64_t n) { store_body(src, dst, n); }
 
 // acc += c * values[id] for any value dtype.
 inline void axpy_value(const Atoms& a, int64_t id, float c, float* acc) {
@@ -167,12 +194,6 @@ inline float dot_value(const Atoms& a, int64_t id, const float* g) {
     case at::kHalf: return dot_row(a.values[s].data_ptr<at::Half>() + r, g, a.d_out);
     default: return dot_row(a.values[s].data_ptr<at::BFloat16>() + r, g, a.d_out);
   }
-}
-
-template <typename T>
-inline void store_row(const float* src, T* dst, int64_t n) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<T>(src[j]);
 }
 
 void store_row_any(const float* src, const Tensor& out, int64_t row) {
@@ -211,28 +232,118 @@ inline void heap_replace_root(float* v, int64_t* id, int64_t k, float nv, int64_
 }
 
 // One row of a score tile: add its squares to *ss and offer every score to the heap.
-inline void scan_row(const float* __restrict__ row, int64_t bn, int64_t id0, float* hv, int64_t* hid,
-                     int64_t k, float* ss) {
+// After the first tile almost every score loses against the K-th best, so the test is
+// one vector compare per 16 (8) scores, and only the lanes that win reach the heap.
+inline void scan_row_scalar(const float* __restrict__ row, int64_t bn, int64_t id0, float* hv,
+                            int64_t* hid, int64_t k, float* ss, float floor) {
   float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
   for (int64_t j = 0; j < bn; ++j) acc += row[j] * row[j];
   *ss += acc;
-  // Most scores lose against the K-th best after the first tile; test 16 at a time with a
-  // vectorised max so that the scalar insertion loop runs only where one can win.
-  float thr = hv[0];
-  for (int64_t j0 = 0; j0 < bn; j0 += 16) {
-    const int64_t je = std::min(j0 + 16, bn);
-    float mx = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : mx)
-    for (int64_t j = j0; j < je; ++j) mx = std::max(mx, row[j]);
-    if (!(mx > thr)) continue;
-    for (int64_t j = j0; j < je; ++j) {
-      if (row[j] > thr) {
-        heap_replace_root(hv, hid, k, row[j], id0 + j);
-        thr = hv[0];
+  float thr = std::max(hv[0], floor);
+  for (int64_t j = 0; j < bn; ++j) {
+    if (row[j] > thr) {
+      heap_replace_root(hv, hid, k, row[j], id0 + j);
+      thr = std::max(hv[0], floor);
+    }
+  }
+}
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(MORAM_NO_CLONES)
+#define MORAM_X86_SIMD 1
+#include <immintrin.h>
+
+__attribute__((target("avx512f"))) void scan_row_avx512(const float* __restrict__ row, int64_t bn,
+                                                        int64_t id0, float* hv, int64_t* hid, int64_t k,
+                                                        float* ss, float floor) {
+  __m512 acc = _mm512_setzero_ps();
+  float thr = std::max(hv[0], floor);
+  int64_t j = 0;
+  for (; j + 16 <= bn; j += 16) {
+    const __m512 v = _mm512_loadu_ps(row + j);
+    acc = _mm512_fmadd_ps(v, v, acc);
+    __mmask16 m = _mm512_cmp_ps_mask(v, _mm512_set1_ps(thr), _CMP_GT_OQ);
+    while (m) {
+      const int b = __builtin_ctz(static_cast<unsigned>(m));
+      m = static_cast<__mmask16>(m & (m - 1));
+      const float s = row[j + b];
+      if (s > thr) {  // thr may have risen since the compare
+        heap_replace_root(hv, hid, k, s, id0 + j + b);
+        thr = std::max(hv[0], floor);
       }
     }
   }
+  float tail = 0.f;
+  for (; j < bn; ++j) {
+    tail += row[j] * row[j];
+    if (row[j] > thr) {
+      heap_replace_root(hv, hid, k, row[j], id0 + j);
+      thr = std::max(hv[0], floor);
+    }
+  }
+  *ss += _mm512_reduce_add_ps(acc) + tail;
+}
+
+__attribute__((target("avx2,fma"))) void scan_row_avx2(const float* __restrict__ row, int64_t bn, int64_t id0,
+                                                       float* hv, int64_t* hid, int64_t k, float* ss, float floor) {
+  __m256 acc = _mm256_setzero_ps();
+  float thr = std::max(hv[0], floor);
+  int64_t j = 0;
+  for (; j + 8 <= bn; j += 8) {
+    const __m256 v = _mm256_loadu_ps(row + j);
+    acc = _mm256_fmadd_ps(v, v, acc);
+    unsigned m = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_set1_ps(thr), _CMP_GT_OQ)));
+    while (m) {
+      const int b = __builtin_ctz(m);
+      m &= m - 1;
+      const float s = row[j + b];
+      if (s > thr) {
+        heap_replace_root(hv, hid, k, s, id0 + j + b);
+        thr = std::max(hv[0], floor);
+      }
+    }
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  float tail = 0.f;
+  for (; j < bn; ++j) {
+    tail += row[j] * row[j];
+    if (row[j] > thr) {
+      heap_replace_root(hv, hid, k, row[j], id0 + j);
+      thr = std::max(hv[0], floor);
+    }
+  }
+  *ss += ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7])) + tail;
+}
+#endif
+
+using ScanFn = void (*)(const float*, int64_t, int64_t, float*, int64_t*, int64_t, float*, float);
+
+// A lower bound on the K-th largest score of a row, from K disjoint groups: their K maxima
+// are K distinct scores, so the K-th largest is at least the smallest of them. Scores below
+// it can never be selected; filtering the first tile with it halves the heap insertions,
+// which dominate the scan. Returned just below the bound (the scans test `>`).
+float kth_floor(const float* row, int64_t bn, int64_t k) {
+  if (bn < k) return -std::numeric_limits<float>::infinity();
+  float lo = std::numeric_limits<float>::infinity();
+  const int64_t g = bn / k;
+  for (int64_t i = 0; i < k; ++i) {
+    const int64_t j0 = i * g, j1 = i + 1 == k ? bn : j0 + g;
+    float mx = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : mx)
+    for (int64_t j = j0; j < j1; ++j) mx = std::max(mx, row[j]);  // NaN never wins
+    lo = std::min(lo, mx);
+  }
+  return std::nextafter(lo, -std::numeric_limits<float>::infinity());
+}
+
+ScanFn pick_scan() {
+#ifdef MORAM_X86_SIMD
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return scan_row_avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return scan_row_avx2;
+#endif
+  return scan_row_scalar;
 }
 
 // The epilogue of one token: y_row (fp32, d_out) = Σ c_k values[idx_k].
@@ -304,6 +415,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moram_fwd_cpu(const Tensor& x, const 
   const float ftau = static_cast<float>(tau), fdelta = static_cast<float>(delta),
               feps = static_cast<float>(eps);
   const bool x_f32 = x.scalar_type() == at::kFloat;
+  static const ScanFn scan = pick_scan();
 
   FirstError fe;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nth)
@@ -332,7 +444,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moram_fwd_cpu(const Tensor& x, const 
         at::mm_out(s, xb, a.keys_f[tl.seg].narrow(0, tl.lo, tl.n).t());
         const float* sp_ = s.data_ptr<float>();
         const int64_t id0 = a.lo[tl.seg] + tl.lo;
-        for (int64_t r = 0; r < bt; ++r) scan_row(sp_ + r * tl.n, tl.n, id0, hv + r * K, hid + r * K, K, &ss[r]);
+        const bool first = g == g0;  // the heaps are still empty
+        for (int64_t r = 0; r < bt; ++r) {
+          const float* row = sp_ + r * tl.n;
+          const float floor = first ? kth_floor(row, tl.n, K) : -std::numeric_limits<float>::infinity();
+          scan(row, tl.n, id0, hv + r * K, hid + r * K, K, &ss[r], floor);
+        }
       }
       if (n_splits > 1) {
         float* pss = part_ss[sp].data_ptr<float>() + t0;
