@@ -110,9 +110,9 @@ Atoms make_atoms(const Tensor& x, const Tensor& keys0, const Tensor& values0,
     TORCH_CHECK(v.dim() == 2 && v.size(0) == k.size(0), "moram cpu: ", vn[s], " must be [N, d_out] with N = ",
                 k.size(0), " (from ", kn[s], "), got ", v.sizes());
     a.n[s] = k.size(0);
-    a.keys[s] = k;
-    a.keys_f[s] = k.to(at::kFloat).contiguous();
-    a.values[s] = v.contiguous();
+    a.keys[s] = k.detach();
+    a.keys_f[s] = a.keys[s].to(at::kFloat).contiguous();
+    a.values[s] = v.detach().contiguous();
     if (ss[s]->has_value() && (*ss[s])->defined()) {
       const Tensor& sc = **ss[s];
       TORCH_CHECK(sc.device().is_cpu(), "moram cpu: ", sn[s], " must be a CPU tensor, got ", sc.device());
@@ -120,7 +120,7 @@ Atoms make_atoms(const Tensor& x, const Tensor& keys0, const Tensor& values0,
                   sc.scalar_type());
       TORCH_CHECK(sc.dim() == 1 && sc.size(0) == a.n[s], "moram cpu: ", sn[s], " must be [N] = [", a.n[s],
                   "], got ", sc.sizes());
-      a.scale[s] = sc.contiguous();
+      a.scale[s] = sc.detach().contiguous();
     }
   }
   TORCH_CHECK(values0.size(1) == values1.size(1), "moram cpu: values0 and values1 must have the same d_out, got ",
@@ -374,12 +374,16 @@ struct Tile {
 
 // ---- forward -------------------------------------------------------------------------------
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> moram_fwd_cpu(const Tensor& x, const Tensor& keys0,
+std::tuple<Tensor, Tensor, Tensor, Tensor> moram_fwd_cpu(const Tensor& x_in, const Tensor& keys0,
                                                          const Tensor& values0,
                                                          const c10::optional<Tensor>& scale0,
                                                          const Tensor& keys1, const Tensor& values1,
                                                          const c10::optional<Tensor>& scale1, int64_t k,
                                                          double tau, double delta, double eps) {
+  // The kernel is a leaf for autograd (ops.py registers the backward); detached inputs keep
+  // the ATen calls inside, including those on OpenMP threads, out of autograd's way.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const Tensor x = x_in.detach();
   const Atoms a = make_atoms(x, keys0, values0, scale0, keys1, values1, scale1);
   TORCH_CHECK(k >= 1 && k <= a.n_total, "moram cpu: k must be in [1, N] = [1, ", a.n_total, "], got ", k);
   TORCH_CHECK(tau > 0 && std::isfinite(tau), "moram cpu: tau must be finite and > 0, got ", tau);
@@ -495,11 +499,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moram_fwd_cpu(const Tensor& x, const 
 // ---- backward ------------------------------------------------------------------------------
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
-    const Tensor& gy, const Tensor& x, const Tensor& keys0, const Tensor& values0,
+    const Tensor& gy_in, const Tensor& x_in, const Tensor& keys0, const Tensor& values0,
     const c10::optional<Tensor>& scale0, const Tensor& keys1, const Tensor& values1,
     const c10::optional<Tensor>& scale1, const c10::optional<Tensor>& gram0_opt, const Tensor& idx_in,
     const Tensor& p_sel_in, const Tensor& norm_in, double tau, double delta, double eps, bool need_x,
     bool need_seg0, bool need_seg1) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const Tensor x = x_in.detach(), gy = gy_in.detach();
   const Atoms a = make_atoms(x, keys0, values0, scale0, keys1, values1, scale1);
   const int64_t T = x.size(0), d_in = a.d_in, d_out = a.d_out;
   check_float(gy, "gy");
@@ -527,9 +533,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
     TORCH_CHECK(gram0.device().is_cpu() && gram0.dim() == 2 && gram0.size(0) == d_in && gram0.size(1) == d_in,
                 "moram cpu: gram0 must be a CPU tensor [d_in, d_in] = [", d_in, ", ", d_in, "], got ",
                 gram0.device(), " ", gram0.sizes());
-    gram0 = gram0.to(at::kFloat);
+    gram0 = gram0.detach().to(at::kFloat);
   }
-  const Tensor idx = idx_in.contiguous(), p_sel = p_sel_in.contiguous(), norm = norm_in.contiguous();
+  const Tensor idx = idx_in.detach().contiguous(), p_sel = p_sel_in.detach().contiguous(),
+               norm = norm_in.detach().contiguous();
   Tensor gx, gk[2], gv[2];
   const bool need_seg[2] = {need_seg0, need_seg1};
   if (T == 0 || !(need_x || need_seg0 || need_seg1)) {
