@@ -8,7 +8,10 @@ Switches (environment variables, no hardware probing):
 * ``MORAM_WITH_CUDA=auto|0|1``: build the CUDA kernels; ``auto`` (default) builds them
   only when torch has CUDA (``torch.version.cuda``) and a CUDA toolkit is found.
 * ``MORAM_CUDA_ARCHS``: arch list for the CUDA kernels, default ``"80;90"``.
-* ``MORAM_ASAN=1``: build with AddressSanitizer (run with ``LD_PRELOAD=$(gcc -print-file-name=libasan.so)``).
+* ``MORAM_ASAN=1``: build with AddressSanitizer. Run with
+  ``LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)"
+  ASAN_OPTIONS=detect_leaks=0`` (libstdc++ preloaded too, or ASan's ``__cxa_throw``
+  interceptor aborts on the first C++ exception, e.g. a TORCH_CHECK).
 * ``MAX_JOBS``: parallel compile jobs (read by torch's BuildExtension).
 """
 
