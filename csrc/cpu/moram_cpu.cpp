@@ -404,11 +404,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moram_fwd_cpu(const Tensor& x_in, con
     for (int64_t lo = 0; lo < a.n[s]; lo += BN) tiles.push_back({s, lo, std::min(BN, a.n[s] - lo)});
   const int64_t n_tiles = static_cast<int64_t>(tiles.size());
 
-  // Few tokens (decode): fewer token blocks than threads, so split the atoms across threads
-  // too, each split keeping its own partial top-K and sum of squares, merged afterwards.
-  const int64_t BT = std::min<int64_t>(block_tokens(), std::max<int64_t>(1, (T + nth - 1) / nth));
-  const int64_t n_blocks = (T + BT - 1) / BT;
-  const int64_t n_splits = n_blocks >= nth ? 1 : std::min<int64_t>(n_tiles, (nth + n_blocks - 1) / n_blocks);
+  // Few tokens (decode): the scoring streams the keys and is memory-bound, so the threads
+  // share one token block and split the atoms instead of each reading every key. Each split
+  // keeps its own partial top-K and sum of squares, merged afterwards in split order.
+  int64_t BT, n_blocks, n_splits;
+  if (T < 64 * nth && T <= block_tokens()) {
+    BT = T;
+    n_blocks = 1;
+    n_splits = std::min<int64_t>(nth, n_tiles);
+  } else {
+    BT = std::min<int64_t>(block_tokens(), std::max<int64_t>(1, (T + nth - 1) / nth));
+    n_blocks = (T + BT - 1) / BT;
+    n_splits = n_blocks >= nth ? 1 : std::min<int64_t>(n_tiles, (nth + n_blocks - 1) / n_blocks);
+  }
 
   Tensor part_v, part_i, part_ss;  // [splits, T, K], [splits, T, K], [splits, T] when split
   if (n_splits > 1) {
