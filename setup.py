@@ -10,7 +10,10 @@ Switches (environment variables, no hardware probing):
 * ``MORAM_CUDA_ARCHS``: compute capabilities for the CUDA kernels, ``;`` or ``,`` separated,
   default ``"80;90"`` (one ``-gencode arch=compute_XY,code=sm_XY`` each; torch's
   ``TORCH_CUDA_ARCH_LIST`` is then not used).
-* ``MORAM_ASAN=1``: build with AddressSanitizer (run with ``LD_PRELOAD=$(gcc -print-file-name=libasan.so)``).
+* ``MORAM_ASAN=1``: build with AddressSanitizer. Run with
+  ``LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)"
+  ASAN_OPTIONS=detect_leaks=0`` (libstdc++ preloaded too, or ASan's ``__cxa_throw``
+  interceptor aborts on the first C++ exception, e.g. a TORCH_CHECK).
 * ``MAX_JOBS``: parallel compile jobs (read by torch's BuildExtension; the CUDA sources
   take about 1.5 GB of memory and ~50 s of CPU to compile for two archs).
 """
