@@ -1,0 +1,2 @@
+from .forward import moram_fwd
+from .backward import moram_bwd

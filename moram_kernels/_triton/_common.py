@@ -1,0 +1,154 @@
+"""Shared Triton helpers: interpreter switch, K buckets, block configs and the two
+``@triton.jit`` building blocks (running top-K merge, K-row gather) used by the
+forward and backward kernels."""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# Read once, like @triton.jit does: flipping the variable later changes nothing.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+K_BUCKETS = (8, 16, 32, 64)   # running top-K widths; a K that is not a bucket pins the extra slots
+MAX_K = K_BUCKETS[-1]
+DECODE_T = 64                 # at most this many tokens: decode tiles (small token blocks)
+
+_TORCH_TO_TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def tl_name(dtype: torch.dtype) -> str:
+    return _TORCH_TO_TL[dtype]
+
+
+def k_bucket(k: int) -> int:
+    for b in K_BUCKETS:
+        if k <= b:
+            return b
+    raise ValueError(f"the triton backend keeps at most {MAX_K} atoms per token, asked for K = {k}")
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    """Block shape of the scoring kernel: BT tokens x BN atoms, d_in in chunks of BD."""
+
+    name: str
+    BT: int
+    BN: int
+    BD: int
+    num_warps: int
+    num_stages: int
+
+
+def scan_config(t: int, kp: int, compute: str) -> ScanConfig:
+    """Config for T tokens, K bucket kp and dot dtype ``compute`` ("bf16"/"fp16"/"fp32")."""
+    if INTERPRET:
+        # small tiles so that tiny test shapes still cross tiles, splits and d_in chunks
+        return ScanConfig("interp", 16, 32, 32, 1, 1)
+    return scan_configs(compute, kp)[_regime(t)]
+
+
+def _regime(t: int) -> str:
+    if t <= 16:
+        return "decode16"
+    if t <= DECODE_T:
+        return "decode64"
+    return "prefill"
+
+
+def scan_configs(compute: str, kp: int) -> dict[str, ScanConfig]:
+    """Every GPU config the launcher can pick for one (dtype, K bucket)."""
+    if compute == "fp32":
+        # fp32 scores use exact fp32 dot products (no TF32), so tiles are smaller
+        return {
+            "decode16": ScanConfig("decode16", 16, 64, 64, 4, 3),
+            "decode64": ScanConfig("decode64", 64, 64, 32, 4, 3),
+            "prefill": ScanConfig("prefill", 64, 64, 32, 4, 2),
+        }
+    big = 128 if kp <= 16 else 64   # the [BT, KP] running lists live in registers
+    return {
+        "decode16": ScanConfig("decode16", 16, 64, 128, 4, 4),
+        "decode64": ScanConfig("decode64", 64, 64, 128, 4, 3),
+        "prefill": ScanConfig("prefill", big, 128, 64, 8, 3),
+    }
+
+
+# epilogue / backward kernels: token block, output chunk, candidate chunk
+def small_block(kp: int) -> tuple[int, int, int]:
+    """(BT tokens, BO output columns, BC candidates) for the select and backward kernels."""
+    if INTERPRET:
+        return 8, 32, 32 if kp <= 32 else kp
+    return 16, 128, max(64, kp)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4            # interpreter: a pretend GPU small enough to force N splits in tests
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def device_ctx(device: torch.device):
+    """Launch on the tensors' GPU (Triton uses the current device)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    import contextlib
+    return contextlib.nullcontext()
+
+
+# ---- jit building blocks --------------------------------------------------------------------
+
+@triton.jit
+def merge_topk(run_v, run_i, cand_v, cand_i, KP: tl.constexpr, BC: tl.constexpr):
+    """Merge candidates ``cand_v/cand_i [BT, BC]`` (-inf where invalid) into the running
+    lists ``run_v/run_i [BT, KP]`` (slots beyond K hold +inf and are never replaced).
+
+    Only candidates above the current K-th best are considered, and the loop runs as
+    many times as the row with the most such candidates needs (at most KP): once the
+    lists are warm most tiles cost one compare and one reduction.
+    """
+    ninf = float("-inf")
+    thr = tl.min(run_v, 1)
+    cand_v = tl.where(cand_v > thr[:, None], cand_v, ninf)
+    cnt = tl.sum((cand_v > ninf).to(tl.int32), 1)
+    n_iter = tl.minimum(tl.max(cnt, 0), KP)
+    slot = tl.arange(0, KP)
+    col = tl.arange(0, BC)
+    for _ in range(n_iter):
+        best = tl.max(cand_v, 1)
+        at = tl.argmax(cand_v, 1)
+        worst = tl.min(run_v, 1)
+        pos = tl.argmin(run_v, 1)
+        pick = col[None, :] == at[:, None]
+        best_i = tl.sum(tl.where(pick, cand_i, 0), 1)
+        hit = (slot[None, :] == pos[:, None]) & (best > worst)[:, None]
+        run_v = tl.where(hit, best[:, None], run_v)
+        run_i = tl.where(hit, best_i[:, None], run_i)
+        cand_v = tl.where(pick, ninf, cand_v)
+    return run_v, run_i
+
+
+@triton.jit
+def gather_rows(acc, idx_ptr, coef_ptr, K, rows, t_mask,
+                r0_ptr, r1_ptr, N0, s0n, s0d, s1n, s1d, o, o_mask):
+    """``acc [BT, BO] += sum_k coef[t, k] * row(idx[t, k])[o]`` with the rows taken from
+    segment 0 (ids < N0) or segment 1 (ids - N0); idx/coef are [T, K] in memory."""
+    for k in range(K):
+        ik = tl.load(idx_ptr + rows * K + k, mask=t_mask, other=0).to(tl.int64)
+        ck = tl.load(coef_ptr + rows * K + k, mask=t_mask, other=0.0)
+        in0 = ik < N0
+        m0 = (t_mask & in0)[:, None] & o_mask[None, :]
+        m1 = (t_mask & (ik >= N0))[:, None] & o_mask[None, :]
+        b0 = tl.load(r0_ptr + ik[:, None] * s0n + o[None, :] * s0d, mask=m0, other=0.0)
+        b1 = tl.load(r1_ptr + (ik - N0)[:, None] * s1n + o[None, :] * s1d, mask=m1, other=0.0)
+        acc += ck[:, None] * (b0.to(tl.float32) + b1.to(tl.float32))
+    return acc
