@@ -155,32 +155,30 @@ def moram_bwd(gy, x, keys0, values0, scale0, keys1, values1, scale1, gram0,
     alpha = (gs * p_sel).sum(-1) / norm**3
     alpha = torch.where(norm > eps, alpha, torch.zeros_like(alpha))   # [T]
 
-    gx = gk0 = gv0 = gk1 = gv1 = None
+    gx = None
     if need_x:
         sparse = torch.einsum("tk,tkd->td", g_sel, keys[idx])
         g = gram0.to(acc) if gram0 is not None else gram(keys0, acc)
         if n1:
             g = g + gram(keys1, acc)
         gx = (sparse - alpha[:, None] * (xf @ g)).to(x.dtype)   # dense term: -alpha G x
-    if need_seg0 or need_seg1:
-        c = w * m * p_sel                                        # [T, K]
-        for seg, lo, hi, kseg, vseg in ((0, 0, n0, keys0, values0), (1, n0, n0 + n1, keys1, values1)):
-            if not (need_seg0 if seg == 0 else need_seg1):
-                continue
-            n_s = hi - lo
-            inside = (idx >= lo) & (idx < hi)
-            local = torch.where(inside, idx - lo, torch.zeros_like(idx))
-            # dense over the segment's atoms: every atom receives -alpha * p_j
-            p_seg = xf @ kseg.to(acc).t()                        # [T, n_s]
-            gp = -alpha[:, None] * p_seg
-            gp.scatter_add_(1, local, torch.where(inside, g_sel, torch.zeros_like(g_sel)))
-            gk = (gp.t() @ xf).to(kseg.dtype)
-            coef = torch.where(inside, c * sc, torch.zeros_like(c)).reshape(-1)
-            gv = torch.zeros(n_s, gyf.shape[1], device=x.device, dtype=acc)
-            gv.index_add_(0, local.reshape(-1), coef[:, None] * gyf.repeat_interleave(idx.shape[1], 0))
-            gv = gv.to(vseg.dtype)
-            if seg == 0:
-                gk0, gv0 = gk, gv
-            else:
-                gk1, gv1 = gk, gv
-    return gx, gk0, gv0, gk1, gv1
+    seg_grads: list[Tensor | None] = [None, None, None, None]   # gk0, gv0, gk1, gv1
+    c = w * m * p_sel                                            # [T, K]
+    for seg, lo, kseg, vseg, need in ((0, 0, keys0, values0, need_seg0),
+                                      (1, n0, keys1, values1, need_seg1)):
+        if not need:
+            continue
+        if kseg.shape[0] == 0:
+            seg_grads[2 * seg:2 * seg + 2] = [torch.zeros_like(kseg), torch.zeros_like(vseg)]
+            continue
+        inside = (idx >= lo) & (idx < lo + kseg.shape[0])
+        local = torch.where(inside, idx - lo, torch.zeros_like(idx))
+        # dense over the segment's atoms: every atom receives -alpha * p_j
+        gp = -alpha[:, None] * (xf @ kseg.to(acc).t())           # [T, N_seg]
+        gp.scatter_add_(1, local, torch.where(inside, g_sel, torch.zeros_like(g_sel)))
+        gk = gp.t() @ xf
+        coef = torch.where(inside, c * sc, torch.zeros_like(c))  # [T, K]
+        gv = torch.zeros(kseg.shape[0], gyf.shape[1], device=x.device, dtype=acc)
+        gv.index_add_(0, local.reshape(-1), (coef[:, :, None] * gyf[:, None, :]).reshape(-1, gyf.shape[1]))
+        seg_grads[2 * seg:2 * seg + 2] = [gk.to(kseg.dtype), gv.to(vseg.dtype)]
+    return (gx, *seg_grads)

@@ -1,0 +1,23 @@
+import os
+
+# The Triton interpreter must be chosen before triton is first imported; with it the
+# "triton" backend runs on CPU tensors when forced (never automatically).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import moram_kernels as mk  # noqa: E402
+
+# Backends that run interpreted here: parity cases for them stay small.
+INTERPRETED = {"triton"} if os.environ.get("TRITON_INTERPRET") == "1" else set()
+
+
+def pytest_report_header(config):
+    return [f"moram_kernels backends here: {mk.available_backends()}",
+            f"torch {torch.__version__}, threads {torch.get_num_threads()}"]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,120 @@
+"""Public names, the dispatch table, and clear errors on bad input."""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import moram_kernels as mk
+from moram_kernels import _dispatch
+
+API = ["moram", "available_backends", "use_backend", "MoRAMLinear", "MoRAMConfig", "inject",
+       "add_task", "save_moram", "load_moram"]
+
+
+def test_public_names():
+    for name in API:
+        assert hasattr(mk, name), name
+
+
+def test_available_backends_ends_with_reference():
+    names = mk.available_backends()
+    assert names[-1] == "reference"
+    assert set(names) <= {"triton", "cuda", "cpu", "reference"}
+
+
+def test_auto_never_picks_an_interpreter_for_cpu_tensors():
+    inp = _dispatch.Inputs(torch.device("cpu"), torch.float32, torch.float32, torch.float32, 8, 8, 10, 2)
+    assert _dispatch.select(None, inp).name != "triton"
+    assert _dispatch.select(None, inp).name == [b for b in mk.available_backends() if b != "triton"][0]
+
+
+def test_forcing_an_unusable_backend_lists_every_reason():
+    inp = _dispatch.Inputs(torch.device("cpu"), torch.float64, torch.float32, torch.float32, 8, 8, 100, 80)
+    with pytest.raises(RuntimeError) as e:
+        _dispatch.select("triton", inp)
+    msg = str(e.value)
+    assert "'triton'" in msg and "float64" in msg
+    if "triton" in mk.available_backends():
+        assert "64 atoms" in msg           # the K > 64 reason is listed too
+    with pytest.raises(RuntimeError, match="cuda"):
+        mk.moram(torch.randn(2, 4), torch.randn(3, 4), torch.randn(3, 2), k=2, tau=0.1, backend="cuda")
+
+
+def test_use_backend_and_env(monkeypatch):
+    x, a, b = torch.randn(3, 4), torch.randn(5, 4), torch.randn(5, 2)
+    with mk.use_backend("reference"):
+        assert _dispatch.requested(None) == "reference"
+        with pytest.raises(ValueError, match="unknown backend"):
+            with mk.use_backend("nope"):
+                pass
+        mk.moram(x, a, b, k=2, tau=0.1)
+    assert _dispatch.requested(None) is None
+    monkeypatch.setenv("MORAM_BACKEND", "reference")
+    assert _dispatch.requested(None) == "reference"
+    assert _dispatch.requested("cpu") == "cpu"            # an explicit argument wins
+    monkeypatch.setenv("MORAM_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="MORAM_BACKEND"):
+        mk.moram(x, a, b, k=2, tau=0.1)
+
+
+def test_env_var_forces_backend_in_fresh_process():
+    code = ("import torch, moram_kernels as mk\n"
+            "from moram_kernels import _dispatch\n"
+            "print(_dispatch.requested(None))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "MORAM_BACKEND": "reference"}, check=True)
+    assert out.stdout.strip() == "reference"
+
+
+def test_import_without_extension_warns_once_and_works():
+    code = ("import warnings, torch\n"
+            "warnings.simplefilter('always')\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    import moram_kernels as mk\n"
+            "    y = mk.moram(torch.randn(2, 4), torch.randn(3, 4), torch.randn(3, 2), k=2, tau=0.1)\n"
+            "    mk.moram(torch.randn(2, 4), torch.randn(3, 4), torch.randn(3, 2), k=2, tau=0.1)\n"
+            "print(mk.available_backends(), sum('extension' in str(x.message) for x in w))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "MORAM_NO_EXTENSION": "1", "TRITON_INTERPRET": "0"})
+    names, n_warn = out.stdout.strip().rsplit(" ", 1)
+    assert "cpu" not in names and "'reference'" in names
+    assert int(n_warn) <= 1
+
+
+X, A, B = torch.randn(3, 4), torch.randn(5, 4), torch.randn(5, 2)
+BAD = [
+    (dict(x=torch.randn(3, 7)), ValueError, "d_in"),
+    (dict(k=0), ValueError, "k must be >= 1"),
+    (dict(k=2.5), TypeError, "k must be an int"),
+    (dict(k=True), TypeError, "k must be an int"),
+    (dict(tau=0.0), ValueError, "tau"),
+    (dict(tau=-1.0), ValueError, "tau"),
+    (dict(tau=math.nan), ValueError, "tau must not be NaN"),
+    (dict(tau=math.inf), ValueError, "tau"),
+    (dict(tau="0.1"), TypeError, "tau"),
+    (dict(delta=math.nan), ValueError, "delta"),
+    (dict(eps=0.0), ValueError, "eps"),
+    (dict(values=torch.randn(6, 2)), ValueError, "same number of atoms"),
+    (dict(keys=torch.randn(5, 4, 1)), ValueError, "keys must be 2-D"),
+    (dict(values=torch.randn(5)), ValueError, "values must be 2-D"),
+    (dict(x=torch.ones(3, 4, dtype=torch.long)), TypeError, "x must be a floating-point"),
+    (dict(keys=[[1.0]]), TypeError, "keys must be a torch.Tensor"),
+    (dict(value_scale=torch.ones(4)), ValueError, "value_scale must have shape"),
+    (dict(value_scale=math.nan), ValueError, "value_scale"),
+    (dict(backend="nope"), ValueError, "unknown backend"),
+    (dict(backend=3), TypeError, "backend"),
+    (dict(keys=torch.randn(5, 4, device="meta")), ValueError, "keys is on meta"),
+]
+
+
+@pytest.mark.parametrize("change,exc,match", BAD, ids=[c[2][:24].replace(" ", "_") + f"-{i}"
+                                                       for i, c in enumerate(BAD)])
+def test_bad_input_names_the_argument(change, exc, match):
+    kw = dict(x=X, keys=A, values=B, k=2, tau=0.1)
+    kw.update(change)
+    with pytest.raises(exc, match=match):
+        mk.moram(kw.pop("x"), kw.pop("keys"), kw.pop("values"), **kw)

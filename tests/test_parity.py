@@ -1,0 +1,240 @@
+"""Every backend usable here against the float64 reference: forward and backward, every
+dtype, odd shapes, both atom segments. Interpreted backends (Triton on CPU) get the small
+cases only, since the interpreter runs each program in Python."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import INTERPRETED
+from helpers import DTYPES, assert_close, effective_k, make_inputs, oracle
+
+import moram_kernels as mk
+from moram_kernels import _dispatch
+from moram_kernels import reference as ref
+
+# name: (T, d_in, d_out, N, k, small)   small = cheap enough for an interpreter
+CASES = {
+    "T1-N1-k16": (1, 8, 8, 1, 16, True),
+    "T7-N2-k2": (7, 16, 12, 2, 2, True),
+    "T5-N5-k16": (5, 24, 16, 5, 16, True),           # N < k
+    "T33-d97-N40-k8": (33, 97, 50, 40, 8, True),     # odd sizes
+    "T17-N130-k64": (17, 32, 40, 130, 64, True),     # largest K bucket
+    "T1025-d48-N300-k16": (1025, 48, 40, 300, 16, False),
+    "T64-d64-N5000-k16": (64, 64, 64, 5000, 16, False),
+}
+
+
+def _params():
+    out = []
+    for b in mk.available_backends():
+        for name, (*_, small) in CASES.items():
+            if b in INTERPRETED and not small:
+                continue
+            for dn in DTYPES:
+                out.append(pytest.param(b, name, dn, id=f"{b}-{name}-{dn}"))
+    return out
+
+
+def _split(n, case_idx):
+    """Rotate segment layouts across cases: all frozen, all trainable, or split."""
+    return [n, 0, n // 2][case_idx % 3]
+
+
+def _setup(name, dn, seed=0):
+    t, d_in, d_out, n, k, _ = CASES[name]
+    dt = DTYPES[dn]
+    x, keys, values = make_inputs(t, d_in, d_out, n, k=k, dtype=dt, seed=seed, min_gap=0.0)
+    i = list(CASES).index(name)
+    n0 = _split(n, i)
+    scale = torch.rand(n, generator=torch.Generator().manual_seed(seed)) + 0.5 if i % 2 else None
+    delta = 0.15 if i % 4 == 1 else 0.0
+    return x, keys, values, n0, scale, delta, effective_k(k, n)
+
+
+def _segments(keys, values, scale, n0):
+    s0 = scale[:n0].contiguous() if scale is not None else None
+    s1 = scale[n0:].contiguous() if scale is not None else None
+    return keys[:n0], values[:n0], s0, keys[n0:], values[n0:], s1
+
+
+def _given_idx64(x, keys, values, scale, idx, tau, delta, eps):
+    """Forward and the saved tensors in float64, for the selection a backend made."""
+    p = x.double() @ keys.double().T
+    norm = p.norm(dim=-1).clamp_min(eps)
+    p_sel = p.gather(1, idx)
+    sc = scale.double()[idx] if scale is not None else torch.ones_like(p_sel)
+    s = p_sel / norm[:, None]
+    w = torch.softmax(s / tau, -1) * ((s >= delta).double() if delta > 0 else 1.0)
+    y = torch.einsum("tk,tkd->td", w * p_sel * sc, values.double()[idx])
+    return y, p_sel, norm
+
+
+TAU, EPS = 0.1, 1e-12
+
+
+@pytest.mark.parametrize("backend,case,dn", _params())
+def test_forward_op(backend, case, dn):
+    x, keys, values, n0, scale, delta, kk = _setup(case, dn)
+    impl = _dispatch._BY_NAME[backend].impl()
+    y, idx, p_sel, norm = impl.moram_fwd(x, *_segments(keys, values, scale, n0), kk, TAU, delta, EPS)
+    assert y.dtype == x.dtype and y.shape == (x.shape[0], values.shape[1])
+    assert idx.shape == (x.shape[0], kk) and idx.dtype == torch.int64
+    assert p_sel.dtype == torch.float32 and norm.dtype == torch.float32
+    # the selection is a top-K of the scores (ties allowed), with distinct atoms
+    p64 = x.double() @ keys.double().T
+    kth = p64.topk(kk, -1).values[:, -1:]
+    spread = p64.abs().amax(-1, keepdim=True)
+    assert ((idx >= 0) & (idx < keys.shape[0])).all()
+    assert all(len(set(r)) == kk for r in idx.tolist()), "an atom was selected twice"
+    assert (p64.gather(1, idx) >= kth - 1e-5 * spread).all(), "selection is not a top-K"
+    y64, p_sel64, norm64 = _given_idx64(x, keys, values, scale, idx, TAU, delta, EPS)
+    assert_close(p_sel, p_sel64, dtype=torch.float32, what="p_sel")
+    assert_close(norm, norm64, dtype=torch.float32, what="norm")
+    assert_close(y, y64, dtype=x.dtype, what="y")
+
+
+@pytest.mark.parametrize("backend,case,dn", _params())
+def test_backward_op(backend, case, dn):
+    x, keys, values, n0, scale, delta, kk = _setup(case, dn, seed=1)
+    impl = _dispatch._BY_NAME[backend].impl()
+    segs = _segments(keys, values, scale, n0)
+    _, idx, p_sel, norm = impl.moram_fwd(x, *segs, kk, TAU, delta, EPS)
+    gy = torch.randn(x.shape[0], values.shape[1]).to(x.dtype)
+    gram0 = ref.gram(segs[0]) if n0 and case.startswith("T64") else None
+    got = impl.moram_bwd(gy, x, *segs[:3], *segs[3:], gram0, idx, p_sel, norm, TAU, delta, EPS,
+                         True, True, True)
+    # float64 reference backward for the same selection
+    _, p_sel64, norm64 = _given_idx64(x, keys, values, scale, idx, TAU, delta, EPS)
+    segs64 = tuple(t.double() if t is not None else None for t in segs)
+    want = ref.moram_bwd(gy.double(), x.double(), *segs64[:3], *segs64[3:], None, idx, p_sel64,
+                         norm64, TAU, delta, EPS, True, True, True)
+    names = ("gx", "gkeys0", "gvalues0", "gkeys1", "gvalues1")
+    for nm, g, w, like in zip(names, got, want, (x, *segs[0:2], *segs[3:5])):
+        if like.shape[0] == 0 and nm != "gx":
+            assert g is None or g.numel() == 0
+            continue
+        assert g is not None and g.shape == like.shape and g.dtype == like.dtype, nm
+        assert_close(g, w, dtype=x.dtype,
+                     what=f"{nm} ({backend})")
+
+
+@pytest.mark.parametrize("backend", mk.available_backends())
+def test_backward_op_only_needed_segments(backend):
+    x, keys, values = make_inputs(9, 16, 8, 20, k=4, min_gap=0.0)
+    impl = _dispatch._BY_NAME[backend].impl()
+    segs = _segments(keys, values, None, 12)
+    _, idx, p_sel, norm = impl.moram_fwd(x, *segs, 4, TAU, 0.0, EPS)
+    gy = torch.randn(9, 8)
+    gx, gk0, gv0, gk1, gv1 = impl.moram_bwd(gy, x, *segs[:3], *segs[3:], None, idx, p_sel, norm,
+                                             TAU, 0.0, EPS, False, False, True)
+    assert gx is None and gk0 is None and gv0 is None
+    assert gk1.shape == (8, 16) and gv1.shape == (8, 8)
+
+
+@pytest.mark.parametrize("backend", mk.available_backends())
+@pytest.mark.parametrize("dn", list(DTYPES))
+def test_public_forward_matches_authors_layer(backend, dn):
+    """mk.moram against the float64 oracle of the authors' layer; the bound is 2x what the
+    authors' layer itself achieves when run in that dtype."""
+    dt = DTYPES[dn]
+    x, keys, values = make_inputs(40, 32, 24, 48, k=8, dtype=dt, lead=(5, 8))
+    vs = torch.rand(48) + 0.5
+    y = mk.moram(x, keys, values, k=8, tau=0.1, delta=0.1, value_scale=vs, backend=backend)
+    want = oracle(x, keys, values, k=8, tau=0.1, delta=0.1, value_scale=vs)
+    lowp = oracle(x, keys, values, k=8, tau=0.1, delta=0.1, value_scale=vs, dtype=dt).to(dt)
+    assert y.shape == (5, 8, 24) and y.dtype == dt
+    assert_close(y, want, dtype=dt, pytorch_lowp=lowp if dt != torch.float32 else None)
+
+
+@pytest.mark.parametrize("backend", mk.available_backends())
+@pytest.mark.parametrize("dn", list(DTYPES))
+def test_public_gradients_match_authors_layer(backend, dn):
+    """Gradients of x, keys and values against autograd through the float64 oracle."""
+    dt = DTYPES[dn]
+    x, keys, values = make_inputs(24, 20, 12, 30, k=4, dtype=dt)
+    leaves = [t.clone().requires_grad_() for t in (x, keys, values)]
+    y = mk.moram(*leaves, k=4, tau=0.2, backend=backend)
+    gy = torch.randn(y.shape).to(dt)
+    got = torch.autograd.grad(y, leaves, gy)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    want = torch.autograd.grad(oracle(*leaves64, k=4, tau=0.2), leaves64, gy.double())
+    lowp = None
+    if dt != torch.float32:
+        leaves_lp = [t.detach().clone().requires_grad_() for t in leaves]
+        lowp = torch.autograd.grad(oracle(*leaves_lp, k=4, tau=0.2, dtype=dt), leaves_lp, gy)
+    for i, nm in enumerate(("x", "keys", "values")):
+        assert got[i].dtype == dt
+        assert_close(got[i], want[i], dtype=dt, pytorch_lowp=None if lowp is None else lowp[i],
+                     what=f"grad {nm}")
+
+
+@pytest.mark.parametrize("backend", mk.available_backends())
+def test_dense_normalisation_term_reaches_unselected_atoms(backend):
+    """Atoms outside every token's top-K get a key gradient only through the norm term
+    -alpha * p_j; a backward that drops it gives zero there and fails this test."""
+    x, keys, values = make_inputs(3, 16, 8, 40, k=2)
+    keys = keys.clone().requires_grad_()
+    y = mk.moram(x, keys, values, k=2, tau=0.1, backend=backend)
+    (g,) = torch.autograd.grad(y.sum(), keys)
+    k64 = keys.detach().double().requires_grad_()
+    (want,) = torch.autograd.grad(oracle(x, k64, values, k=2, tau=0.1).sum(), k64)
+    p = x.double() @ keys.detach().double().T
+    chosen = torch.zeros(40, dtype=torch.bool)
+    chosen[p.topk(2, -1).indices.flatten()] = True
+    assert (~chosen).sum() >= 30
+    assert want[~chosen].abs().max() > 1e-3, "the oracle's dense term should be visible"
+    assert_close(g[~chosen], want[~chosen], dtype=torch.float32, what="unselected key grads")
+
+
+@pytest.mark.parametrize("backend", mk.available_backends())
+def test_nan_token_stays_in_its_row(backend):
+    x, keys, values = make_inputs(6, 16, 8, 20, k=4)
+    x[2, 3] = float("nan")
+    x[4, 0] = float("inf")
+    y = mk.moram(x, keys, values, k=4, tau=0.1, backend=backend)
+    assert torch.isnan(y[2]).all()
+    ok = torch.tensor([0, 1, 3, 5])
+    assert torch.isfinite(y[ok]).all()
+    assert_close(y[ok], oracle(x[ok], keys, values, k=4, tau=0.1), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("backend", mk.available_backends())
+def test_zero_token_adds_exactly_zero(backend):
+    x, keys, values = make_inputs(4, 16, 8, 20, k=4)
+    x[1] = 0
+    xr = x.clone().requires_grad_()
+    y = mk.moram(xr, keys, values, k=4, tau=0.1, backend=backend)
+    assert (y[1] == 0).all()
+    (gx,) = torch.autograd.grad(y.sum(), xr)
+    assert torch.isfinite(gx).all()
+
+
+@pytest.mark.parametrize("backend", mk.available_backends())
+def test_non_contiguous_x(backend):
+    x, keys, values = make_inputs(30, 16, 8, 20, k=4)
+    xt = x.reshape(5, 6, 16).transpose(0, 1)        # [6, 5, 16], not contiguous
+    assert not xt.is_contiguous()
+    y = mk.moram(xt, keys, values, k=4, tau=0.1, backend=backend)
+    assert_close(y, oracle(xt.contiguous(), keys, values, k=4, tau=0.1), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("backend", mk.available_backends())
+@pytest.mark.parametrize("kd", ["fp32", "bf16"])
+def test_mixed_dtypes(backend, kd):
+    """bf16 activations with fp32 or bf16 atoms: output in the dtype of x."""
+    x, keys, values = make_inputs(12, 32, 16, 24, k=4, dtype=torch.bfloat16, keys_dtype=DTYPES[kd])
+    y = mk.moram(x, keys, values, k=4, tau=0.1, backend=backend)
+    assert y.dtype == torch.bfloat16
+    assert_close(y, oracle(x, keys, values, k=4, tau=0.1), dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", mk.available_backends())
+def test_empty_inputs(backend):
+    keys, values = torch.randn(5, 8), torch.randn(5, 3)
+    y = mk.moram(torch.randn(0, 8), keys, values, k=2, tau=0.1, backend=backend)
+    assert y.shape == (0, 3)
+    y = mk.moram(torch.randn(2, 0, 8), keys, values, k=2, tau=0.1, backend=backend)
+    assert y.shape == (2, 0, 3)
+    y = mk.moram(torch.randn(4, 8), keys[:0], values[:0], k=2, tau=0.1, backend=backend)
+    assert y.shape == (4, 3) and (y == 0).all()
