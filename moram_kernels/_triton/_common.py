@@ -50,24 +50,20 @@ def scan_config(t: int, kp: int, compute: str) -> ScanConfig:
     if INTERPRET:
         # small tiles so that tiny test shapes still cross tiles, splits and d_in chunks
         return ScanConfig("interp", 16, 32, 32, 1, 1)
-    return scan_configs(compute, kp)[_regime(t)]
-
-
-def _regime(t: int) -> str:
+    cfgs = scan_configs(compute, kp)
     if t <= 16:
-        return "decode16"
-    if t <= DECODE_T:
-        return "decode64"
-    return "prefill"
+        return cfgs["decode16"]
+    if t <= DECODE_T and "decode64" in cfgs:
+        return cfgs["decode64"]
+    return cfgs["prefill"]
 
 
 def scan_configs(compute: str, kp: int) -> dict[str, ScanConfig]:
     """Every GPU config the launcher can pick for one (dtype, K bucket)."""
     if compute == "fp32":
-        # fp32 scores use exact fp32 dot products (no TF32), so tiles are smaller
+        # exact fp32 dot products (no TF32) run on CUDA cores: small tiles, two regimes
         return {
-            "decode16": ScanConfig("decode16", 16, 64, 64, 4, 3),
-            "decode64": ScanConfig("decode64", 64, 64, 32, 4, 3),
+            "decode16": ScanConfig("decode16", 16, 64, 32, 4, 3),
             "prefill": ScanConfig("prefill", 64, 64, 32, 4, 2),
         }
     big = 128 if kp <= 16 else 64   # the [BT, KP] running lists live in registers
@@ -79,9 +75,9 @@ def scan_configs(compute: str, kp: int) -> dict[str, ScanConfig]:
 
 
 # epilogue / backward kernels: token block, output chunk, candidate chunk
-def small_block(kp: int) -> tuple[int, int, int]:
+def small_block(kp: int, interpret: bool = INTERPRET) -> tuple[int, int, int]:
     """(BT tokens, BO output columns, BC candidates) for the select and backward kernels."""
-    if INTERPRET:
+    if interpret:
         return 8, 32, 32 if kp <= 32 else kp
     return 16, 128, max(64, kp)
 
