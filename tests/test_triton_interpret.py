@@ -226,3 +226,16 @@ def test_no_launch_without_gpu_or_interpreter():
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_gpu_check_script_plan_and_smoke():
+    """benchmarks/gpu_check.py cannot run here; its plan and its inline parity check can."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "benchmarks", "gpu_check.py")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, script, "--dry-run"], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "prefill fwd+bwd" in r.stdout and "decode T=1 fwd" in r.stdout
+    r = subprocess.run([sys.executable, script, "--smoke"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.stdout.count(": ok") >= 4 and "FAIL" not in r.stdout
