@@ -237,7 +237,14 @@ def bench(args):
             record(case, "cuBLAS x@keys.T", do_bench(lambda: x @ keys.t()), 2 * t * N_ATOMS * D_IN, by)
             record(case, "authors", do_bench(lambda: ref.moram_dense(x, keys, values, k=K, tau=TAU)), fl, by)
             for b in backends:
-                record(case, b, do_bench(lambda: mk.moram(x, keys, values, k=K, tau=TAU, backend=b)), fl, by)
+                fn = lambda: mk.moram(x, keys, values, k=K, tau=TAU, backend=b)  # noqa: E731
+                record(case, b, do_bench(fn), fl, by)
+                # decode is launch-bound in eager mode; a CUDA graph shows the GPU time alone
+                try:
+                    record(case, b + " (graph)", triton.testing.do_bench_cudagraph(fn), fl, by)
+                except Exception as e:  # capture can fail for a backend: say so, keep going
+                    print(f"{case:22s} {b + ' (graph)':16s} not capturable: {type(e).__name__}: {e}",
+                          flush=True)
 
     if args.csv:
         with open(args.csv, "w", newline="") as f:

@@ -38,10 +38,11 @@ def test_every_variant_compiles_for_sm90_and_sm80(tmp_path):
         assert len({r["label"] for r in mine}) == n, f"sm_{arch}: a variant is missing"
         assert all(r["ok"] == "True" and r["fits"] == "True" for r in mine)
     labels = {r["label"] for r in rows}
-    for kernel in ("scan", "select", "bwd_coef", "bwd_dx", "bwd_db_atomic", "bwd_db_sorted"):
+    for kernel in ("scan", "select", "gather", "bwd_gc", "bwd_coef", "bwd_db_atomic", "bwd_db_sorted"):
         assert any(lbl.startswith(kernel + "-") for lbl in labels), kernel
     for kp in (8, 16, 32, 64):
         assert any(f"-K{kp}-" in lbl for lbl in labels), kp
+        assert any(lbl.endswith(f"-K{kp}") for lbl in labels), kp
     # the scoring GEMM must hit the tensor cores and the async copy pipeline in 16-bit
     for r in rows:
         if r["label"].startswith(("scan-bf16xbf16", "scan-fp16xfp16")) and "generic" not in r["label"]:

@@ -12,11 +12,13 @@ Forward, two launches, no ``[T, N]`` tensor in device memory:
    chosen so the grid holds about two programs per SM: decode (T <= 64) and small T use
    every SM instead of one or two.
 2. ``_moram_select_kernel``: merges the partial lists, then the epilogue (norm, s,
-   softmax/tau, threshold, ``c = w m p scale``), saves idx/p_sel/norm and gathers the K
-   value rows into ``y`` in fp32.
+   softmax/tau, threshold, ``c = w m p scale``); saves idx/p_sel/norm and c.
+3. ``_moram_gather_kernel``, grid (token blocks, column chunks): ``y = sum_k c_k b_k`` in
+   fp32, the K row loads unrolled so they are all in flight at once.
 
-Backward: ``_moram_bwd_coef_kernel`` (gather-dot ``gc``, softmax and norm terms, alpha),
-``_moram_bwd_dx_kernel`` (sparse sum over the K keys fused with ``-alpha * (G x)``),
+Backward: ``_moram_bwd_gc_kernel`` (gather-dot ``gc`` per column chunk),
+``_moram_bwd_coef_kernel`` (softmax and norm terms, alpha), ``_moram_gather_kernel``
+again for dx (sparse sum over the K keys fused with ``-alpha * (G x)``),
 ``_moram_bwd_db_*_kernel`` (dB scatter-add: atomics, or a sorted deterministic reduction
 under ``torch.use_deterministic_algorithms(True)``); the dense GEMMs (``x G``,
 ``P_s = x A_s^T`` and ``dA_s = gp_s^T x`` for the segments that need key gradients) are

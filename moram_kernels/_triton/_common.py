@@ -133,18 +133,67 @@ def merge_topk(run_v, run_i, cand_v, cand_i, KP: tl.constexpr, BC: tl.constexpr)
     return run_v, run_i
 
 
+GROUP = 8   # K rows loaded back to back per step of the gathers (unrolled; compile time grows fast)
+
+
 @triton.jit
 def gather_rows(acc, idx_ptr, coef_ptr, K, rows, t_mask,
-                r0_ptr, r1_ptr, N0, s0n, s0d, s1n, s1d, o, o_mask):
+                r0_ptr, r1_ptr, N0, s0n, s0d, s1n, s1d, o, o_mask, G: tl.constexpr):
     """``acc [BT, BO] += sum_k coef[t, k] * row(idx[t, k])[o]`` with the rows taken from
-    segment 0 (ids < N0) or segment 1 (ids - N0); idx/coef are [T, K] in memory."""
-    for k in range(K):
-        ik = tl.load(idx_ptr + rows * K + k, mask=t_mask, other=0).to(tl.int64)
-        ck = tl.load(coef_ptr + rows * K + k, mask=t_mask, other=0.0)
-        in0 = ik < N0
-        m0 = (t_mask & in0)[:, None] & o_mask[None, :]
-        m1 = (t_mask & (ik >= N0))[:, None] & o_mask[None, :]
-        b0 = tl.load(r0_ptr + ik[:, None] * s0n + o[None, :] * s0d, mask=m0, other=0.0)
-        b1 = tl.load(r1_ptr + (ik - N0)[:, None] * s1n + o[None, :] * s1d, mask=m1, other=0.0)
-        acc += ck[:, None] * (b0.to(tl.float32) + b1.to(tl.float32))
+    segment 0 (ids < N0) or segment 1 (ids - N0); idx/coef are [T, K] in memory.
+
+    Steps of G unrolled slots (those >= K masked, so they move no bytes): G independent
+    row loads in flight at once, which decode needs."""
+    for k0 in range(0, K, G):
+        for j in tl.static_range(G):
+            k = k0 + j
+            tm = t_mask & (k < K)
+            ik = tl.load(idx_ptr + rows * K + k, mask=tm, other=0).to(tl.int64)
+            ck = tl.load(coef_ptr + rows * K + k, mask=tm, other=0.0)
+            in0 = ik < N0
+            m0 = (tm & in0)[:, None] & o_mask[None, :]
+            m1 = (tm & (ik >= N0))[:, None] & o_mask[None, :]
+            b0 = tl.load(r0_ptr + ik[:, None] * s0n + o[None, :] * s0d, mask=m0, other=0.0)
+            b1 = tl.load(r1_ptr + (ik - N0)[:, None] * s1n + o[None, :] * s1d, mask=m1, other=0.0)
+            acc += ck[:, None] * (b0.to(tl.float32) + b1.to(tl.float32))
     return acc
+
+
+@triton.jit
+def _moram_gather_kernel(idx_ptr, coef_ptr, alpha_ptr, r0_ptr, r1_ptr, dense_ptr, out_ptr,
+                         T, N0, K, DO, has_dense,
+                         s0n, s0d, s1n, s1d, sdt, sdd, sot, sod,
+                         BT: tl.constexpr, BO: tl.constexpr, G: tl.constexpr):
+    """``out[t] = sum_k coef[t, k] * row(idx[t, k]) - alpha[t] * dense[t]`` (the dense term
+    only if has_dense), ``[T, DO]``. Forward: y from the value rows. Backward: dx from the
+    key rows plus the ``-alpha * (G x)`` term. Grid: (token blocks, column chunks)."""
+    pid_t = tl.program_id(0)
+    pid_o = tl.program_id(1)
+    rows = (pid_t * BT + tl.arange(0, BT)).to(tl.int64)
+    t_mask = rows < T
+    o = pid_o * BO + tl.arange(0, BO)
+    om = o < DO
+    acc = tl.zeros([BT, BO], dtype=tl.float32)
+    acc = gather_rows(acc, idx_ptr, coef_ptr, K, rows, t_mask, r0_ptr, r1_ptr, N0,
+                      s0n, s0d, s1n, s1d, o, om, G)
+    m = t_mask[:, None] & om[None, :]
+    if has_dense != 0:
+        a = tl.load(alpha_ptr + rows, mask=t_mask, other=0.0)
+        dn = tl.load(dense_ptr + rows[:, None] * sdt + o[None, :] * sdd, mask=m, other=0.0)
+        acc -= a[:, None] * dn.to(tl.float32)
+    tl.store(out_ptr + rows[:, None] * sot + o[None, :] * sod, acc.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def launch_gather(idx, coef, rows0, rows1, n0, out, kp, alpha=None, dense=None):
+    """Run :func:`_moram_gather_kernel` into ``out [T, DO]``."""
+    T, DO = out.shape
+    bt, bo, _ = small_block(kp)
+    has = dense is not None
+    with device_ctx(out.device):
+        _moram_gather_kernel[(triton.cdiv(T, bt), triton.cdiv(DO, bo))](
+            # absent alpha/dense: pass coef (fp32, never read) so both uses share one variant
+            idx, coef, alpha if has else coef, rows0, rows1, dense if has else coef, out,
+            T, n0, idx.shape[1], DO, int(has),
+            rows0.stride(0), rows0.stride(1), rows1.stride(0), rows1.stride(1),
+            *(dense.stride() if has else (0, 0)), out.stride(0), out.stride(1),
+            BT=bt, BO=bo, G=GROUP, num_warps=4)

@@ -1,6 +1,6 @@
-"""Backward (MORAM_OP.md section 3): a gather-dot kernel for ``gc`` and the softmax /
-norm terms, a gather kernel for the sparse part of ``dx`` fused with the dense
-``-alpha * (G x)`` term, and a scatter-add kernel for ``dB`` (atomics, or a
+"""Backward (MORAM_OP.md section 3): a gather-dot kernel for ``gc`` (split over column
+chunks), a kernel for the softmax / norm terms, the shared gather kernel for the sparse
+part of ``dx`` fused with the dense ``-alpha * (G x)`` term, and a scatter-add kernel for ``dB`` (atomics, or a
 deterministic sorted reduction). The dense GEMMs (``x G``, ``P_s = x A_s^T``,
 ``dA_s = gp_s^T x``) are plain torch matmuls, run only for the segments that need them."""
 
@@ -10,20 +10,52 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import device_ctx, gather_rows, k_bucket, small_block
+from ._common import GROUP, device_ctx, k_bucket, launch_gather, small_block
 from .forward import load_scale
 
 __all__ = ["moram_bwd"]
 
 
 @triton.jit
-def _moram_bwd_coef_kernel(gy_ptr, v0_ptr, v1_ptr, sc0_ptr, sc1_ptr, idx_ptr, psel_ptr, norm_ptr,
+def _moram_bwd_gc_kernel(gy_ptr, v0_ptr, v1_ptr, idx_ptr, part_ptr,
+                         T, N0, K, DO, sgt, sgd, sv0n, sv0d, sv1n, sv1d,
+                         BT: tl.constexpr, BO: tl.constexpr, KP: tl.constexpr, G: tl.constexpr):
+    """Gather-dot over one column chunk: ``part[chunk, t, k] = b_{idx[t, k]}[o] . gy[t, o]``.
+    Grid (token blocks, column chunks); the chunks are summed in a fixed order later."""
+    pid_t = tl.program_id(0)
+    pid_o = tl.program_id(1)
+    rows = (pid_t * BT + tl.arange(0, BT)).to(tl.int64)
+    t_mask = rows < T
+    o = pid_o * BO + tl.arange(0, BO)
+    om = o < DO
+    slot = tl.arange(0, KP)
+    g = tl.load(gy_ptr + rows[:, None] * sgt + o[None, :] * sgd,
+                mask=t_mask[:, None] & om[None, :], other=0.0).to(tl.float32)
+    gc = tl.zeros([BT, KP], dtype=tl.float32)
+    for k0 in range(0, K, G):
+        for j in tl.static_range(G):   # G independent row loads in flight per step
+            k = k0 + j
+            tm = t_mask & (k < K)
+            ik = tl.load(idx_ptr + rows * K + k, mask=tm, other=0)
+            in0 = ik < N0
+            b0 = tl.load(v0_ptr + ik[:, None] * sv0n + o[None, :] * sv0d,
+                         mask=(tm & in0)[:, None] & om[None, :], other=0.0)
+            b1 = tl.load(v1_ptr + (ik - N0)[:, None] * sv1n + o[None, :] * sv1d,
+                         mask=(tm & (ik >= N0))[:, None] & om[None, :], other=0.0)
+            dot = tl.sum((b0.to(tl.float32) + b1.to(tl.float32)) * g, 1)
+            gc = tl.where(slot[None, :] == k, dot[:, None], gc)
+    at = (pid_o * T + rows)[:, None] * KP + slot[None, :]
+    tl.store(part_ptr + at, gc, mask=t_mask[:, None])
+
+
+@triton.jit
+def _moram_bwd_coef_kernel(part_ptr, n_chunks, sc0_ptr, sc1_ptr, idx_ptr, psel_ptr, norm_ptr,
                            gsel_ptr, alpha_ptr, cb_ptr,
-                           T, N0, K, DO, tau, delta, eps, has_s0, has_s1,
-                           sgt, sgd, sv0n, sv0d, sv1n, sv1d,
-                           BT: tl.constexpr, BO: tl.constexpr, KP: tl.constexpr):
-    """Per token: ``gc_k = scale_k * (b_k . gy)``, then ``g_sel [T, K]`` (the sparse part
-    of gp), ``alpha [T]`` and ``cb = c_k * scale_k [T, K]`` (the dB coefficient)."""
+                           T, N0, K, tau, delta, eps, has_s0, has_s1,
+                           BT: tl.constexpr, KP: tl.constexpr):
+    """Per token: ``gc_k = scale_k * (b_k . gy)`` (sum of the chunk partials), then
+    ``g_sel [T, K]`` (the sparse part of gp), ``alpha [T]`` and ``cb = c_k * scale_k [T, K]``
+    (the dB coefficient)."""
     pid = tl.program_id(0)
     rows = (pid * BT + tl.arange(0, BT)).to(tl.int64)
     t_mask = rows < T
@@ -35,20 +67,8 @@ def _moram_bwd_coef_kernel(gy_ptr, v0_ptr, v1_ptr, sc0_ptr, sc1_ptr, idx_ptr, ps
     p = tl.load(psel_ptr + at, mask=m2, other=0.0)
     nrm = tl.load(norm_ptr + rows, mask=t_mask, other=1.0)
     gc = tl.zeros([BT, KP], dtype=tl.float32)
-    for o0 in range(0, DO, BO):
-        o = o0 + tl.arange(0, BO)
-        om = o < DO
-        g = tl.load(gy_ptr + rows[:, None] * sgt + o[None, :] * sgd,
-                    mask=t_mask[:, None] & om[None, :], other=0.0).to(tl.float32)
-        for k in range(K):
-            ik = tl.load(idx_ptr + rows * K + k, mask=t_mask, other=0)
-            in0 = ik < N0
-            b0 = tl.load(v0_ptr + ik[:, None] * sv0n + o[None, :] * sv0d,
-                         mask=(t_mask & in0)[:, None] & om[None, :], other=0.0)
-            b1 = tl.load(v1_ptr + (ik - N0)[:, None] * sv1n + o[None, :] * sv1d,
-                         mask=(t_mask & (ik >= N0))[:, None] & om[None, :], other=0.0)
-            dot = tl.sum((b0.to(tl.float32) + b1.to(tl.float32)) * g, 1)
-            gc = tl.where(slot[None, :] == k, gc + dot[:, None], gc)
+    for c in range(n_chunks):
+        gc += tl.load(part_ptr + (c * T + rows)[:, None] * KP + slot[None, :], mask=m2, other=0.0)
     sc = load_scale(sc0_ptr, sc1_ptr, has_s0, has_s1, ids, N0, m2)
     gc = gc * sc
     s = p / nrm[:, None]
@@ -68,29 +88,6 @@ def _moram_bwd_coef_kernel(gy_ptr, v0_ptr, v1_ptr, sc0_ptr, sc1_ptr, idx_ptr, ps
 
 
 @triton.jit
-def _moram_bwd_dx_kernel(idx_ptr, gsel_ptr, alpha_ptr, k0_ptr, k1_ptr, dense_ptr, gx_ptr,
-                         T, N0, K, D, has_dense,
-                         s0n, s0d, s1n, s1d, sdt, sdd, sgt, sgd,
-                         BT: tl.constexpr, BO: tl.constexpr):
-    """``gx = sum_k g_sel[t, k] * keys[idx[t, k]] - alpha[t] * dense[t]``, ``[T, d_in]``."""
-    pid_t = tl.program_id(0)
-    pid_o = tl.program_id(1)
-    rows = (pid_t * BT + tl.arange(0, BT)).to(tl.int64)
-    t_mask = rows < T
-    o = pid_o * BO + tl.arange(0, BO)
-    om = o < D
-    acc = tl.zeros([BT, BO], dtype=tl.float32)
-    acc = gather_rows(acc, idx_ptr, gsel_ptr, K, rows, t_mask, k0_ptr, k1_ptr, N0,
-                      s0n, s0d, s1n, s1d, o, om)
-    m = t_mask[:, None] & om[None, :]
-    if has_dense != 0:
-        a = tl.load(alpha_ptr + rows, mask=t_mask, other=0.0)
-        dn = tl.load(dense_ptr + rows[:, None] * sdt + o[None, :] * sdd, mask=m, other=0.0)
-        acc -= a[:, None] * dn.to(tl.float32)
-    tl.store(gx_ptr + rows[:, None] * sgt + o[None, :] * sgd, acc.to(gx_ptr.dtype.element_ty), mask=m)
-
-
-@triton.jit
 def _moram_bwd_db_atomic_kernel(idx_ptr, cb_ptr, gy_ptr, gv_ptr, T, K, lo, hi, DO, sgt, sgd,
                                 BT: tl.constexpr, BO: tl.constexpr):
     """``gv[idx - lo] += cb * gy`` for the selected atoms in ``[lo, hi)``; gv fp32 ``[hi - lo, d_out]``."""
@@ -102,6 +99,7 @@ def _moram_bwd_db_atomic_kernel(idx_ptr, cb_ptr, gy_ptr, gv_ptr, T, K, lo, hi, D
     om = o < DO
     g = tl.load(gy_ptr + rows[:, None] * sgt + o[None, :] * sgd,
                 mask=t_mask[:, None] & om[None, :], other=0.0).to(tl.float32)
+    # a runtime loop is enough here: the atomic adds return nothing, so nothing waits on them
     for k in range(K):
         ik = tl.load(idx_ptr + rows * K + k, mask=t_mask, other=0)
         ck = tl.load(cb_ptr + rows * K + k, mask=t_mask, other=0.0)
@@ -180,15 +178,20 @@ def moram_bwd(gy, x, keys0, values0, scale0, keys1, values1, scale1, gram0,
     cb = torch.empty(T, K, **f32)
     alpha = torch.empty(T, **f32)
     dummy = alpha
+    n_chunks = triton.cdiv(DO, bo)
+    part = torch.empty(n_chunks, T, kp, **f32)
     with device_ctx(dev):
+        _moram_bwd_gc_kernel[(triton.cdiv(T, bt), n_chunks)](
+            gy, v0p, v1p, idx, part, T, n0, K, DO, gy.stride(0), gy.stride(1),
+            v0p.stride(0), v0p.stride(1), v1p.stride(0), v1p.stride(1),
+            BT=bt, BO=bo, KP=kp, G=GROUP, num_warps=4)
         _moram_bwd_coef_kernel[(triton.cdiv(T, bt),)](
-            gy, v0p, v1p, scale0 if scale0 is not None else dummy,
+            part, n_chunks, scale0 if scale0 is not None else dummy,
             scale1 if scale1 is not None else dummy, idx, p_sel, norm,
             g_sel, alpha, cb,
-            T, n0, K, DO, float(tau), float(delta), float(eps),
+            T, n0, K, float(tau), float(delta), float(eps),
             int(scale0 is not None), int(scale1 is not None),
-            gy.stride(0), gy.stride(1), v0p.stride(0), v0p.stride(1), v1p.stride(0), v1p.stride(1),
-            BT=bt, BO=bo, KP=kp, num_warps=4)
+            BT=bt, KP=kp, num_warps=4)
 
     # P_s = x A_s^T only for segments whose keys need a gradient: [T, N_s] of that segment
     p_seg: dict[int, torch.Tensor] = {}
@@ -206,19 +209,13 @@ def moram_bwd(gy, x, keys0, values0, scale0, keys1, values1, scale1, gram0,
             given = gram0 if seg == 0 else None
             if _dense_plan(T, D, n_s, given is not None, seg in p_seg) == "gram":
                 g = given if given is not None else _mm(kseg.t(), kseg, kseg.dtype)
-                part = _mm(x, g, x.dtype)
+                term = _mm(x, g, x.dtype)
             else:
                 pk = p_seg[seg] if seg in p_seg else _mm(x, kseg.t(), x.dtype)
-                part = _mm(pk, kseg, x.dtype)
-            dense = part if dense is None else dense + part
+                term = _mm(pk, kseg, x.dtype)
+            dense = term if dense is None else dense + term
         gx = torch.empty(T, D, device=dev, dtype=x.dtype)
-        with device_ctx(dev):
-            _moram_bwd_dx_kernel[(triton.cdiv(T, bt), triton.cdiv(D, bo))](
-                idx, g_sel, alpha, k0p, k1p, dense if dense is not None else gx, gx,
-                T, n0, K, D, int(dense is not None),
-                k0p.stride(0), k0p.stride(1), k1p.stride(0), k1p.stride(1),
-                *(dense.stride() if dense is not None else (0, 0)), gx.stride(0), gx.stride(1),
-                BT=bt, BO=bo, num_warps=4)
+        launch_gather(idx, g_sel, k0p, k1p, n0, gx, kp, alpha=alpha, dense=dense)
 
     grads = [None, None, None, None]
     for seg, lo, hi, kseg, vseg, need in segs:
@@ -250,9 +247,9 @@ def _scatter_db(idx, cb, gy, lo, hi, vseg, bt, bo):
         inside = (flat >= lo) & (flat < hi)
         # entries of other segments go to a last bucket that no program reads
         local = torch.where(inside, flat - lo, torch.full_like(flat, n_s))
-        perm = torch.sort(local, stable=True).indices
-        off = torch.zeros(n_s + 2, device=dev, dtype=torch.int64)
-        off[1:] = torch.cumsum(torch.bincount(local, minlength=n_s + 1), 0)
+        srt, perm = torch.sort(local, stable=True)
+        # row r owns perm[off[r]:off[r + 1]]; searchsorted keeps this free of atomics
+        off = torch.searchsorted(srt, torch.arange(n_s + 1, device=dev, dtype=srt.dtype))
         gv = torch.empty(n_s, DO, device=dev, dtype=vseg.dtype)
         with device_ctx(dev):
             _moram_bwd_db_sorted_kernel[(n_s, triton.cdiv(DO, bo))](

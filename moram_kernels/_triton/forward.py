@@ -1,6 +1,6 @@
 """Forward: a scoring kernel that streams atom tiles and keeps a running top-K per
-token, then a select kernel that merges the per-split lists, applies the gate and
-gathers the K value rows. No ``[T, N]`` tensor is ever written."""
+token, then a select kernel that merges the per-split lists and applies the gate;
+the gather kernel sums the K value rows. No ``[T, N]`` tensor is ever written."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, device_ctx, gather_rows, k_bucket, merge_topk, scan_config,
+from ._common import (INTERPRET, device_ctx, k_bucket, launch_gather, merge_topk, scan_config,
                       sm_count, small_block, tl_name)
 
 __all__ = ["moram_fwd", "plan_splits"]
@@ -91,13 +91,12 @@ def load_scale(sc0_ptr, sc1_ptr, has_s0, has_s1, ids, N0, mask):
 
 
 @triton.jit
-def _moram_select_kernel(pv_ptr, pi_ptr, pss_ptr, sc0_ptr, sc1_ptr, v0_ptr, v1_ptr,
-                         y_ptr, idx_ptr, psel_ptr, norm_ptr, coef_ptr,
-                         T, N0, K, n_split, DO, tau, delta, eps, has_s0, has_s1,
-                         sv0n, sv0d, sv1n, sv1d, syt, syd,
-                         BT: tl.constexpr, BO: tl.constexpr, BC: tl.constexpr, KP: tl.constexpr):
-    """Program per token block: merge the split lists, norm, softmax/tau, threshold,
-    ``c = w * m * p * scale``; store idx/p_sel/norm; then ``y = sum_k c_k * values[idx_k]``."""
+def _moram_select_kernel(pv_ptr, pi_ptr, pss_ptr, sc0_ptr, sc1_ptr,
+                         idx_ptr, psel_ptr, norm_ptr, coef_ptr,
+                         T, N0, K, n_split, tau, delta, eps, has_s0, has_s1,
+                         BT: tl.constexpr, BC: tl.constexpr, KP: tl.constexpr):
+    """Program per token block: merge the split lists, then norm, softmax/tau, threshold
+    and ``c = w * m * p * scale``; stores idx, p_sel, norm and c ``[T, K]``."""
     pid = tl.program_id(0)
     rows = (pid * BT + tl.arange(0, BT)).to(tl.int64)
     t_mask = rows < T
@@ -134,16 +133,6 @@ def _moram_select_kernel(pv_ptr, pi_ptr, pss_ptr, sc0_ptr, sc1_ptr, v0_ptr, v1_p
     tl.store(psel_ptr + out, run_v, mask=m2)
     tl.store(coef_ptr + out, c, mask=m2)
     tl.store(norm_ptr + rows, norm, mask=t_mask)
-    # the gather below reads idx/coef back, written by other threads of this program
-    tl.debug_barrier()
-    for o0 in range(0, DO, BO):
-        o = o0 + tl.arange(0, BO)
-        o_mask = o < DO
-        acc = tl.zeros([BT, BO], dtype=tl.float32)
-        acc = gather_rows(acc, idx_ptr, coef_ptr, K, rows, t_mask,
-                          v0_ptr, v1_ptr, N0, sv0n, sv0d, sv1n, sv1d, o, o_mask)
-        tl.store(y_ptr + rows[:, None] * syt + o[None, :] * syd,
-                 acc.to(y_ptr.dtype.element_ty), mask=t_mask[:, None] & o_mask[None, :])
 
 
 def plan_splits(t: int, n0: int, n1: int, bt: int, bn: int, device: torch.device) -> tuple[int, int]:
@@ -202,14 +191,13 @@ def moram_fwd(x, keys0, values0, scale0, keys1, values1, scale1, K, tau, delta, 
             keys1.stride(0), keys1.stride(1),
             BT=cfg.BT, BN=cfg.BN, BD=cfg.BD, KP=kp, UPCAST=upcast, PREC=prec,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        bt, bo, bc = small_block(kp)
+        bt, _, bc = small_block(kp)
         _moram_select_kernel[(triton.cdiv(T, bt),)](
             pv, pi, pss, scale0 if scale0 is not None else dummy,
-            scale1 if scale1 is not None else dummy, values0, values1,
-            y, idx, p_sel, norm, coef,
-            T, n0, K, n_split, DO, float(tau), float(delta), float(eps),
+            scale1 if scale1 is not None else dummy,
+            idx, p_sel, norm, coef,
+            T, n0, K, n_split, float(tau), float(delta), float(eps),
             int(scale0 is not None), int(scale1 is not None),
-            values0.stride(0), values0.stride(1), values1.stride(0), values1.stride(1),
-            y.stride(0), y.stride(1),
-            BT=bt, BO=bo, BC=bc, KP=kp, num_warps=4)
+            BT=bt, BC=bc, KP=kp, num_warps=4)
+    launch_gather(idx, coef, values0, values1, n0, y, kp)
     return y, idx, p_sel, norm

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ._common import K_BUCKETS, scan_configs, small_block
+from ._common import GROUP, K_BUCKETS, scan_configs, small_block
 
 __all__ = ["Variant", "all_variants"]
 
@@ -29,13 +29,19 @@ class Variant:
     num_stages: int = 3
 
     def fn(self):
-        from . import backward, forward
-        return getattr(forward, self.kernel, None) or getattr(backward, self.kernel)
+        return _kernel(self.kernel)
+
+
+def _kernel(name):
+    from . import _common, backward, forward
+    for mod in (forward, backward, _common):
+        if hasattr(mod, name):
+            return getattr(mod, name)
+    raise KeyError(name)
 
 
 def _spec(kernel, label, ptrs, floats, consts, unit, div, aligned, warps, stages):
-    from . import backward, forward
-    fn = getattr(forward, kernel, None) or getattr(backward, kernel)
+    fn = _kernel(kernel)
     names = fn.arg_names
     consts = dict(consts)
     if aligned:
@@ -80,32 +86,36 @@ def all_variants() -> list[Variant]:
             for cfg in scan_configs(compute, kp).values():
                 out.append(_scan(xd, kd, kp, cfg, True))
     out.append(_scan("bf16", "bf16", 16, scan_configs("bf16", 16)["prefill"], False))
-    for dt in _DTYPES:
-        for kp in K_BUCKETS:
-            bt, bo, bc = small_block(kp, interpret=False)
-            out.append(_spec(
-                "_moram_select_kernel", f"select-{dt}-K{kp}",
-                ptrs={"pv_ptr": "fp32", "pi_ptr": "i32", "pss_ptr": "fp32", "sc0_ptr": "fp32",
-                      "sc1_ptr": "fp32", "v0_ptr": dt, "v1_ptr": dt, "y_ptr": dt, "idx_ptr": "i64",
-                      "psel_ptr": "fp32", "norm_ptr": "fp32", "coef_ptr": "fp32"},
-                floats=("tau", "delta", "eps"), consts=dict(BT=bt, BO=bo, BC=bc, KP=kp),
-                unit=("sv0d", "sv1d", "syd"), div=("DO", "sv0n", "sv1n", "syt"), aligned=True,
-                warps=4, stages=3))
-            out.append(_spec(
-                "_moram_bwd_coef_kernel", f"bwd_coef-{dt}-K{kp}",
-                ptrs={"gy_ptr": dt, "v0_ptr": dt, "v1_ptr": dt, "sc0_ptr": "fp32", "sc1_ptr": "fp32",
-                      "idx_ptr": "i64", "psel_ptr": "fp32", "norm_ptr": "fp32", "gsel_ptr": "fp32",
-                      "alpha_ptr": "fp32", "cb_ptr": "fp32"},
-                floats=("tau", "delta", "eps"), consts=dict(BT=bt, BO=bo, KP=kp),
-                unit=("sgd", "sv0d", "sv1d"), div=("DO", "sgt", "sv0n", "sv1n"), aligned=True,
-                warps=4, stages=3))
-        bt, bo, _ = small_block(16, interpret=False)
+    for kp in K_BUCKETS:
+        bt, bo, bc = small_block(kp, interpret=False)
         out.append(_spec(
-            "_moram_bwd_dx_kernel", f"bwd_dx-{dt}",
-            ptrs={"idx_ptr": "i64", "gsel_ptr": "fp32", "alpha_ptr": "fp32", "k0_ptr": dt,
-                  "k1_ptr": dt, "dense_ptr": "fp32", "gx_ptr": dt},
-            floats=(), consts=dict(BT=bt, BO=bo), unit=("s0d", "s1d", "sdd", "sgd"),
-            div=("D", "s0n", "s1n", "sdt", "sgt"), aligned=True, warps=4, stages=3))
+            "_moram_select_kernel", f"select-K{kp}",
+            ptrs={"pv_ptr": "fp32", "pi_ptr": "i32", "pss_ptr": "fp32", "sc0_ptr": "fp32",
+                  "sc1_ptr": "fp32", "idx_ptr": "i64", "psel_ptr": "fp32", "norm_ptr": "fp32",
+                  "coef_ptr": "fp32"},
+            floats=("tau", "delta", "eps"), consts=dict(BT=bt, BC=bc, KP=kp),
+            unit=(), div=(), aligned=True, warps=4, stages=3))
+        out.append(_spec(
+            "_moram_bwd_coef_kernel", f"bwd_coef-K{kp}",
+            ptrs={"part_ptr": "fp32", "sc0_ptr": "fp32", "sc1_ptr": "fp32", "idx_ptr": "i64",
+                  "psel_ptr": "fp32", "norm_ptr": "fp32", "gsel_ptr": "fp32", "alpha_ptr": "fp32",
+                  "cb_ptr": "fp32"},
+            floats=("tau", "delta", "eps"), consts=dict(BT=bt, KP=kp),
+            unit=(), div=(), aligned=True, warps=4, stages=3))
+        for dt in _DTYPES:
+            out.append(_spec(
+                "_moram_bwd_gc_kernel", f"bwd_gc-{dt}-K{kp}",
+                ptrs={"gy_ptr": dt, "v0_ptr": dt, "v1_ptr": dt, "idx_ptr": "i64", "part_ptr": "fp32"},
+                floats=(), consts=dict(BT=bt, BO=bo, KP=kp, G=GROUP), unit=("sgd", "sv0d", "sv1d"),
+                div=("DO", "sgt", "sv0n", "sv1n"), aligned=True, warps=4, stages=3))
+    bt, bo, _ = small_block(16, interpret=False)
+    for dt in _DTYPES:
+        out.append(_spec(
+            "_moram_gather_kernel", f"gather-{dt}",
+            ptrs={"idx_ptr": "i64", "coef_ptr": "fp32", "alpha_ptr": "fp32", "r0_ptr": dt,
+                  "r1_ptr": dt, "dense_ptr": "fp32", "out_ptr": dt},
+            floats=(), consts=dict(BT=bt, BO=bo, G=GROUP), unit=("s0d", "s1d", "sdd", "sod"),
+            div=("DO", "s0n", "s1n", "sdt", "sot"), aligned=True, warps=4, stages=3))
         out.append(_spec(
             "_moram_bwd_db_atomic_kernel", f"bwd_db_atomic-{dt}",
             ptrs={"idx_ptr": "i64", "cb_ptr": "fp32", "gy_ptr": dt, "gv_ptr": "fp32"},
