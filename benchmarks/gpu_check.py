@@ -140,6 +140,23 @@ def inline_parity(mk, ref, torch, backends, dev="cuda", cases=PARITY_CASES):
     return fails
 
 
+def print_table(rows, peak_tflops, peak_gbs):
+    """The short table: each row against the authors' path and cuBLAS of the same case
+    (CUDA-graph rows against CUDA-graph rows)."""
+    print(f"ceilings: {peak_tflops:.0f} TFLOP/s bf16 GEMM, {peak_gbs:.0f} GB/s copy")
+    print(f"{'case':18s} {'impl':24s} {'ms':>8s} {'TFLOP/s':>8s} {'%GEMM':>6s} {'GB/s':>7s} {'%copy':>6s} "
+          f"{'vs authors':>10s} {'vs cuBLAS':>9s}")
+    for r in rows:
+        graph = r["impl"].endswith("(graph)")     # compare graphs with graphs, eager with eager
+        same = [q for q in rows if q["case"] == r["case"] and q["impl"].endswith("(graph)") == graph]
+        base = next((q["ms"] for q in same if q["impl"].startswith("authors")
+                     and "compile" not in q["impl"]), None)
+        blas = next((q["ms"] for q in same if q["impl"].startswith("cuBLAS")), None)
+        print(f"{r['case']:18s} {r['impl']:24s} {r['ms']:8.3f} {r['tflops']:8.1f} "
+              f"{100 * r['tflops'] / peak_tflops:5.0f}% {r['gbs']:7.0f} {100 * r['gbs'] / peak_gbs:5.0f}% "
+              f"{(base / r['ms']) if base else float('nan'):9.2f}x {(r['ms'] / blas) if blas else float('nan'):8.2f}x")
+
+
 def bench(args):
     import torch
     import triton
@@ -148,6 +165,7 @@ def bench(args):
     from moram_kernels import reference as ref
     from moram_kernels.ops import moram_segments
 
+    t_start = time.perf_counter()
     backends = [b for b in mk.available_backends() if b != "reference"]
     print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
           f"backends {mk.available_backends()}", flush=True)
@@ -157,6 +175,7 @@ def bench(args):
         ok &= run_pytest()
     fails = inline_parity(mk, ref, torch, backends)
     ok &= not fails
+    print(f"parity done at {time.perf_counter() - t_start:.0f} s", flush=True)
 
     dev, dt = "cuda", torch.bfloat16
     do_bench = triton.testing.do_bench
@@ -234,17 +253,19 @@ def bench(args):
             x = torch.randn(t, D_IN, device=dev).to(dt)
             case = f"decode T={t} fwd"
             fl, by = fwd_flops(t, D_IN, D_OUT, N_ATOMS, K), fwd_bytes(t, D_IN, D_OUT, N_ATOMS, K)
-            record(case, "cuBLAS x@keys.T", do_bench(lambda: x @ keys.t()), 2 * t * N_ATOMS * D_IN, by)
-            record(case, "authors", do_bench(lambda: ref.moram_dense(x, keys, values, k=K, tau=TAU)), fl, by)
-            for b in backends:
-                fn = lambda: mk.moram(x, keys, values, k=K, tau=TAU, backend=b)  # noqa: E731
-                record(case, b, do_bench(fn), fl, by)
+            impls = [("cuBLAS x@keys.T", lambda: x @ keys.t(), 2 * t * N_ATOMS * D_IN),
+                     ("authors", lambda: ref.moram_dense(x, keys, values, k=K, tau=TAU), fl)]
+            impls += [(b, (lambda b=b: mk.moram(x, keys, values, k=K, tau=TAU, backend=b)), fl)
+                      for b in backends]
+            for name, fn, f in impls:
+                record(case, name, do_bench(fn), f, by)
                 # decode is launch-bound in eager mode; a CUDA graph shows the GPU time alone
                 try:
-                    record(case, b + " (graph)", triton.testing.do_bench_cudagraph(fn), fl, by)
-                except Exception as e:  # capture can fail for a backend: say so, keep going
-                    print(f"{case:22s} {b + ' (graph)':16s} not capturable: {type(e).__name__}: {e}",
+                    record(case, name + " (graph)", triton.testing.do_bench_cudagraph(fn), f, by)
+                except Exception as e:  # capture can fail for an implementation: say so, go on
+                    print(f"{case:22s} {name + ' (graph)':16s} not capturable: {type(e).__name__}: {e}",
                           flush=True)
+    print(f"timings done at {time.perf_counter() - t_start:.0f} s", flush=True)
 
     if args.csv:
         with open(args.csv, "w", newline="") as f:
@@ -256,16 +277,8 @@ def bench(args):
                 w.writerow({**r, **meta})
 
     print()
-    print(f"ceilings: {peak_tflops:.0f} TFLOP/s bf16 GEMM, {peak_gbs:.0f} GB/s copy; "
-          f"parity {'passed' if ok else 'FAILED'}")
-    print(f"{'case':18s} {'impl':16s} {'ms':>8s} {'TFLOP/s':>8s} {'%GEMM':>6s} {'GB/s':>7s} {'%copy':>6s} "
-          f"{'vs authors':>10s} {'vs cuBLAS':>9s}")
-    for r in rows:
-        base = next((q["ms"] for q in rows if q["case"] == r["case"] and q["impl"] == "authors"), None)
-        blas = next((q["ms"] for q in rows if q["case"] == r["case"] and q["impl"].startswith("cuBLAS")), None)
-        print(f"{r['case']:18s} {r['impl']:16s} {r['ms']:8.3f} {r['tflops']:8.1f} "
-              f"{100 * r['tflops'] / peak_tflops:5.0f}% {r['gbs']:7.0f} {100 * r['gbs'] / peak_gbs:5.0f}% "
-              f"{(base / r['ms']) if base else float('nan'):9.2f}x {(r['ms'] / blas) if blas else float('nan'):8.2f}x")
+    print(f"parity {'passed' if ok else 'FAILED'}")
+    print_table(rows, peak_tflops, peak_gbs)
     return 0 if ok else 1
 
 

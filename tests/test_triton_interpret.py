@@ -239,3 +239,15 @@ def test_gpu_check_script_plan_and_smoke():
     r = subprocess.run([sys.executable, script, "--smoke"], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert r.stdout.count(": ok") >= 4 and "FAIL" not in r.stdout
+
+
+def test_gpu_check_table_ratios(capsys):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import gpu_check
+    rows = [dict(case="c", impl=name, ms=ms, tflops=400.0, gbs=1000.0)
+            for name, ms in (("cuBLAS x@keys.T", 1.0), ("authors", 3.0), ("triton", 1.5),
+                             ("authors (graph)", 2.0), ("triton (graph)", 0.5))]
+    gpu_check.print_table(rows, 800.0, 4000.0)
+    out = {line.split()[1] + (" g" if "(graph)" in line else ""): line for line in capsys.readouterr().out.splitlines()[2:]}
+    assert "2.00x" in out["triton"] and "1.50x" in out["triton"] and "50%" in out["triton"]
+    assert "4.00x" in out["triton g"]          # graph rows compare with the authors' graph row
