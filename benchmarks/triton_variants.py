@@ -1,4 +1,5 @@
-"""Compile every Triton kernel variant for sm_90 and sm_80 without a GPU; print the table.
+"""Compile every Triton kernel variant for sm_90 and sm_80 without a GPU; print the table
+(shared memory, registers and stack/spill bytes per thread, tensor-core and cp.async use).
 
     python benchmarks/triton_variants.py [--arch 90 80] [--jobs 2] [--filter scan] [--csv out.csv]
 
@@ -39,9 +40,29 @@ def _compile(job):
         return dict(label=v.label, arch=arch, ok=False, error=f"{type(e).__name__}: {str(e)[:300]}",
                     seconds=time.perf_counter() - t0)
     ptx = k.asm.get("ptx", "")
+    regs, stack = _res_usage(k.asm.get("cubin"))
     return dict(label=v.label, arch=arch, ok=True, shared=int(k.metadata.shared),
                 mma=("wgmma" in ptx) or ("mma.sync" in ptx), cp_async="cp.async" in ptx,
-                seconds=time.perf_counter() - t0)
+                regs=regs, stack=stack, seconds=time.perf_counter() - t0)
+
+
+def _res_usage(cubin):
+    """(registers per thread, stack bytes: > 0 means spills) from the cuobjdump that ships
+    with Triton; (-1, -1) when it is not there."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not cubin or not os.path.exists(tool):
+        return -1, -1
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else (-1, -1)
 
 
 def run(archs=(90, 80), jobs=2, filt=None):
@@ -69,11 +90,13 @@ def main():
     a = ap.parse_args()
     t0 = time.perf_counter()
     rows = run(tuple(a.arch), a.jobs, a.filter)
-    print(f"{'variant':44s} {'arch':>4s} {'shared B':>9s} {'limit B':>8s} {'mma':>4s} {'cp.async':>8s} {'s':>5s}")
+    print(f"{'variant':40s} {'arch':>4s} {'shared B':>9s} {'limit B':>8s} {'regs':>4s} {'stack':>5s} "
+          f"{'mma':>3s} {'cp.async':>8s} {'s':>5s}")
     for r in rows:
         if r["ok"]:
-            print(f"{r['label']:44s} {r['arch']:>4d} {r['shared']:>9d} {SMEM_LIMIT[r['arch']]:>8d} "
-                  f"{'y' if r['mma'] else 'n':>4s} {'y' if r['cp_async'] else 'n':>8s} {r['seconds']:5.1f}")
+            print(f"{r['label']:40s} {r['arch']:>4d} {r['shared']:>9d} {SMEM_LIMIT[r['arch']]:>8d} "
+                  f"{r['regs']:>4d} {r['stack']:>5d} {'y' if r['mma'] else 'n':>3s} "
+                  f"{'y' if r['cp_async'] else 'n':>8s} {r['seconds']:5.1f}")
         else:
             print(f"{r['label']:44s} {r['arch']:>4d} FAILED {r['error']}")
     bad = [r for r in rows if not r["fits"]]

@@ -64,7 +64,7 @@ def scan_configs(compute: str, kp: int) -> dict[str, ScanConfig]:
         # exact fp32 dot products (no TF32) run on CUDA cores: small tiles, two regimes
         return {
             "decode16": ScanConfig("decode16", 16, 64, 32, 4, 3),
-            "prefill": ScanConfig("prefill", 64, 64, 32, 4, 2),
+            "prefill": ScanConfig("prefill", 32, 64, 32, 4, 2),   # 64 rows spill registers
         }
     big = 128 if kp <= 16 else 64   # the [BT, KP] running lists live in registers
     return {
