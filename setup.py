@@ -7,9 +7,15 @@ Switches (environment variables, no hardware probing):
 * ``MORAM_FORCE_EXT=1``: a failed extension build fails the install instead of warning.
 * ``MORAM_WITH_CUDA=auto|0|1``: build the CUDA kernels; ``auto`` (default) builds them
   only when torch has CUDA (``torch.version.cuda``) and a CUDA toolkit is found.
-* ``MORAM_CUDA_ARCHS``: arch list for the CUDA kernels, default ``"80;90"``.
-* ``MORAM_ASAN=1``: build with AddressSanitizer (run with ``LD_PRELOAD=$(gcc -print-file-name=libasan.so)``).
-* ``MAX_JOBS``: parallel compile jobs (read by torch's BuildExtension).
+* ``MORAM_CUDA_ARCHS``: compute capabilities for the CUDA kernels, ``;`` or ``,`` separated,
+  default ``"80;90"`` (one ``-gencode arch=compute_XY,code=sm_XY`` each; torch's
+  ``TORCH_CUDA_ARCH_LIST`` is then not used).
+* ``MORAM_ASAN=1``: build with AddressSanitizer. Run with
+  ``LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)"
+  ASAN_OPTIONS=detect_leaks=0`` (libstdc++ preloaded too, or ASan's ``__cxa_throw``
+  interceptor aborts on the first C++ exception, e.g. a TORCH_CHECK).
+* ``MAX_JOBS``: parallel compile jobs (read by torch's BuildExtension; the CUDA sources
+  take about 1.5 GB of memory and ~50 s of CPU to compile for two archs).
 """
 
 import glob
@@ -54,7 +60,10 @@ def _ext_modules_and_cmdclass():
         ldflags += ["-fsanitize=address"]
     if with_cuda:
         archs = os.environ.get("MORAM_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        # No --use_fast_math: the kernels are bound by memory and cuBLAS, and IEEE expf and
+        # division keep them within rounding of the reference. Keep in sync with
+        # .ci/cuda_compile_check.py, which compiles with the same flags.
+        nvcc = ["-O3", "-std=c++17", "-lineinfo"]
         for a in filter(None, (x.strip() for x in archs)):
             nvcc += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
         ext = CUDAExtension("moram_kernels._C", sources + cuda_sources,

@@ -6,14 +6,15 @@ The public API (``../shared/spec/API.md``) and nothing else.
 __version__ = "0.1.0"
 
 from ._dispatch import available_backends, use_backend
-from .integrations import (MoRAMConfig, add_task, inject, load_moram, save_moram,
+from . import integrations
+from .integrations import (MoRAMConfig, add_task, inject, load_moram, remove, save_moram,
                            trainable_parameters)
 from .nn import MoRAMLinear
 from .ops import moram
 
 __all__ = [
     "moram", "available_backends", "use_backend", "MoRAMLinear", "MoRAMConfig", "inject",
-    "add_task", "save_moram", "load_moram", "trainable_parameters", "__version__",
+    "remove", "add_task", "save_moram", "load_moram", "trainable_parameters", "__version__",
 ]
 
 from . import _dispatch as _d

@@ -87,6 +87,8 @@ def _cuda_refuses(inp: Inputs, forced: bool) -> list[str]:
     out = _floats_only(inp)
     if inp.device.type != "cuda":
         out.append(f"the cuda backend takes CUDA tensors, got {inp.device}")
+    if inp.k > 64:
+        out.append(f"the cuda backend keeps at most 64 atoms per token, asked for K = {inp.k}")
     return out
 
 

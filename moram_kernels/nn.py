@@ -12,6 +12,23 @@ from .ops import _check_real, moram_segments
 __all__ = ["MoRAMLinear"]
 
 
+def _is_conv1d(m: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): a linear layer whose weight is stored ``[d_in, d_out]``.
+    Recognised by name so that transformers stays an optional dependency."""
+    cls = type(m)
+    return (cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+            and isinstance(getattr(m, "weight", None), Tensor) and m.weight.dim() == 2)
+
+
+def _linear_dims(base: nn.Module) -> tuple[int, int]:
+    """``(d_in, d_out)`` of a supported base layer; ``TypeError`` for anything else."""
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features
+    if _is_conv1d(base):
+        return base.weight.shape[0], base.weight.shape[1]
+    raise TypeError(f"base must be an nn.Linear or transformers' Conv1D, got {type(base).__name__}")
+
+
 class MoRAMLinear(nn.Module):
     """``y = base_layer(x) + moram(dropout(x), atoms)``, ``[..., d_in] -> [..., d_out]``.
 
@@ -24,14 +41,19 @@ class MoRAMLinear(nn.Module):
       whose values are scaled by ``alpha / r`` at run time.
 
     ``add_task()`` replaces the two parameters, so build the optimiser after it.
+
+    ``base`` may also be transformers' ``Conv1D`` (GPT-2, weight ``[d_in, d_out]``): it is
+    kept as is and called as is, so nothing is transposed or copied.
+
+    Atom-usage counting (off by default): set ``usage_counts`` to a zero int64 tensor
+    (``start_usage()``) and every forward adds the bincount of its top-K atom ids to it.
     """
 
     def __init__(self, base: nn.Linear, r: int = 16, k: int = 16, tau: float = 0.01,
                  delta: float = 0.2, dropout: float = 0.0, alpha: float | None = None,
                  eps: float = 1e-12, backend: str | None = None):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
+        d_in, d_out = _linear_dims(base)
         for name, v in (("r", r), ("k", k)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
@@ -48,7 +70,7 @@ class MoRAMLinear(nn.Module):
         self.base_layer = base
         base.requires_grad_(False)
         w = base.weight
-        self.in_features, self.out_features = base.in_features, base.out_features
+        self.in_features, self.out_features = d_in, d_out
         self.register_buffer("frozen_keys", w.new_empty(0, self.in_features))
         self.register_buffer("frozen_values", w.new_empty(0, self.out_features))
         self.keys = nn.Parameter(w.new_empty(0, self.in_features))
@@ -56,6 +78,8 @@ class MoRAMLinear(nn.Module):
         self.register_buffer("task_sizes", torch.zeros(0, dtype=torch.long, device=w.device))
         self.adapter_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._gram_cache: tuple[tuple, Tensor] | None = None
+        # [N] int64 while usage counting is on (not a buffer: never saved); None = off
+        self.usage_counts: Tensor | None = None
 
     # ---- sizes ---------------------------------------------------------------------------
 
@@ -132,7 +156,29 @@ class MoRAMLinear(nn.Module):
             self.adapter_dropout(x), self.frozen_keys, self.frozen_values, None,
             self.keys, self.values, scale1, k=self.k, tau=self.tau, delta=delta, eps=self.eps,
             gram0=self._frozen_gram() if need_grad else None, backend=self.backend)
+        if self.usage_counts is not None and idx is not None:
+            self._count_usage(idx)
         return y + d.to(y.dtype)
+
+    # ---- atom-usage statistics -------------------------------------------------------------
+
+    def start_usage(self) -> None:
+        """Start (or restart from zero) counting how often each atom is in a token's top-K."""
+        self.usage_counts = torch.zeros(self.num_atoms, dtype=torch.long,
+                                        device=self.frozen_keys.device)
+
+    def stop_usage(self) -> None:
+        self.usage_counts = None
+
+    @torch.no_grad()
+    def _count_usage(self, idx: Tensor) -> None:
+        # top-K selections, before the eval-time threshold; the counter grows with the bank
+        counts = torch.bincount(idx.reshape(-1).to(self.usage_counts.device),
+                                minlength=self.usage_counts.shape[0])
+        if counts.shape[0] > self.usage_counts.shape[0]:
+            self.usage_counts = torch.cat([self.usage_counts, self.usage_counts.new_zeros(
+                counts.shape[0] - self.usage_counts.shape[0])])
+        self.usage_counts += counts
 
     # ---- state_dict: shapes grow with tasks, so loading resizes first ----------------------
 

@@ -157,11 +157,20 @@ def moram_bwd(gy, x, keys0, values0, scale0, keys1, values1, scale1, gram0,
 
     gx = None
     if need_x:
+        dense = torch.zeros_like(xf)                             # G x~, G = A^T A over all atoms
+        for kseg, g in ((keys0, gram0), (keys1, None)):
+            if kseg.shape[0] == 0:
+                continue
+            a = kseg.to(acc)
+            t, n_s, d = xf.shape[0], a.shape[0], a.shape[1]
+            if g is not None:
+                dense += xf @ g.to(acc)
+            elif 2 * t * n_s <= n_s * d + t * d:                 # recompute P A: 2TNd < Nd^2 + Td^2
+                dense += (xf @ a.t()) @ a
+            else:
+                dense += xf @ (a.t() @ a)
         sparse = torch.einsum("tk,tkd->td", g_sel, keys[idx])
-        g = gram0.to(acc) if gram0 is not None else gram(keys0, acc)
-        if n1:
-            g = g + gram(keys1, acc)
-        gx = (sparse - alpha[:, None] * (xf @ g)).to(x.dtype)   # dense term: -alpha G x
+        gx = (sparse - alpha[:, None] * dense).to(x.dtype)      # dense term: -alpha G x
     seg_grads: list[Tensor | None] = [None, None, None, None]   # gk0, gv0, gk1, gv1
     c = w * m * p_sel                                            # [T, K]
     for seg, lo, kseg, vseg, need in ((0, 0, keys0, values0, need_seg0),

@@ -1,27 +1,43 @@
-"""Whole-model integration: inject MoRAM layers, the task lifecycle, save and load."""
+"""Whole-model integration: inject MoRAM layers, undo it, the task lifecycle, save and load."""
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import asdict, dataclass, field
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from ..nn import MoRAMLinear
+from ..nn import MoRAMLinear, _is_conv1d, _linear_dims
 
-__all__ = ["MoRAMConfig", "inject", "add_task", "save_moram", "load_moram", "moram_layers",
-           "trainable_parameters"]
+__all__ = ["MoRAMConfig", "InjectionSummary", "inject", "remove", "add_task", "save_moram",
+           "load_moram", "moram_layers", "trainable_parameters"]
+
+logger = logging.getLogger("moram_kernels")
+
+#: Everything ``inject`` keeps on the model so that ``remove`` can undo it.
+_STATE_ATTR = "_moram_injection"
+_FORMAT = "moram_kernels"
+_FORMAT_VERSION = "1"
+# The per-layer tensors a MoRAM file holds, under "<layer name>.<attr>".
+_STATE = ("frozen_keys", "frozen_values", "keys", "values", "task_sizes")
+# Config fields that change what a layer computes; target_modules is checked through the
+# layer set instead (two specs that pick the same layers are the same model).
+_HYPER = ("r", "k", "tau", "delta", "dropout", "alpha", "eps")
 
 
 @dataclass
 class MoRAMConfig:
-    """Which ``nn.Linear`` modules get atoms, and the MoRAM hyper-parameters.
+    """Which linear modules get atoms, and the MoRAM hyper-parameters.
 
-    ``target_modules``: names matched against each module's full name, by suffix
-    (``"query"`` matches ``encoder.layer.0.attention.self.query``), or a regex string
-    matched in full with ``re.fullmatch``.
+    ``target_modules``: a list of names, each matched against a module's full name by
+    suffix at a dot boundary (``"query"`` matches ``encoder.layer.0.attention.self.query``,
+    ``"self.query"`` too), or one regex string that must match the full name
+    (``re.fullmatch``, e.g. ``r".*layer\\.[3-5]\\..*(query|value)"``).
+    ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2) are wrapped; other modules whose
+    name matches are skipped.
     """
 
     target_modules: list[str] | str = field(default_factory=lambda: ["query", "value"])
@@ -33,6 +49,19 @@ class MoRAMConfig:
     alpha: float | None = None
     eps: float = 1e-12
 
+    def __post_init__(self):
+        tm = self.target_modules
+        if isinstance(tm, str):
+            try:
+                re.compile(tm)
+            except re.error as e:
+                raise ValueError(f"target_modules is not a valid regex: {tm!r} ({e})") from None
+        elif isinstance(tm, (list, tuple)) and tm and all(isinstance(t, str) and t for t in tm):
+            self.target_modules = list(tm)
+        else:
+            raise TypeError("target_modules must be a regex string or a non-empty list of "
+                            f"module-name suffixes, got {tm!r}")
+
     def matches(self, name: str) -> bool:
         if isinstance(self.target_modules, str):
             return re.fullmatch(self.target_modules, name) is not None
@@ -41,6 +70,30 @@ class MoRAMConfig:
     def layer_kwargs(self) -> dict:
         return dict(r=self.r, k=self.k, tau=self.tau, delta=self.delta, dropout=self.dropout,
                     alpha=self.alpha, eps=self.eps)
+
+
+@dataclass
+class InjectionSummary:
+    """What :func:`inject` wrapped: ``layers`` maps module name -> (kind, d_in, d_out)."""
+
+    layers: dict[str, tuple[str, int, int]]
+    frozen_parameters: int        # parameters of the model that inject froze or found frozen
+    config: MoRAMConfig
+
+    @property
+    def atoms_per_task(self) -> int:
+        """Trainable numbers added to the model by each ``add_task``: r (d_in + d_out) a layer."""
+        return sum(self.config.r * (d_in + d_out) for _, d_in, d_out in self.layers.values())
+
+    def __str__(self) -> str:
+        kinds: dict[str, int] = {}
+        for kind, _, _ in self.layers.values():
+            kinds[kind] = kinds.get(kind, 0) + 1
+        what = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+        return (f"MoRAM: wrapped {len(self.layers)} modules ({what}); "
+                f"{self.frozen_parameters:,} base parameters frozen; "
+                f"each task adds {self.atoms_per_task:,} trainable parameters "
+                f"(r={self.config.r}, k={self.config.k})")
 
 
 def moram_layers(model: nn.Module) -> dict[str, MoRAMLinear]:
@@ -54,26 +107,87 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def _supported(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or _is_conv1d(m)
+
+
 def inject(model: nn.Module, config: MoRAMConfig) -> nn.Module:
-    """Wrap every matching ``nn.Linear`` of ``model`` in a ``MoRAMLinear`` (in place) and
-    freeze every other parameter. Raises if nothing matched. Returns ``model``."""
+    """Wrap every matching ``nn.Linear`` / ``Conv1D`` of ``model`` in a ``MoRAMLinear`` (in
+    place) and freeze every other parameter. Returns ``model``.
+
+    The layers start with no atoms, so the model computes exactly what it did; call
+    :func:`add_task` before training. What was wrapped is logged and kept as
+    ``model.moram_summary`` (an :class:`InjectionSummary`). Raises ``ValueError`` when no
+    module matched; :func:`remove` undoes everything.
+    """
     if not isinstance(config, MoRAMConfig):
         raise TypeError(f"config must be a MoRAMConfig, got {type(config).__name__}")
-    if moram_layers(model):
-        raise ValueError("model already has MoRAM layers; inject once")
-    targets = [(n, m) for n, m in model.named_modules()
-               if n and isinstance(m, nn.Linear) and config.matches(n)]
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if moram_layers(model) or hasattr(model, _STATE_ATTR):
+        raise ValueError("model already has MoRAM layers; inject once (remove() undoes it)")
+    targets = [(n, m) for n, m in model.named_modules() if n and _supported(m) and config.matches(n)]
     if not targets:
-        raise ValueError(f"no nn.Linear module matched target_modules={config.target_modules!r}")
+        names = [n for n, m in model.named_modules() if n and _supported(m)]
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise ValueError(f"no nn.Linear / Conv1D module matched target_modules="
+                         f"{config.target_modules!r}; the model's linear modules end in "
+                         f"{suffixes[:30]}" + (" ..." if len(suffixes) > 30 else ""))
+    # A module reachable under two names (shared weights) would be wrapped at one place only.
+    chosen = {id(m) for _, m in targets}
+    for n, m in model.named_modules(remove_duplicate=False):
+        if id(m) in chosen and n not in dict(targets):
+            raise ValueError(f"module {n!r} is the same object as a target module; MoRAM cannot "
+                             "wrap a shared module at one place only")
+
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    try:    # building the layers validates the hyper-parameters (and freezes each base)
+        wrapped = {name: MoRAMLinear(lin, **config.layer_kwargs()) for name, lin in targets}
+    except Exception:
+        _restore_requires_grad(model, requires_grad)
+        raise
     model.requires_grad_(False)
-    for name, lin in targets:
-        _set_submodule(model, name, MoRAMLinear(lin, **config.layer_kwargs()))
+    for name, layer in wrapped.items():
+        _set_submodule(model, name, layer)
+    summary = InjectionSummary(
+        layers={n: ("Conv1D" if _is_conv1d(m) else "Linear", *_linear_dims(m)) for n, m in targets},
+        frozen_parameters=sum(p.numel() for p in model.parameters() if not p.requires_grad),
+        config=config)
+    setattr(model, _STATE_ATTR, {"requires_grad": requires_grad})
     model.moram_config = config
+    model.moram_summary = summary
+    logger.info("%s", summary)
+    return model
+
+
+def _restore_requires_grad(model: nn.Module, flags: dict[str, bool]) -> None:
+    for n, p in model.named_parameters():
+        if n in flags:
+            p.requires_grad_(flags[n])
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Undo :func:`inject`: put every original module back (the very same objects, so the
+    base weights are untouched), restore each parameter's ``requires_grad`` and drop the
+    atoms. Returns ``model``."""
+    layers = moram_layers(model)
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None and not layers:
+        raise ValueError("model has no MoRAM layers; nothing to remove")
+    for name, layer in layers.items():
+        _set_submodule(model, name, layer.base_layer)
+    if state is not None:
+        _restore_requires_grad(model, state["requires_grad"])
+        delattr(model, _STATE_ATTR)
+    for attr in ("moram_config", "moram_summary"):
+        if attr in model.__dict__:
+            delattr(model, attr)
     return model
 
 
 def add_task(model: nn.Module) -> None:
-    """Start a new task: ``add_task()`` on every ``MoRAMLinear`` of ``model``."""
+    """Start a new task: ``add_task()`` on every ``MoRAMLinear`` of ``model`` (freeze the
+    current atoms, append ``r`` fresh ones with zero values). Build the optimiser after it."""
     layers = moram_layers(model)
     if not layers:
         raise ValueError("model has no MoRAM layers; call inject() first")
@@ -83,15 +197,23 @@ def add_task(model: nn.Module) -> None:
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The current task's atoms of every MoRAM layer: what the optimiser should get."""
-    return [p for m in moram_layers(model).values() for p in (m.keys, m.values)]
+    layers = moram_layers(model)
+    if not layers:
+        raise ValueError("model has no MoRAM layers; call inject() first")
+    return [p for m in layers.values() for p in (m.keys, m.values) if p.numel()]
 
 
-_STATE = ("frozen_keys", "frozen_values", "keys", "values", "task_sizes")
+# ---- save / load ------------------------------------------------------------------------------
+
+def _config_of(model: nn.Module) -> dict | None:
+    cfg = getattr(model, "moram_config", None)
+    return asdict(cfg) if cfg is not None else None
 
 
 def save_moram(model: nn.Module, path) -> None:
-    """Write only the MoRAM state (atoms of every layer, per-task sizes) and the config to a
-    safetensors file."""
+    """Write only the MoRAM state to a safetensors file: per layer its frozen and
+    trainable atoms and its atoms per task, plus metadata (config, package version,
+    layer shapes)."""
     from safetensors.torch import save_file
 
     from .. import __version__
@@ -101,52 +223,123 @@ def save_moram(model: nn.Module, path) -> None:
         raise ValueError("model has no MoRAM layers to save")
     tensors = {f"{name}.{attr}": getattr(layer, attr).detach().contiguous().cpu()
                for name, layer in layers.items() for attr in _STATE}
-    cfg = getattr(model, "moram_config", None)
     meta = {
-        "format": "moram_kernels",
+        "format": _FORMAT,
+        "format_version": _FORMAT_VERSION,
         "version": __version__,
-        "config": json.dumps(asdict(cfg) if cfg is not None else None),
+        "config": json.dumps(_config_of(model)),
         "layers": json.dumps({n: {"d_in": l.in_features, "d_out": l.out_features,
-                                  "atoms": l.num_atoms, "task_sizes": l.task_sizes.tolist()}
+                                  "atoms": l.num_atoms, "trainable_atoms": l.num_trainable_atoms,
+                                  "task_sizes": l.task_sizes.tolist(),
+                                  "hyper": {h: getattr(l, h) for h in _HYPER if h != "dropout"}}
                               for n, l in layers.items()}),
     }
     save_file(tensors, str(path), metadata=meta)
 
 
+def _check_layer_state(name: str, layer: MoRAMLinear, st: dict[str, Tensor]) -> None:
+    """Raise ``ValueError`` unless ``st`` is a consistent state for ``layer``."""
+    missing = [a for a in _STATE if a not in st]
+    if missing:
+        raise ValueError(f"layer {name}: the file lacks {missing}")
+    fk, fv, k, v, ts = (st[a] for a in _STATE)
+    for a, t in (("frozen_keys", fk), ("frozen_values", fv), ("keys", k), ("values", v)):
+        if t.dim() != 2 or not t.is_floating_point():
+            raise ValueError(f"layer {name}: {a} must be a 2-D float tensor, got "
+                             f"{tuple(t.shape)} {t.dtype}")
+    if fk.shape[1] != layer.in_features or k.shape[1] != layer.in_features:
+        raise ValueError(f"layer {name}: keys have d_in {fk.shape[1]} / {k.shape[1]}, "
+                         f"the layer takes {layer.in_features}")
+    if fv.shape[1] != layer.out_features or v.shape[1] != layer.out_features:
+        raise ValueError(f"layer {name}: values have d_out {fv.shape[1]} / {v.shape[1]}, "
+                         f"the layer has {layer.out_features}")
+    if fk.shape[0] != fv.shape[0] or k.shape[0] != v.shape[0]:
+        raise ValueError(f"layer {name}: keys and values hold different numbers of atoms")
+    if ts.dim() != 1 or ts.is_floating_point() or ts.is_complex() or bool((ts <= 0).any()):
+        raise ValueError(f"layer {name}: task_sizes must be a 1-D tensor of positive ints")
+    if int(ts.sum()) != fk.shape[0] + k.shape[0]:
+        raise ValueError(f"layer {name}: task sizes {ts.tolist()} do not add up to the "
+                         f"{fk.shape[0] + k.shape[0]} atoms")
+    if k.shape[0] and int(ts[-1]) != k.shape[0]:
+        raise ValueError(f"layer {name}: the last task has {int(ts[-1])} atoms but "
+                         f"{k.shape[0]} are trainable")
+
+
+@torch.no_grad()
+def _install(layer: MoRAMLinear, st: dict[str, Tensor]) -> None:
+    """Replace the layer's atoms by ``st`` (already checked), on its device and dtypes."""
+    dev = layer.frozen_keys.device
+    layer.frozen_keys = st["frozen_keys"].to(dev, layer.frozen_keys.dtype).clone()
+    layer.frozen_values = st["frozen_values"].to(dev, layer.frozen_values.dtype).clone()
+    layer.keys = nn.Parameter(st["keys"].to(dev, layer.keys.dtype).clone())
+    layer.values = nn.Parameter(st["values"].to(dev, layer.values.dtype).clone())
+    layer.task_sizes = st["task_sizes"].to(dev, torch.long).clone()
+    layer._gram_cache = None
+    if layer.usage_counts is not None:
+        layer.start_usage()
+
+
+def _layer_set_error(what: str, have: set[str], want: set[str]) -> ValueError:
+    return ValueError(f"{what} do not match the model's MoRAM layers: only in the file "
+                      f"{sorted(have - want)[:10]}, only in the model {sorted(want - have)[:10]}")
+
+
 def load_moram(model: nn.Module, path) -> nn.Module:
     """Restore a :func:`save_moram` file into ``model``, which must have the same MoRAM
-    layers. Everything is checked before anything changes: a mismatch raises
-    ``ValueError`` and leaves the model untouched."""
+    layers and config (``inject`` it first; its number of tasks so far does not matter).
+
+    Everything is checked before anything changes: a mismatch raises ``ValueError`` and
+    leaves the model untouched. Atoms take the model's device and dtype. The trainable
+    atoms become new ``nn.Parameter`` objects, so build the optimiser after loading.
+    """
     from safetensors import safe_open
 
     layers = moram_layers(model)
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if meta.get("format") != "moram_kernels":
-        raise ValueError(f"{path} is not a moram_kernels file (metadata format={meta.get('format')!r})")
-    saved_names = {k.rsplit(".", 1)[0] for k in tensors}
-    if saved_names != set(layers):
-        raise ValueError(f"the file's MoRAM layers do not match the model's: only in the file "
-                         f"{sorted(saved_names - set(layers))}, only in the model "
-                         f"{sorted(set(layers) - saved_names)}")
-    saved_cfg = json.loads(meta.get("config", "null"))
-    cfg = getattr(model, "moram_config", None)
-    if saved_cfg is not None and cfg is not None and saved_cfg != asdict(cfg):
-        diff = {k: (saved_cfg.get(k), v) for k, v in asdict(cfg).items() if saved_cfg.get(k) != v}
-        raise ValueError(f"the file's MoRAM config differs from the model's (file, model): {diff}")
+    if not layers:
+        raise ValueError("model has no MoRAM layers; inject() it before load_moram()")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except FileNotFoundError:
+        raise
+    except Exception as e:   # safetensors raises its own error types for a corrupt header
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+    if meta.get("format") != _FORMAT:
+        raise ValueError(f"{path} is not a moram_kernels file (metadata format="
+                         f"{meta.get('format')!r})")
+    if meta.get("format_version") != _FORMAT_VERSION:
+        raise ValueError(f"{path} has format version {meta.get('format_version')!r}; this "
+                         f"moram_kernels reads version {_FORMAT_VERSION}")
+    try:
+        saved_cfg = json.loads(meta.get("config", "null"))
+        saved_layers = json.loads(meta.get("layers", "{}"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: corrupt metadata ({e})") from None
+
+    per_layer: dict[str, dict[str, Tensor]] = {}
+    for key, t in tensors.items():
+        name, _, attr = key.rpartition(".")
+        if attr not in _STATE:
+            raise ValueError(f"{path}: unexpected tensor {key!r}")
+        per_layer.setdefault(name, {})[attr] = t
+    if set(per_layer) != set(layers):
+        raise _layer_set_error("the file's layers", set(per_layer), set(layers))
+    if set(saved_layers) != set(per_layer):
+        raise ValueError(f"{path}: the metadata's layer list does not match its tensors")
+
+    cfg = _config_of(model)
+    if saved_cfg is not None and cfg is not None:
+        diff = {h: (saved_cfg.get(h), cfg[h]) for h in _HYPER if saved_cfg.get(h) != cfg[h]}
+        if diff:
+            raise ValueError(f"the file's MoRAM config differs from the model's, as "
+                             f"(file, model): {diff}")
     for name, layer in layers.items():
-        fk, fv, k, v, ts = (tensors.get(f"{name}.{a}") for a in _STATE)
-        if any(t is None for t in (fk, fv, k, v, ts)):
-            raise ValueError(f"layer {name}: the file lacks part of its state")
-        if fk.shape[1:] != (layer.in_features,) or k.shape[1:] != (layer.in_features,):
-            raise ValueError(f"layer {name}: keys have d_in {fk.shape[1:]}, the layer takes {layer.in_features}")
-        if fv.shape[1:] != (layer.out_features,) or v.shape[1:] != (layer.out_features,):
-            raise ValueError(f"layer {name}: values have d_out {fv.shape[1:]}, the layer has {layer.out_features}")
-        if fk.shape[0] != fv.shape[0] or k.shape[0] != v.shape[0]:
-            raise ValueError(f"layer {name}: keys and values hold different numbers of atoms")
-        if int(ts.sum()) != fk.shape[0] + k.shape[0]:
-            raise ValueError(f"layer {name}: task sizes {ts.tolist()} do not add up to the atoms")
+        hyper = saved_layers[name].get("hyper", {})
+        diff = {h: (v, getattr(layer, h)) for h, v in hyper.items() if getattr(layer, h) != v}
+        if diff:
+            raise ValueError(f"layer {name}: hyper-parameters differ, as (file, model): {diff}")
+        _check_layer_state(name, layer, per_layer[name])
     for name, layer in layers.items():
-        layer.load_state_dict({a: tensors[f"{name}.{a}"] for a in _STATE}, strict=False)
+        _install(layer, per_layer[name])
     return model

@@ -1,0 +1,744 @@
+// CPU kernels of moram_kernels_C::moram_fwd / moram_bwd (schemas in csrc/ops.cpp).
+//
+// Contract: moram_kernels/reference.py (two atom segments, global ids, segment 0 first).
+// Scores, norms, softmax and every accumulation are fp32 whatever the input dtypes.
+//
+// Forward, per (block of tokens x group of atom tiles):
+//   S = x_blk @ keys_tileᵀ     BLAS (at::mm_out into a per-item [BT, BN] buffer; no [T, N])
+//   per row: sum of squares (vectorised), then a threshold test against the K-th best
+//            score so far and a min-heap insertion for the few that pass
+//   epilogue on K values: norm, softmax/tau, threshold mask, c = w·m·p·scale
+//   y_t = Σ_k c_k · values[idx_k]   (contiguous rows, fp32 accumulator)
+// Backward: MORAM_OP.md section 3, the dense normalisation term included.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <exception>
+#include <limits>
+#include <mutex>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+// ---- tuning --------------------------------------------------------------------------------
+
+// BT x BN fp32 scores per work item: 512 x 1024 is 2 MiB, about one core's L2, between the
+// GEMM that writes it and the scan that reads it. Tiles this big keep MKL near its
+// whole-matrix GFLOP/s (small ones lose to packing); several items per thread keep the
+// dynamic schedule balanced on a shared machine. Read per call, to tune without rebuilding.
+int64_t env_int(const char* name, int64_t dflt) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return dflt;
+  const long long r = std::atoll(v);
+  return r > 0 ? static_cast<int64_t>(r) : dflt;
+}
+int64_t block_tokens() { return env_int("MORAM_CPU_BT", 512); }
+int64_t tile_atoms() { return env_int("MORAM_CPU_BN", 1024); }
+
+// Exceptions must not cross an OpenMP region boundary: keep the first, rethrow after.
+struct FirstError {
+  std::exception_ptr err;
+  std::once_flag once;
+  void capture() {
+    auto e = std::current_exception();
+    std::call_once(once, [&] { err = e; });
+  }
+  void rethrow() {
+    if (err) std::rethrow_exception(err);
+  }
+};
+
+// ---- validation ----------------------------------------------------------------------------
+
+bool is_float_type(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+void check_float(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.defined(), "moram cpu: ", name, " is undefined");
+  TORCH_CHECK(t.device().is_cpu(), "moram cpu: ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(is_float_type(t.scalar_type()), "moram cpu: ", name,
+              " must be float32, float16 or bfloat16, got ", t.scalar_type());
+}
+
+// The atoms as the kernels read them: fp32 keys for BLAS, value rows contiguous in their own
+// dtype (converted on the fly in the gather), fp32 scales or none.
+struct Atoms {
+  int64_t n[2] = {0, 0};
+  int64_t lo[2] = {0, 0};  // global id of the first atom of each segment
+  int64_t n_total = 0, d_in = 0, d_out = 0;
+  Tensor keys_f[2];        // [N_s, d_in] fp32 contiguous
+  Tensor keys[2];          // as given (dtype of the key gradient)
+  Tensor values[2];        // [N_s, d_out] contiguous, any float dtype
+  Tensor scale[2];         // [N_s] fp32 contiguous, or undefined (= 1)
+
+  int seg_of(int64_t id) const { return id >= lo[1] ? 1 : 0; }
+  float scale_of(int64_t id) const {
+    const int s = seg_of(id);
+    return scale[s].defined() ? scale[s].data_ptr<float>()[id - lo[s]] : 1.0f;
+  }
+};
+
+Atoms make_atoms(const Tensor& x, const Tensor& keys0, const Tensor& values0,
+                 const c10::optional<Tensor>& scale0, const Tensor& keys1, const Tensor& values1,
+                 const c10::optional<Tensor>& scale1) {
+  check_float(x, "x");
+  TORCH_CHECK(x.dim() == 2, "moram cpu: x must be 2-D [T, d_in], got ", x.sizes());
+  Atoms a;
+  a.d_in = x.size(1);
+  const Tensor* ks[2] = {&keys0, &keys1};
+  const Tensor* vs[2] = {&values0, &values1};
+  const c10::optional<Tensor>* ss[2] = {&scale0, &scale1};
+  const char* kn[2] = {"keys0", "keys1"};
+  const char* vn[2] = {"values0", "values1"};
+  const char* sn[2] = {"scale0", "scale1"};
+  for (int s = 0; s < 2; ++s) {
+    const Tensor& k = *ks[s];
+    const Tensor& v = *vs[s];
+    check_float(k, kn[s]);
+    check_float(v, vn[s]);
+    TORCH_CHECK(k.dim() == 2 && k.size(1) == a.d_in, "moram cpu: ", kn[s],
+                " must be [N, d_in] with d_in = ", a.d_in, " (from x), got ", k.sizes());
+    TORCH_CHECK(v.dim() == 2 && v.size(0) == k.size(0), "moram cpu: ", vn[s], " must be [N, d_out] with N = ",
+                k.size(0), " (from ", kn[s], "), got ", v.sizes());
+    a.n[s] = k.size(0);
+    a.keys[s] = k.detach();
+    a.keys_f[s] = a.keys[s].to(at::kFloat).contiguous();
+    a.values[s] = v.detach().contiguous();
+    if (ss[s]->has_value() && (*ss[s])->defined()) {
+      const Tensor& sc = **ss[s];
+      TORCH_CHECK(sc.device().is_cpu(), "moram cpu: ", sn[s], " must be a CPU tensor, got ", sc.device());
+      TORCH_CHECK(sc.scalar_type() == at::kFloat, "moram cpu: ", sn[s], " must be float32, got ",
+                  sc.scalar_type());
+      TORCH_CHECK(sc.dim() == 1 && sc.size(0) == a.n[s], "moram cpu: ", sn[s], " must be [N] = [", a.n[s],
+                  "], got ", sc.sizes());
+      a.scale[s] = sc.detach().contiguous();
+    }
+  }
+  TORCH_CHECK(values0.size(1) == values1.size(1), "moram cpu: values0 and values1 must have the same d_out, got ",
+              values0.size(1), " and ", values1.size(1));
+  a.d_out = values0.size(1);
+  a.lo[0] = 0;
+  a.lo[1] = a.n[0];
+  a.n_total = a.n[0] + a.n[1];
+  TORCH_CHECK(a.n_total >= 1, "moram cpu: the two segments hold no atom (N = 0)");
+  return a;
+}
+
+// ---- per-row helpers ----------------------------------------------------------------------
+
+// The hot loops are compiled for AVX-512 and AVX2+FMA as well as the baseline, picked at
+// load time (GCC function multiversioning), so one binary runs everywhere and vectorises
+// wide where it can. The bodies are the portable `omp simd` loops below.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12 && \
+    !defined(MORAM_NO_CLONES)
+#define MORAM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define MORAM_CLONES
+#endif
+
+template <typename V>
+inline void axpy_body(float c, const V* __restrict__ src, float* __restrict__ acc, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) acc[j] += c * static_cast<float>(src[j]);
+}
+
+template <typename V>
+inline float dot_body(const V* __restrict__ a, const float* __restrict__ b, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += static_cast<float>(a[j]) * b[j];
+  return s;
+}
+
+template <typename T>
+inline void store_body(const float* __restrict__ src, T* __restrict__ dst, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<T>(src[j]);
+}
+
+MORAM_CLONES void axpy_row(float c, const float* src, float* acc, int64_t n) { axpy_body(c, src, acc, n); }
+MORAM_CLONES void axpy_row(float c, const at::Half* src, float* acc, int64_t n) { axpy_body(c, src, acc, n); }
+MORAM_CLONES void axpy_row(float c, const at::BFloat16* src, float* acc, int64_t n) { axpy_body(c, src, acc, n); }
+MORAM_CLONES float dot_row(const float* a, const float* b, int64_t n) { return dot_body(a, b, n); }
+MORAM_CLONES float dot_row(const at::Half* a, const float* b, int64_t n) { return dot_body(a, b, n); }
+MORAM_CLONES float dot_row(const at::BFloat16* a, const float* b, int64_t n) { return dot_body(a, b, n); }
+MORAM_CLONES void store_row(const float* src, float* dst, int64_t n) { store_body(src, dst, n); }
+MORAM_CLONES void store_row(const float* src, at::Half* dst, int64_t n) { store_body(src, dst, n); }
+MORAM_CLONES void store_row(const float* src, at::BFloat16* dst, int64_t n) { store_body(src, dst, n); }
+
+// acc += c * values[id] for any value dtype.
+inline void axpy_value(const Atoms& a, int64_t id, float c, float* acc) {
+  const int s = a.seg_of(id);
+  const int64_t r = (id - a.lo[s]) * a.d_out;
+  switch (a.values[s].scalar_type()) {
+    case at::kFloat: axpy_row(c, a.values[s].data_ptr<float>() + r, acc, a.d_out); break;
+    case at::kHalf: axpy_row(c, a.values[s].data_ptr<at::Half>() + r, acc, a.d_out); break;
+    default: axpy_row(c, a.values[s].data_ptr<at::BFloat16>() + r, acc, a.d_out); break;
+  }
+}
+
+inline float dot_value(const Atoms& a, int64_t id, const float* g) {
+  const int s = a.seg_of(id);
+  const int64_t r = (id - a.lo[s]) * a.d_out;
+  switch (a.values[s].scalar_type()) {
+    case at::kFloat: return dot_row(a.values[s].data_ptr<float>() + r, g, a.d_out);
+    case at::kHalf: return dot_row(a.values[s].data_ptr<at::Half>() + r, g, a.d_out);
+    default: return dot_row(a.values[s].data_ptr<at::BFloat16>() + r, g, a.d_out);
+  }
+}
+
+void store_row_any(const float* src, const Tensor& out, int64_t row) {
+  const int64_t n = out.size(1);
+  switch (out.scalar_type()) {
+    case at::kFloat: store_row(src, out.data_ptr<float>() + row * n, n); break;
+    case at::kHalf: store_row(src, out.data_ptr<at::Half>() + row * n, n); break;
+    default: store_row(src, out.data_ptr<at::BFloat16>() + row * n, n); break;
+  }
+}
+
+// ---- running top-K: a min-heap of (score, id); its root is the threshold -------------------
+
+// NaN never passes `v > root`, so a NaN row keeps its initial, valid ids.
+inline void heap_init(float* v, int64_t* id, int64_t k) {
+  for (int64_t i = 0; i < k; ++i) {
+    v[i] = -std::numeric_limits<float>::infinity();
+    id[i] = i;  // valid global ids (K <= N)
+  }
+}
+
+inline void heap_replace_root(float* v, int64_t* id, int64_t k, float nv, int64_t nid) {
+  int64_t i = 0;
+  for (;;) {
+    const int64_t l = 2 * i + 1;
+    if (l >= k) break;
+    const int64_t r = l + 1;
+    const int64_t m = (r < k && v[r] < v[l]) ? r : l;
+    if (!(v[m] < nv)) break;
+    v[i] = v[m];
+    id[i] = id[m];
+    i = m;
+  }
+  v[i] = nv;
+  id[i] = nid;
+}
+
+// One row of a score tile: add its squares to *ss and offer every score to the heap.
+// After the first tile almost every score loses against the K-th best, so the test is
+// one vector compare per 16 (8) scores, and only the lanes that win reach the heap.
+inline void scan_row_scalar(const float* __restrict__ row, int64_t bn, int64_t id0, float* hv,
+                            int64_t* hid, int64_t k, float* ss, float floor) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < bn; ++j) acc += row[j] * row[j];
+  *ss += acc;
+  float thr = std::max(hv[0], floor);
+  for (int64_t j = 0; j < bn; ++j) {
+    if (row[j] > thr) {
+      heap_replace_root(hv, hid, k, row[j], id0 + j);
+      thr = std::max(hv[0], floor);
+    }
+  }
+}
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(MORAM_NO_CLONES)
+#define MORAM_X86_SIMD 1
+#include <immintrin.h>
+
+__attribute__((target("avx512f"))) void scan_row_avx512(const float* __restrict__ row, int64_t bn,
+                                                        int64_t id0, float* hv, int64_t* hid, int64_t k,
+                                                        float* ss, float floor) {
+  __m512 acc = _mm512_setzero_ps();
+  float thr = std::max(hv[0], floor);
+  int64_t j = 0;
+  for (; j + 16 <= bn; j += 16) {
+    const __m512 v = _mm512_loadu_ps(row + j);
+    acc = _mm512_fmadd_ps(v, v, acc);
+    __mmask16 m = _mm512_cmp_ps_mask(v, _mm512_set1_ps(thr), _CMP_GT_OQ);
+    while (m) {
+      const int b = __builtin_ctz(static_cast<unsigned>(m));
+      m = static_cast<__mmask16>(m & (m - 1));
+      const float s = row[j + b];
+      if (s > thr) {  // thr may have risen since the compare
+        heap_replace_root(hv, hid, k, s, id0 + j + b);
+        thr = std::max(hv[0], floor);
+      }
+    }
+  }
+  float tail = 0.f;
+  for (; j < bn; ++j) {
+    tail += row[j] * row[j];
+    if (row[j] > thr) {
+      heap_replace_root(hv, hid, k, row[j], id0 + j);
+      thr = std::max(hv[0], floor);
+    }
+  }
+  *ss += _mm512_reduce_add_ps(acc) + tail;
+}
+
+__attribute__((target("avx2,fma"))) void scan_row_avx2(const float* __restrict__ row, int64_t bn, int64_t id0,
+                                                       float* hv, int64_t* hid, int64_t k, float* ss, float floor) {
+  __m256 acc = _mm256_setzero_ps();
+  float thr = std::max(hv[0], floor);
+  int64_t j = 0;
+  for (; j + 8 <= bn; j += 8) {
+    const __m256 v = _mm256_loadu_ps(row + j);
+    acc = _mm256_fmadd_ps(v, v, acc);
+    unsigned m = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_set1_ps(thr), _CMP_GT_OQ)));
+    while (m) {
+      const int b = __builtin_ctz(m);
+      m &= m - 1;
+      const float s = row[j + b];
+      if (s > thr) {
+        heap_replace_root(hv, hid, k, s, id0 + j + b);
+        thr = std::max(hv[0], floor);
+      }
+    }
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  float tail = 0.f;
+  for (; j < bn; ++j) {
+    tail += row[j] * row[j];
+    if (row[j] > thr) {
+      heap_replace_root(hv, hid, k, row[j], id0 + j);
+      thr = std::max(hv[0], floor);
+    }
+  }
+  *ss += ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7])) + tail;
+}
+#endif
+
+using ScanFn = void (*)(const float*, int64_t, int64_t, float*, int64_t*, int64_t, float*, float);
+
+// A lower bound on the K-th largest score of a row, from K disjoint groups: their K maxima
+// are K distinct scores, so the K-th largest is at least the smallest of them. Scores below
+// it can never be selected; filtering the first tile with it halves the heap insertions,
+// which dominate the scan. Returned just below the bound (the scans test `>`).
+float kth_floor(const float* row, int64_t bn, int64_t k) {
+  if (bn < k) return -std::numeric_limits<float>::infinity();
+  float lo = std::numeric_limits<float>::infinity();
+  const int64_t g = bn / k;
+  for (int64_t i = 0; i < k; ++i) {
+    const int64_t j0 = i * g, j1 = i + 1 == k ? bn : j0 + g;
+    float mx = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : mx)
+    for (int64_t j = j0; j < j1; ++j) mx = std::max(mx, row[j]);  // NaN never wins
+    lo = std::min(lo, mx);
+  }
+  return std::nextafter(lo, -std::numeric_limits<float>::infinity());
+}
+
+ScanFn pick_scan() {
+#ifdef MORAM_X86_SIMD
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return scan_row_avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return scan_row_avx2;
+#endif
+  return scan_row_scalar;
+}
+
+// The epilogue of one token: y_row (fp32, d_out) = Σ c_k values[idx_k].
+inline void epilogue(const Atoms& a, const float* p, const int64_t* ids, int64_t k, float ss, float tau,
+                     float delta, float eps, float* c, float* y_row, float* norm_out) {
+  const float norm = std::max(std::sqrt(ss), eps);  // NaN stays NaN
+  *norm_out = norm;
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < k; ++i) mx = std::max(mx, p[i] / norm / tau);
+  float den = 0.f;
+  for (int64_t i = 0; i < k; ++i) {
+    c[i] = std::exp(p[i] / norm / tau - mx);
+    den += c[i];
+  }
+  for (int64_t i = 0; i < k; ++i) {
+    const float s = p[i] / norm;
+    const float m = (delta > 0.f && !(s >= delta)) ? 0.f : 1.f;
+    c[i] = c[i] / den * m * p[i] * a.scale_of(ids[i]);
+  }
+  std::fill(y_row, y_row + a.d_out, 0.f);
+  for (int64_t i = 0; i < k; ++i) axpy_value(a, ids[i], c[i], y_row);
+}
+
+struct Tile {
+  int seg;
+  int64_t lo, n;  // local first atom and count within the segment
+};
+
+// ---- forward -------------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> moram_fwd_cpu(const Tensor& x_in, const Tensor& keys0,
+                                                         const Tensor& values0,
+                                                         const c10::optional<Tensor>& scale0,
+                                                         const Tensor& keys1, const Tensor& values1,
+                                                         const c10::optional<Tensor>& scale1, int64_t k,
+                                                         double tau, double delta, double eps) {
+  // The kernel is a leaf for autograd (ops.py registers the backward); detached inputs keep
+  // the ATen calls inside, including those on OpenMP threads, out of autograd's way.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const Tensor x = x_in.detach();
+  const Atoms a = make_atoms(x, keys0, values0, scale0, keys1, values1, scale1);
+  TORCH_CHECK(k >= 1 && k <= a.n_total, "moram cpu: k must be in [1, N] = [1, ", a.n_total, "], got ", k);
+  TORCH_CHECK(tau > 0 && std::isfinite(tau), "moram cpu: tau must be finite and > 0, got ", tau);
+  TORCH_CHECK(eps > 0, "moram cpu: eps must be > 0, got ", eps);
+  TORCH_CHECK(!std::isnan(delta), "moram cpu: delta must not be NaN");
+  const int64_t T = x.size(0), K = k, d_out = a.d_out;
+
+  Tensor y = at::empty({T, d_out}, x.options());
+  Tensor idx = at::empty({T, K}, x.options().dtype(at::kLong));
+  Tensor p_sel = at::empty({T, K}, x.options().dtype(at::kFloat));
+  Tensor norm = at::empty({T}, x.options().dtype(at::kFloat));
+  if (T == 0) return {y, idx, p_sel, norm};
+
+  const int nth = std::max(1, at::get_num_threads());
+  std::vector<Tile> tiles;
+  const int64_t BN = tile_atoms();
+  for (int s = 0; s < 2; ++s)
+    for (int64_t lo = 0; lo < a.n[s]; lo += BN) tiles.push_back({s, lo, std::min(BN, a.n[s] - lo)});
+  const int64_t n_tiles = static_cast<int64_t>(tiles.size());
+
+  // Few tokens (decode): the scoring streams the keys and is memory-bound, so the threads
+  // share one token block and split the atoms instead of each reading every key. Each split
+  // keeps its own partial top-K and sum of squares, merged afterwards in split order.
+  int64_t BT, n_blocks, n_splits;
+  if (T < 64 * nth && T <= block_tokens()) {
+    BT = T;
+    n_blocks = 1;
+    n_splits = std::min<int64_t>(nth, n_tiles);
+  } else {
+    BT = std::min<int64_t>(block_tokens(), std::max<int64_t>(1, (T + nth - 1) / nth));
+    n_blocks = (T + BT - 1) / BT;
+    n_splits = n_blocks >= nth ? 1 : std::min<int64_t>(n_tiles, (nth + n_blocks - 1) / n_blocks);
+  }
+
+  Tensor part_v, part_i, part_ss;  // [splits, T, K], [splits, T, K], [splits, T] when split
+  if (n_splits > 1) {
+    part_v = at::empty({n_splits, T, K}, p_sel.options());
+    part_i = at::empty({n_splits, T, K}, idx.options());
+    part_ss = at::empty({n_splits, T}, p_sel.options());
+  }
+  const float ftau = static_cast<float>(tau), fdelta = static_cast<float>(delta),
+              feps = static_cast<float>(eps);
+  const bool x_f32 = x.scalar_type() == at::kFloat;
+  static const ScanFn scan = pick_scan();
+
+  FirstError fe;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nth)
+  for (int64_t item = 0; item < n_blocks * n_splits; ++item) {
+    try {
+      const int64_t b = item / n_splits, sp = item % n_splits;
+      const int64_t t0 = b * BT, bt = std::min(BT, T - t0);
+      const int64_t g0 = n_tiles * sp / n_splits, g1 = n_tiles * (sp + 1) / n_splits;
+      Tensor xb = x.narrow(0, t0, bt);
+      if (!x_f32) xb = xb.to(at::kFloat);  // a strided fp32 block goes to BLAS as it is
+      Tensor buf = at::empty({bt * std::min(BN, a.n_total)}, p_sel.options());
+      float* hv;
+      int64_t* hid;
+      std::vector<float> ss(bt, 0.f);
+      if (n_splits > 1) {
+        hv = part_v[sp].data_ptr<float>() + t0 * K;
+        hid = part_i[sp].data_ptr<int64_t>() + t0 * K;
+      } else {
+        hv = p_sel.data_ptr<float>() + t0 * K;
+        hid = idx.data_ptr<int64_t>() + t0 * K;
+      }
+      for (int64_t r = 0; r < bt; ++r) heap_init(hv + r * K, hid + r * K, K);
+      for (int64_t g = g0; g < g1; ++g) {
+        const Tile& tl = tiles[g];
+        Tensor s = buf.narrow(0, 0, bt * tl.n).view({bt, tl.n});
+        at::mm_out(s, xb, a.keys_f[tl.seg].narrow(0, tl.lo, tl.n).t());
+        const float* sp_ = s.data_ptr<float>();
+        const int64_t id0 = a.lo[tl.seg] + tl.lo;
+        const bool first = g == g0;  // the heaps are still empty
+        for (int64_t r = 0; r < bt; ++r) {
+          const float* row = sp_ + r * tl.n;
+          const float floor = first ? kth_floor(row, tl.n, K) : -std::numeric_limits<float>::infinity();
+          scan(row, tl.n, id0, hv + r * K, hid + r * K, K, &ss[r], floor);
+        }
+      }
+      if (n_splits > 1) {
+        float* pss = part_ss[sp].data_ptr<float>() + t0;
+        std::copy(ss.begin(), ss.end(), pss);
+      } else {
+        std::vector<float> c(K), yrow(d_out);
+        for (int64_t r = 0; r < bt; ++r) {
+          const int64_t t = t0 + r;
+          epilogue(a, hv + r * K, hid + r * K, K, ss[r], ftau, fdelta, feps, c.data(), yrow.data(),
+                   norm.data_ptr<float>() + t);
+          store_row_any(yrow.data(), y, t);
+        }
+      }
+    } catch (...) {
+      fe.capture();
+    }
+  }
+  fe.rethrow();
+
+  if (n_splits > 1) {
+    // merge the partial top-Ks in split order (deterministic), then the epilogue
+#pragma omp parallel for schedule(static) num_threads(nth)
+    for (int64_t t = 0; t < T; ++t) {
+      float* hv = p_sel.data_ptr<float>() + t * K;
+      int64_t* hid = idx.data_ptr<int64_t>() + t * K;
+      heap_init(hv, hid, K);
+      float ss = 0.f;
+      for (int64_t sp = 0; sp < n_splits; ++sp) {
+        const float* pv = part_v.data_ptr<float>() + (sp * T + t) * K;
+        const int64_t* pi = part_i.data_ptr<int64_t>() + (sp * T + t) * K;
+        ss += part_ss.data_ptr<float>()[sp * T + t];
+        for (int64_t i = 0; i < K; ++i)
+          if (pv[i] > hv[0]) heap_replace_root(hv, hid, K, pv[i], pi[i]);
+      }
+      std::vector<float> c(K), yrow(d_out);
+      epilogue(a, hv, hid, K, ss, ftau, fdelta, feps, c.data(), yrow.data(), norm.data_ptr<float>() + t);
+      store_row_any(yrow.data(), y, t);
+    }
+  }
+  return {y, idx, p_sel, norm};
+}
+
+// ---- backward ------------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
+    const Tensor& gy_in, const Tensor& x_in, const Tensor& keys0, const Tensor& values0,
+    const c10::optional<Tensor>& scale0, const Tensor& keys1, const Tensor& values1,
+    const c10::optional<Tensor>& scale1, const c10::optional<Tensor>& gram0_opt, const Tensor& idx_in,
+    const Tensor& p_sel_in, const Tensor& norm_in, double tau, double delta, double eps, bool need_x,
+    bool need_seg0, bool need_seg1) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const Tensor x = x_in.detach(), gy = gy_in.detach();
+  const Atoms a = make_atoms(x, keys0, values0, scale0, keys1, values1, scale1);
+  const int64_t T = x.size(0), d_in = a.d_in, d_out = a.d_out;
+  check_float(gy, "gy");
+  TORCH_CHECK(gy.dim() == 2 && gy.size(0) == T && gy.size(1) == d_out, "moram cpu: gy must be [T, d_out] = [", T,
+              ", ", d_out, "], got ", gy.sizes());
+  TORCH_CHECK(idx_in.device().is_cpu() && idx_in.scalar_type() == at::kLong && idx_in.dim() == 2 &&
+                  idx_in.size(0) == T,
+              "moram cpu: idx must be an int64 CPU tensor [T, K] with T = ", T, ", got ", idx_in.scalar_type(),
+              " ", idx_in.sizes());
+  const int64_t K = idx_in.size(1);
+  TORCH_CHECK(K >= 1 && K <= a.n_total, "moram cpu: idx has K = ", K, " columns, must be in [1, N = ", a.n_total,
+              "]");
+  TORCH_CHECK(p_sel_in.device().is_cpu() && p_sel_in.scalar_type() == at::kFloat &&
+                  p_sel_in.sizes() == idx_in.sizes(),
+              "moram cpu: p_sel must be a float32 CPU tensor shaped like idx ", idx_in.sizes(), ", got ",
+              p_sel_in.scalar_type(), " ", p_sel_in.sizes());
+  TORCH_CHECK(norm_in.device().is_cpu() && norm_in.scalar_type() == at::kFloat && norm_in.dim() == 1 &&
+                  norm_in.size(0) == T,
+              "moram cpu: norm must be a float32 CPU tensor [T] = [", T, "], got ", norm_in.scalar_type(), " ",
+              norm_in.sizes());
+  TORCH_CHECK(tau > 0 && std::isfinite(tau), "moram cpu: tau must be finite and > 0, got ", tau);
+  Tensor gram0;
+  if (gram0_opt.has_value() && gram0_opt->defined()) {
+    gram0 = *gram0_opt;
+    TORCH_CHECK(gram0.device().is_cpu() && gram0.dim() == 2 && gram0.size(0) == d_in && gram0.size(1) == d_in,
+                "moram cpu: gram0 must be a CPU tensor [d_in, d_in] = [", d_in, ", ", d_in, "], got ",
+                gram0.device(), " ", gram0.sizes());
+    gram0 = gram0.detach().to(at::kFloat);
+  }
+  const Tensor idx = idx_in.detach().contiguous(), p_sel = p_sel_in.detach().contiguous(),
+               norm = norm_in.detach().contiguous();
+  Tensor gx, gk[2], gv[2];
+  const bool need_seg[2] = {need_seg0, need_seg1};
+  if (T == 0 || !(need_x || need_seg0 || need_seg1)) {
+    auto empty = [&](bool need, const Tensor& like) { return need ? at::zeros_like(like) : x.new_empty({0}); };
+    return {empty(need_x, x), empty(need_seg0, keys0), empty(need_seg0, values0), empty(need_seg1, keys1),
+            empty(need_seg1, values1)};
+  }
+  if (T * K > 0) {  // no index set may send a gather or a scatter out of bounds
+    const auto mm = at::aminmax(idx);
+    const int64_t lo = std::get<0>(mm).item<int64_t>(), hi = std::get<1>(mm).item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < a.n_total, "moram cpu: idx holds atom ids in [", lo, ", ", hi,
+                "], outside [0, N = ", a.n_total, ")");
+  }
+
+  const Tensor gyf = gy.to(at::kFloat).contiguous();
+  const Tensor xf = x.to(at::kFloat);  // any strides: BLAS takes it as it is
+  const int nth = std::max(1, at::get_num_threads());
+  const float ftau = static_cast<float>(tau), fdelta = static_cast<float>(delta), feps = static_cast<float>(eps);
+
+  // Per token, on the K selected atoms only: g_sel = w·m·gc + gs/n, alpha, and the value
+  // coefficient c·scale for dB.
+  Tensor g_sel = at::empty({T, K}, p_sel.options());
+  Tensor coef_v = at::empty({T, K}, p_sel.options());
+  Tensor alpha = at::empty({T}, p_sel.options());
+  {
+    const float* P = p_sel.data_ptr<float>();
+    const int64_t* I = idx.data_ptr<int64_t>();
+    const float* Nn = norm.data_ptr<float>();
+    const float* G = gyf.data_ptr<float>();
+    float* GS = g_sel.data_ptr<float>();
+    float* CV = coef_v.data_ptr<float>();
+    float* AL = alpha.data_ptr<float>();
+#pragma omp parallel for schedule(static) num_threads(nth)
+    for (int64_t t = 0; t < T; ++t) {
+      const float* p = P + t * K;
+      const int64_t* ids = I + t * K;
+      const float n = Nn[t];
+      std::vector<float> w(K), gw(K), gc(K);
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t i = 0; i < K; ++i) mx = std::max(mx, p[i] / n / ftau);
+      float den = 0.f;
+      for (int64_t i = 0; i < K; ++i) {
+        w[i] = std::exp(p[i] / n / ftau - mx);
+        den += w[i];
+      }
+      float wgw = 0.f;
+      for (int64_t i = 0; i < K; ++i) {
+        w[i] /= den;
+        const float m = (fdelta > 0.f && !(p[i] / n >= fdelta)) ? 0.f : 1.f;
+        const float sc = a.scale_of(ids[i]);
+        gc[i] = sc * dot_value(a, ids[i], G + t * d_out);
+        gw[i] = m * p[i] * gc[i];
+        wgw += w[i] * gw[i];
+        CV[t * K + i] = w[i] * m * p[i] * sc;
+        GS[t * K + i] = w[i] * m * gc[i];  // gs / n added below
+      }
+      float al = 0.f;
+      for (int64_t i = 0; i < K; ++i) {
+        const float gs = (w[i] / ftau) * (gw[i] - wgw);
+        GS[t * K + i] += gs / n;
+        al += gs * p[i];
+      }
+      // n = max(||p||, eps) is constant where it was clamped: no gradient through the norm there
+      AL[t] = n > feps ? al / (n * n * n) : 0.f;
+    }
+  }
+
+  if (need_x) {
+    // Dense term -alpha · Σ_j p_j a_j = -alpha · (G x) with G = Aᵀ A. Two ways, by FLOPs:
+    //   Gram:      2·T·d_in² (x G), plus 2·N_s·d_in² to build G for a segment without a cache
+    //   recompute: 4·T·N·d_in (P = x Aᵀ, then (alpha∘P) A), tiled, no [T, N] buffer
+    // With G0 cached (MoRAMLinear, N_frozen >= d_in) Gram is ~2N/d_in times cheaper; for a
+    // small bank (N < d_in/2) recomputing the scores is cheaper than even x G.
+    const double dT = static_cast<double>(T), dd = static_cast<double>(d_in);
+    const double build = 2.0 * dd * dd * static_cast<double>((gram0.defined() ? 0 : a.n[0]) + a.n[1]);
+    const double cost_gram = 2.0 * dT * dd * dd + build;
+    const double cost_rec = 4.0 * dT * static_cast<double>(a.n_total) * dd;
+    Tensor dense;  // [T, d_in] fp32, already multiplied by -alpha
+    const Tensor neg_alpha = alpha.neg().unsqueeze(1);
+    if (cost_gram < cost_rec) {
+      Tensor G = !gram0.defined() ? at::zeros({d_in, d_in}, xf.options().dtype(at::kFloat))
+                 : a.n[1] > 0      ? gram0.clone()  // the caller's cache is read-only
+                                   : gram0;
+      for (int s = 0; s < 2; ++s) {
+        if (a.n[s] == 0 || (s == 0 && gram0.defined())) continue;
+        G.addmm_(a.keys_f[s].t(), a.keys_f[s]);
+      }
+      dense = at::mm(xf, G).mul_(neg_alpha);
+    } else {
+      dense = at::zeros({T, d_in}, xf.options().dtype(at::kFloat));
+      const int64_t BT = 1024, BN = 4096;  // bounds the [BT, BN] score buffer to 16 MiB
+      for (int64_t t0 = 0; t0 < T; t0 += BT) {
+        const int64_t bt = std::min(BT, T - t0);
+        Tensor xb = xf.narrow(0, t0, bt), db = dense.narrow(0, t0, bt), nab = neg_alpha.narrow(0, t0, bt);
+        for (int s = 0; s < 2; ++s)
+          for (int64_t lo = 0; lo < a.n[s]; lo += BN) {
+            Tensor ak = a.keys_f[s].narrow(0, lo, std::min(BN, a.n[s] - lo));
+            db.addmm_(at::mm(xb, ak.t()).mul_(nab), ak);
+          }
+      }
+    }
+    // sparse part, then one write in x's dtype
+    gx = at::empty({T, d_in}, x.options());
+    const float* GS = g_sel.data_ptr<float>();
+    const int64_t* I = idx.data_ptr<int64_t>();
+    float* D = dense.data_ptr<float>();
+#pragma omp parallel for schedule(static) num_threads(nth)
+    for (int64_t t = 0; t < T; ++t) {
+      float* row = D + t * d_in;
+      for (int64_t i = 0; i < K; ++i) {
+        const int64_t id = I[t * K + i];
+        const int s = a.seg_of(id);
+        axpy_row(GS[t * K + i], a.keys_f[s].data_ptr<float>() + (id - a.lo[s]) * d_in, row, d_in);
+      }
+      store_row_any(row, gx, t);
+    }
+  }
+
+  for (int s = 0; s < 2; ++s) {
+    if (!need_seg[s]) continue;
+    const int64_t ns = a.n[s], lo_s = a.lo[s];
+    if (ns == 0) {
+      gk[s] = at::zeros_like(a.keys[s]);
+      gv[s] = at::zeros_like(a.values[s]);
+      continue;
+    }
+    // dA_s = gp_sᵀ x with gp_s = -alpha∘(x A_sᵀ) + the selected g_sel: dense over this
+    // segment's atoms only, in [BT, BN] tiles; the addmm_ chain runs in a fixed order.
+    Tensor gkf = at::zeros({ns, d_in}, xf.options().dtype(at::kFloat));
+    const int64_t BT = 1024, BN = 4096;
+    const float* GS = g_sel.data_ptr<float>();
+    const int64_t* I = idx.data_ptr<int64_t>();
+    const float* AL = alpha.data_ptr<float>();
+    for (int64_t t0 = 0; t0 < T; t0 += BT) {
+      const int64_t bt = std::min(BT, T - t0);
+      Tensor xb = xf.narrow(0, t0, bt);
+      for (int64_t lo = 0; lo < ns; lo += BN) {
+        const int64_t bn = std::min(BN, ns - lo);
+        Tensor ak = a.keys_f[s].narrow(0, lo, bn);
+        Tensor gp = at::mm(xb, ak.t()).contiguous();  // [bt, bn]
+        float* GP = gp.data_ptr<float>();
+#pragma omp parallel for schedule(static) num_threads(nth)
+        for (int64_t r = 0; r < bt; ++r) {
+          const int64_t t = t0 + r;
+          const float na = -AL[t];
+          float* row = GP + r * bn;
+          for (int64_t j = 0; j < bn; ++j) row[j] *= na;
+          for (int64_t i = 0; i < K; ++i) {
+            const int64_t j = I[t * K + i] - lo_s - lo;
+            if (j >= 0 && j < bn) row[j] += GS[t * K + i];
+          }
+        }
+        gkf.narrow(0, lo, bn).addmm_(gp.t(), xb);
+      }
+    }
+    gk[s] = gkf.to(a.keys[s].scalar_type());
+
+    // dB_s: scatter of coef_v · gy over the selected rows of this segment, made
+    // deterministic by a counting sort of the (token, slot) pairs by atom, then one
+    // owner thread per atom summing its pairs in token order.
+    std::vector<int64_t> start(ns + 1, 0);
+    for (int64_t e = 0; e < T * K; ++e) {
+      const int64_t j = I[e] - lo_s;
+      if (j >= 0 && j < ns) ++start[j + 1];
+    }
+    for (int64_t j = 0; j < ns; ++j) start[j + 1] += start[j];
+    std::vector<int64_t> order(start[ns]);
+    {
+      std::vector<int64_t> fill(start.begin(), start.end() - 1);
+      for (int64_t e = 0; e < T * K; ++e) {
+        const int64_t j = I[e] - lo_s;
+        if (j >= 0 && j < ns) order[fill[j]++] = e;
+      }
+    }
+    gv[s] = at::empty({ns, d_out}, a.values[s].options());
+    const float* CV = coef_v.data_ptr<float>();
+    const float* G = gyf.data_ptr<float>();
+#pragma omp parallel for schedule(dynamic, 16) num_threads(nth)
+    for (int64_t j = 0; j < ns; ++j) {
+      std::vector<float> acc(d_out, 0.f);
+      for (int64_t q = start[j]; q < start[j + 1]; ++q) {
+        const int64_t e = order[q];
+        axpy_row(CV[e], G + (e / K) * d_out, acc.data(), d_out);
+      }
+      store_row_any(acc.data(), gv[s], j);
+    }
+  }
+
+  auto or_empty = [&](const Tensor& t) { return t.defined() ? t : x.new_empty({0}); };
+  return {or_empty(gx), or_empty(gk[0]), or_empty(gv[0]), or_empty(gk[1]), or_empty(gv[1])};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(moram_kernels_C, CPU, m) {
+  m.impl("moram_fwd", &moram_fwd_cpu);
+  m.impl("moram_bwd", &moram_bwd_cpu);
+}

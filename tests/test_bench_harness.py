@@ -1,0 +1,161 @@
+"""The benchmark harness itself: ``python -m benchmarks --smoke`` writes the table, the
+CSV and the plots; skips and failures are reported, not hidden; the memory and
+saved-bytes meters measure what they claim."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import moram_kernels as mk
+from benchmarks import report, run
+from benchmarks.grid import Case, merge
+from benchmarks.impls import AUTHORS, COMPILED, FLOOR, LORA_N, LORA_R, Impl, work
+from benchmarks.timing import saved_for_backward
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _read_csv(folder: str) -> list[dict]:
+    with open(os.path.join(folder, "results.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def test_smoke_run_writes_table_csv_and_plots(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--smoke", "--device", "cpu", "--no-compile", "--threads", "1", "--no-progress",
+         "--out", str(tmp_path)], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (folder,) = glob.glob(str(tmp_path / "*-smoke"))
+    rows = _read_csv(folder)
+    assert set(report.COLUMNS) <= set(rows[0])
+    impls = {r["impl"] for r in rows}
+    timed = [b for b in mk.available_backends() if b != "triton"]      # CPU run: no interpreter
+    assert {AUTHORS, LORA_N, LORA_R, FLOOR} | {f"moram:{b}" for b in timed} == impls
+    assert COMPILED not in impls
+    assert {r["mode"] for r in rows} == {"eval", "train"}
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert float(r["median_ms"]) > 0 and float(r["q25_ms"]) <= float(r["median_ms"]) <= float(r["q75_ms"])
+        assert r["timestamp_utc"] and r["torch"] == torch.__version__ and r["cpu"]
+        assert r["peak_mem_mb"] != ""
+        if r["impl"].startswith("moram:"):
+            assert float(r["max_rel_err"]) < 1e-4
+            assert float(r["speedup_vs_authors"]) > 0 and float(r["gflops"]) > 0
+        if r["mode"] == "train" and r["impl"] != FLOOR:
+            assert r["saved_bwd_mb"] != ""
+    md = open(os.path.join(folder, "results.md")).read()
+    assert "| sweep | d | N | k | T | authors | " + " | ".join(timed) + " | LoRA R=N |" in md
+    assert md.strip() in out.stdout
+    for name in ("time_vs_N.png", "speedup_vs_N.png"):
+        with open(os.path.join(folder, name), "rb") as f:
+            data = f.read()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_skips_and_failures_are_reported(tmp_path, monkeypatch, capsys):
+    # a compile that fails must show its reason, and a baseline too big must be skipped
+    def broken(*a, **kw):
+        def fn(*args):
+            raise RuntimeError("inductor exploded")
+        return fn
+    monkeypatch.setattr("benchmarks.impls.compiled_dense", broken)
+    rc = run.main(["--smoke", "--modes", "eval", "--no-memory", "--no-plots", "--no-progress",
+                   "--max-dense-gb", "1e-9", "--out", str(tmp_path)])
+    assert rc == 0
+    (folder,) = glob.glob(str(tmp_path / "*-smoke"))
+    rows = _read_csv(folder)
+    comp = [r for r in rows if r["impl"] == COMPILED]
+    auth = [r for r in rows if r["impl"] == AUTHORS]
+    assert comp and all(r["status"] == "skipped" and "--max-dense-gb" in r["reason"] for r in auth)
+    assert all(r["status"] == "skipped" for r in comp)       # the size rule comes first
+    ref = [r for r in rows if r["impl"] == "moram:reference"]
+    assert ref and all(r["status"] == "skipped" for r in ref)
+    # nothing to compare with, so no speed-up is invented
+    assert all(r["speedup_vs_authors"] == "" for r in rows)
+
+    rc = run.main(["--smoke", "--modes", "eval", "--no-memory", "--no-plots", "--no-progress",
+                   "--out", str(tmp_path / "b")])
+    (folder,) = glob.glob(str(tmp_path / "b" / "*-smoke"))
+    comp = [r for r in _read_csv(folder) if r["impl"] == COMPILED]
+    assert comp and all(r["status"] == "failed" and "inductor exploded" in r["reason"] for r in comp)
+    text = capsys.readouterr().out
+    assert "failed [1]" in text and "inductor exploded" in text
+
+
+def test_peak_rss_sees_an_allocation():
+    # in a fresh process: the meter changes malloc settings for the process it runs in
+    code = textwrap.dedent("""
+        import torch
+        from benchmarks.timing import PeakMemory
+        m = PeakMemory(torch.device("cpu"))
+        m.prepare_cpu()
+        assert m.why_not is None, m.why_not
+        big = m.measure(lambda: torch.ones(16 * 2**20))        # 64 MiB, freed at once
+        small = m.measure(lambda: torch.ones(16))
+        again = m.measure(lambda: torch.ones(16 * 2**20))      # freed memory left RSS
+        print(big / 2**20, small / 2**20, again / 2**20)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    big, small, again = map(float, out.stdout.split())
+    assert 63 <= big <= 72 and 63 <= again <= 72
+    assert small < 2
+
+
+def test_saved_for_backward_counts_activations_only():
+    w = torch.randn(64, 32, requires_grad=True)
+    x = torch.randn(10, 64)
+    # x @ w saves x and w (excluded); tanh saves its [10, 32] output
+    y, nbytes = saved_for_backward(lambda: torch.tanh(x @ w), exclude=lambda: [x, w])
+    assert y.shape == (10, 32)
+    assert nbytes == 10 * 32 * 4
+
+
+def test_grid_merges_shared_shapes_and_work_counts():
+    a = Case("N", 768, 768, 4096, 16, 256)
+    b = Case("k", 768, 768, 4096, 16, 256)
+    (m,) = merge([a, b, a])
+    assert m.sweep == "N,k"
+    floor = Impl(FLOOR, "floor", lambda: None, None)
+    assert work(a, "eval", floor, 4)[0] == 2 * 256 * 4096 * 768
+    moram = Impl(AUTHORS, "moram", lambda: None, None)
+    f_eval, _ = work(a, "eval", moram, 4)
+    f_train, _ = work(a, "train", moram, 4)
+    assert f_eval == 2 * 256 * 4096 * 768 + 2 * 256 * 16 * 768
+    assert f_train > f_eval + 2 * 2 * 256 * 768 * 768
+
+
+@pytest.mark.parametrize("argv", [["--modes", "bogus"], ["--quick", "--smoke"]])
+def test_bad_arguments_are_refused(argv):
+    with pytest.raises(SystemExit):
+        run.parse_args(argv)
+
+
+def test_backend_refusal_is_a_skip_with_its_reason(tmp_path, monkeypatch):
+    import dataclasses
+
+    from moram_kernels import _dispatch
+    ref = _dispatch._BY_NAME["reference"]
+    monkeypatch.setitem(_dispatch._BY_NAME, "reference",
+                        dataclasses.replace(ref, refuses=lambda inp, forced: [f"no K = {inp.k} today"]))
+    run.main(["--smoke", "--modes", "eval", "--no-compile", "--no-memory", "--no-plots", "--no-progress",
+              "--out", str(tmp_path)])
+    (folder,) = glob.glob(str(tmp_path / "*-smoke"))
+    rows = [r for r in _read_csv(folder) if r["impl"] == "moram:reference"]
+    assert rows and all(r["status"] == "skipped" and "reference refuses these inputs: no K = 4 today"
+                        in r["reason"] for r in rows)
