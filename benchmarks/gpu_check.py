@@ -157,6 +157,16 @@ def print_table(rows, peak_tflops, peak_gbs):
               f"{(base / r['ms']) if base else float('nan'):9.2f}x {(r['ms'] / blas) if blas else float('nan'):8.2f}x")
 
 
+def gpu_backends(mk, torch, only_available=True):
+    """Backends that take bf16 CUDA tensors at the benchmark shape (not "cpu"), best first;
+    only those usable on this machine unless ``only_available`` is False."""
+    from moram_kernels import _dispatch
+    inp = _dispatch.Inputs(torch.device("cuda"), torch.bfloat16, torch.bfloat16, torch.bfloat16,
+                           D_IN, D_OUT, N_ATOMS, K)
+    names = mk.available_backends() if only_available else _dispatch.NAMES
+    return [b for b in names if b != "reference" and not _dispatch._BY_NAME[b].refuses(inp, True)]
+
+
 def bench(args):
     import torch
     import triton
@@ -166,7 +176,7 @@ def bench(args):
     from moram_kernels.ops import moram_segments
 
     t_start = time.perf_counter()
-    backends = [b for b in mk.available_backends() if b != "reference"]
+    backends = gpu_backends(mk, torch)
     print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
           f"backends {mk.available_backends()}", flush=True)
     print_plan(backends)
@@ -299,8 +309,10 @@ def main():
         backends = [b for b in mk.available_backends() if b != "reference"] + ["reference"]
         return 1 if inline_parity(mk, ref, torch, backends, dev="cpu", cases=SMOKE_CASES) else 0
     if args.dry_run:
+        import torch
+
         import moram_kernels as mk
-        print_plan([b for b in mk.available_backends() if b != "reference"] or ["(none here)"])
+        print_plan([f"{b} (if available there)" for b in gpu_backends(mk, torch, only_available=False)])
         return 0
     import torch
     if not torch.cuda.is_available():
