@@ -1,9 +1,10 @@
-"""Shared Triton helpers: interpreter switch, K buckets, block configs and the two
-``@triton.jit`` building blocks (running top-K merge, K-row gather) used by the
-forward and backward kernels."""
+"""Shared Triton helpers: interpreter switch, K buckets, block configs, the two
+``@triton.jit`` building blocks (running top-K merge, K-row gather) and the gather
+kernel used by both the forward (y) and the backward (dx)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -97,7 +98,6 @@ def device_ctx(device: torch.device):
     """Launch on the tensors' GPU (Triton uses the current device)."""
     if device.type == "cuda":
         return torch.cuda.device(device)
-    import contextlib
     return contextlib.nullcontext()
 
 
