@@ -1,0 +1,199 @@
+"""Shared Triton helpers: interpreter switch, K buckets, block configs, the two
+``@triton.jit`` building blocks (running top-K merge, K-row gather) and the gather
+kernel used by both the forward (y) and the backward (dx)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# Read once, like @triton.jit does: flipping the variable later changes nothing.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+K_BUCKETS = (8, 16, 32, 64)   # running top-K widths; a K that is not a bucket pins the extra slots
+MAX_K = K_BUCKETS[-1]
+DECODE_T = 64                 # at most this many tokens: decode tiles (small token blocks)
+
+_TORCH_TO_TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def tl_name(dtype: torch.dtype) -> str:
+    return _TORCH_TO_TL[dtype]
+
+
+def k_bucket(k: int) -> int:
+    for b in K_BUCKETS:
+        if k <= b:
+            return b
+    raise ValueError(f"the triton backend keeps at most {MAX_K} atoms per token, asked for K = {k}")
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    """Block shape of the scoring kernel: BT tokens x BN atoms, d_in in chunks of BD."""
+
+    name: str
+    BT: int
+    BN: int
+    BD: int
+    num_warps: int
+    num_stages: int
+
+
+def scan_config(t: int, kp: int, compute: str) -> ScanConfig:
+    """Config for T tokens, K bucket kp and dot dtype ``compute`` ("bf16"/"fp16"/"fp32")."""
+    if INTERPRET:
+        # small tiles so that tiny test shapes still cross tiles, splits and d_in chunks
+        return ScanConfig("interp", 16, 32, 32, 1, 1)
+    cfgs = scan_configs(compute, kp)
+    if t <= 16:
+        return cfgs["decode16"]
+    if t <= DECODE_T and "decode64" in cfgs:
+        return cfgs["decode64"]
+    return cfgs["prefill"]
+
+
+def scan_configs(compute: str, kp: int) -> dict[str, ScanConfig]:
+    """Every GPU config the launcher can pick for one (dtype, K bucket)."""
+    if compute == "fp32":
+        # exact fp32 dot products (no TF32) run on CUDA cores: small tiles, two regimes
+        return {
+            "decode16": ScanConfig("decode16", 16, 64, 32, 4, 3),
+            "prefill": ScanConfig("prefill", 32, 64, 32, 4, 2),   # 64 rows spill registers
+        }
+    big = 128 if kp <= 16 else 64   # the [BT, KP] running lists live in registers
+    return {
+        "decode16": ScanConfig("decode16", 16, 64, 128, 4, 4),
+        "decode64": ScanConfig("decode64", 64, 64, 128, 4, 3),
+        "prefill": ScanConfig("prefill", big, 128, 64, 8, 3),
+    }
+
+
+# epilogue / backward kernels: token block, output chunk, candidate chunk
+def small_block(kp: int, interpret: bool = INTERPRET) -> tuple[int, int, int]:
+    """(BT tokens, BO output columns, BC candidates) for the select and backward kernels."""
+    if interpret:
+        return 8, 32, 32 if kp <= 32 else kp
+    return 16, 128, max(64, kp)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4            # interpreter: a pretend GPU small enough to force N splits in tests
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def device_ctx(device: torch.device):
+    """Launch on the tensors' GPU (Triton uses the current device)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+# ---- jit building blocks --------------------------------------------------------------------
+
+@triton.jit
+def merge_topk(run_v, run_i, cand_v, cand_i, KP: tl.constexpr, BC: tl.constexpr):
+    """Merge candidates ``cand_v/cand_i [BT, BC]`` (-inf where invalid) into the running
+    lists ``run_v/run_i [BT, KP]`` (slots beyond K hold +inf and are never replaced).
+
+    Only candidates above the current K-th best are considered, and the loop runs as
+    many times as the row with the most such candidates needs (at most KP): once the
+    lists are warm most tiles cost one compare and one reduction.
+    """
+    ninf = float("-inf")
+    thr = tl.min(run_v, 1)
+    cand_v = tl.where(cand_v > thr[:, None], cand_v, ninf)
+    cnt = tl.sum((cand_v > ninf).to(tl.int32), 1)
+    n_iter = tl.minimum(tl.max(cnt, 0), KP)
+    slot = tl.arange(0, KP)
+    col = tl.arange(0, BC)
+    for _ in range(n_iter):
+        best = tl.max(cand_v, 1)
+        at = tl.argmax(cand_v, 1)
+        worst = tl.min(run_v, 1)
+        pos = tl.argmin(run_v, 1)
+        pick = col[None, :] == at[:, None]
+        best_i = tl.sum(tl.where(pick, cand_i, 0), 1)
+        hit = (slot[None, :] == pos[:, None]) & (best > worst)[:, None]
+        run_v = tl.where(hit, best[:, None], run_v)
+        run_i = tl.where(hit, best_i[:, None], run_i)
+        cand_v = tl.where(pick, ninf, cand_v)
+    return run_v, run_i
+
+
+GROUP = 8   # K rows loaded back to back per step of the gathers (unrolled; compile time grows fast)
+
+
+@triton.jit
+def gather_rows(acc, idx_ptr, coef_ptr, K, rows, t_mask,
+                r0_ptr, r1_ptr, N0, s0n, s0d, s1n, s1d, o, o_mask, G: tl.constexpr):
+    """``acc [BT, BO] += sum_k coef[t, k] * row(idx[t, k])[o]`` with the rows taken from
+    segment 0 (ids < N0) or segment 1 (ids - N0); idx/coef are [T, K] in memory.
+
+    Steps of G unrolled slots (those >= K masked, so they move no bytes): G independent
+    row loads in flight at once, which decode needs."""
+    for k0 in range(0, K, G):
+        for j in tl.static_range(G):
+            k = k0 + j
+            tm = t_mask & (k < K)
+            ik = tl.load(idx_ptr + rows * K + k, mask=tm, other=0).to(tl.int64)
+            ck = tl.load(coef_ptr + rows * K + k, mask=tm, other=0.0)
+            in0 = ik < N0
+            m0 = (tm & in0)[:, None] & o_mask[None, :]
+            m1 = (tm & (ik >= N0))[:, None] & o_mask[None, :]
+            b0 = tl.load(r0_ptr + ik[:, None] * s0n + o[None, :] * s0d, mask=m0, other=0.0)
+            b1 = tl.load(r1_ptr + (ik - N0)[:, None] * s1n + o[None, :] * s1d, mask=m1, other=0.0)
+            acc += ck[:, None] * (b0.to(tl.float32) + b1.to(tl.float32))
+    return acc
+
+
+@triton.jit
+def _moram_gather_kernel(idx_ptr, coef_ptr, alpha_ptr, r0_ptr, r1_ptr, dense_ptr, out_ptr,
+                         T, N0, K, DO, has_dense,
+                         s0n, s0d, s1n, s1d, sdt, sdd, sot, sod,
+                         BT: tl.constexpr, BO: tl.constexpr, G: tl.constexpr):
+    """``out[t] = sum_k coef[t, k] * row(idx[t, k]) - alpha[t] * dense[t]`` (the dense term
+    only if has_dense), ``[T, DO]``. Forward: y from the value rows. Backward: dx from the
+    key rows plus the ``-alpha * (G x)`` term. Grid: (token blocks, column chunks)."""
+    pid_t = tl.program_id(0)
+    pid_o = tl.program_id(1)
+    rows = (pid_t * BT + tl.arange(0, BT)).to(tl.int64)
+    t_mask = rows < T
+    o = pid_o * BO + tl.arange(0, BO)
+    om = o < DO
+    acc = tl.zeros([BT, BO], dtype=tl.float32)
+    acc = gather_rows(acc, idx_ptr, coef_ptr, K, rows, t_mask, r0_ptr, r1_ptr, N0,
+                      s0n, s0d, s1n, s1d, o, om, G)
+    m = t_mask[:, None] & om[None, :]
+    if has_dense != 0:
+        a = tl.load(alpha_ptr + rows, mask=t_mask, other=0.0)
+        dn = tl.load(dense_ptr + rows[:, None] * sdt + o[None, :] * sdd, mask=m, other=0.0)
+        acc -= a[:, None] * dn.to(tl.float32)
+    tl.store(out_ptr + rows[:, None] * sot + o[None, :] * sod, acc.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def launch_gather(idx, coef, rows0, rows1, n0, out, kp, alpha=None, dense=None):
+    """Run :func:`_moram_gather_kernel` into ``out [T, DO]``."""
+    T, DO = out.shape
+    bt, bo, _ = small_block(kp)
+    has = dense is not None
+    with device_ctx(out.device):
+        _moram_gather_kernel[(triton.cdiv(T, bt), triton.cdiv(DO, bo))](
+            # absent alpha/dense: pass coef (fp32, never read) so both uses share one variant
+            idx, coef, alpha if has else coef, rows0, rows1, dense if has else coef, out,
+            T, n0, idx.shape[1], DO, int(has),
+            rows0.stride(0), rows0.stride(1), rows1.stride(0), rows1.stride(1),
+            *(dense.stride() if has else (0, 0)), out.stride(0), out.stride(1),
+            BT=bt, BO=bo, G=GROUP, num_warps=4)

@@ -1,0 +1,264 @@
+"""Backward (MORAM_OP.md section 3): a gather-dot kernel for ``gc`` (split over column
+chunks), a kernel for the softmax / norm terms, the shared gather kernel for the sparse
+part of ``dx`` fused with the dense ``-alpha * (G x)`` term, and a scatter-add kernel for ``dB`` (atomics, or a
+deterministic sorted reduction). The dense GEMMs (``x G``, ``P_s = x A_s^T``,
+``dA_s = gp_s^T x``) are plain torch matmuls, run only for the segments that need them."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import GROUP, device_ctx, k_bucket, launch_gather, small_block
+from .forward import load_scale
+
+__all__ = ["moram_bwd"]
+
+
+@triton.jit
+def _moram_bwd_gc_kernel(gy_ptr, v0_ptr, v1_ptr, idx_ptr, part_ptr,
+                         T, N0, K, DO, sgt, sgd, sv0n, sv0d, sv1n, sv1d,
+                         BT: tl.constexpr, BO: tl.constexpr, KP: tl.constexpr, G: tl.constexpr):
+    """Gather-dot over one column chunk: ``part[chunk, t, k] = b_{idx[t, k]}[o] . gy[t, o]``.
+    Grid (token blocks, column chunks); the chunks are summed in a fixed order later."""
+    pid_t = tl.program_id(0)
+    pid_o = tl.program_id(1)
+    rows = (pid_t * BT + tl.arange(0, BT)).to(tl.int64)
+    t_mask = rows < T
+    o = pid_o * BO + tl.arange(0, BO)
+    om = o < DO
+    slot = tl.arange(0, KP)
+    g = tl.load(gy_ptr + rows[:, None] * sgt + o[None, :] * sgd,
+                mask=t_mask[:, None] & om[None, :], other=0.0).to(tl.float32)
+    gc = tl.zeros([BT, KP], dtype=tl.float32)
+    for k0 in range(0, K, G):
+        for j in tl.static_range(G):   # G independent row loads in flight per step
+            k = k0 + j
+            tm = t_mask & (k < K)
+            ik = tl.load(idx_ptr + rows * K + k, mask=tm, other=0)
+            in0 = ik < N0
+            b0 = tl.load(v0_ptr + ik[:, None] * sv0n + o[None, :] * sv0d,
+                         mask=(tm & in0)[:, None] & om[None, :], other=0.0)
+            b1 = tl.load(v1_ptr + (ik - N0)[:, None] * sv1n + o[None, :] * sv1d,
+                         mask=(tm & (ik >= N0))[:, None] & om[None, :], other=0.0)
+            dot = tl.sum((b0.to(tl.float32) + b1.to(tl.float32)) * g, 1)
+            gc = tl.where(slot[None, :] == k, dot[:, None], gc)
+    at = (pid_o * T + rows)[:, None] * KP + slot[None, :]
+    tl.store(part_ptr + at, gc, mask=t_mask[:, None])
+
+
+@triton.jit
+def _moram_bwd_coef_kernel(part_ptr, n_chunks, sc0_ptr, sc1_ptr, idx_ptr, psel_ptr, norm_ptr,
+                           gsel_ptr, alpha_ptr, cb_ptr,
+                           T, N0, K, tau, delta, eps, has_s0, has_s1,
+                           BT: tl.constexpr, KP: tl.constexpr):
+    """Per token: ``gc_k = scale_k * (b_k . gy)`` (sum of the chunk partials), then
+    ``g_sel [T, K]`` (the sparse part of gp), ``alpha [T]`` and ``cb = c_k * scale_k [T, K]``
+    (the dB coefficient)."""
+    pid = tl.program_id(0)
+    rows = (pid * BT + tl.arange(0, BT)).to(tl.int64)
+    t_mask = rows < T
+    slot = tl.arange(0, KP)
+    live = slot < K
+    m2 = t_mask[:, None] & live[None, :]
+    at = rows[:, None] * K + slot[None, :]
+    ids = tl.load(idx_ptr + at, mask=m2, other=0)
+    p = tl.load(psel_ptr + at, mask=m2, other=0.0)
+    nrm = tl.load(norm_ptr + rows, mask=t_mask, other=1.0)
+    gc = tl.zeros([BT, KP], dtype=tl.float32)
+    for c in range(n_chunks):
+        gc += tl.load(part_ptr + (c * T + rows)[:, None] * KP + slot[None, :], mask=m2, other=0.0)
+    sc = load_scale(sc0_ptr, sc1_ptr, has_s0, has_s1, ids, N0, m2)
+    gc = gc * sc
+    s = p / nrm[:, None]
+    z = tl.where(live[None, :], s / tau, float("-inf"))
+    e = tl.exp(z - tl.max(z, 1)[:, None])
+    w = e / tl.sum(e, 1)[:, None]
+    keep = ((s >= delta) | (delta <= 0.0)).to(tl.float32)
+    gw = keep * p * gc
+    gs = (w / tau) * (gw - tl.sum(w * gw, 1)[:, None])
+    g_sel = w * keep * gc + gs / nrm[:, None]
+    alpha = tl.sum(gs * p, 1) / (nrm * nrm * nrm)
+    # n = max(||p||, eps) is a constant where it was clamped: no norm gradient there
+    alpha = tl.where(nrm > eps, alpha, 0.0)
+    tl.store(gsel_ptr + at, g_sel, mask=m2)
+    tl.store(cb_ptr + at, w * keep * p * sc, mask=m2)
+    tl.store(alpha_ptr + rows, alpha, mask=t_mask)
+
+
+@triton.jit
+def _moram_bwd_db_atomic_kernel(idx_ptr, cb_ptr, gy_ptr, gv_ptr, T, K, lo, hi, DO, sgt, sgd,
+                                BT: tl.constexpr, BO: tl.constexpr):
+    """``gv[idx - lo] += cb * gy`` for the selected atoms in ``[lo, hi)``; gv fp32 ``[hi - lo, d_out]``."""
+    pid_t = tl.program_id(0)
+    pid_o = tl.program_id(1)
+    rows = (pid_t * BT + tl.arange(0, BT)).to(tl.int64)
+    t_mask = rows < T
+    o = pid_o * BO + tl.arange(0, BO)
+    om = o < DO
+    g = tl.load(gy_ptr + rows[:, None] * sgt + o[None, :] * sgd,
+                mask=t_mask[:, None] & om[None, :], other=0.0).to(tl.float32)
+    # a runtime loop is enough here: the atomic adds return nothing, so nothing waits on them
+    for k in range(K):
+        ik = tl.load(idx_ptr + rows * K + k, mask=t_mask, other=0)
+        ck = tl.load(cb_ptr + rows * K + k, mask=t_mask, other=0.0)
+        inside = t_mask & (ik >= lo) & (ik < hi)
+        tl.atomic_add(gv_ptr + (ik - lo)[:, None] * DO + o[None, :], ck[:, None] * g,
+                      mask=inside[:, None] & om[None, :], sem="relaxed")
+
+
+@triton.jit
+def _moram_bwd_db_sorted_kernel(perm_ptr, off_ptr, cb_ptr, gy_ptr, gv_ptr, K, DO, sgt, sgd,
+                                svn, svd, BE: tl.constexpr, BO: tl.constexpr):
+    """Deterministic dB: program per (atom, column chunk) reduces that atom's entries in
+    the fixed order given by ``perm`` (flat ``t * K + k`` positions sorted by atom)."""
+    row = tl.program_id(0)
+    o = tl.program_id(1) * BO + tl.arange(0, BO)
+    om = o < DO
+    start = tl.load(off_ptr + row)
+    end = tl.load(off_ptr + row + 1)
+    acc = tl.zeros([BO], dtype=tl.float32)
+    for e0 in range(start, end, BE):
+        e = e0 + tl.arange(0, BE)
+        em = e < end
+        pos = tl.load(perm_ptr + e, mask=em, other=0)
+        c = tl.load(cb_ptr + pos, mask=em, other=0.0)
+        t = pos // K
+        g = tl.load(gy_ptr + t[:, None] * sgt + o[None, :] * sgd, mask=em[:, None] & om[None, :], other=0.0)
+        acc += tl.sum(c[:, None] * g.to(tl.float32), 0)
+    tl.store(gv_ptr + row.to(tl.int64) * svn + o * svd, acc.to(gv_ptr.dtype.element_ty), mask=om)
+
+
+# ---- dense parts (torch) -----------------------------------------------------------------------
+
+def _mm(a: torch.Tensor, b: torch.Tensor, low: torch.dtype) -> torch.Tensor:
+    """``a @ b`` with an fp32 result. On CUDA with 16-bit activations (``low``) the
+    operands are rounded to ``low`` and run on tensor cores with fp32 accumulation
+    (as the authors' bf16 autograd does); elsewhere, or when torch offers no fp32 output,
+    the product is formed in fp32."""
+    if a.is_cuda and low in (torch.float16, torch.bfloat16):
+        try:
+            return torch.mm(a.to(low), b.to(low), out_dtype=torch.float32)
+        except (RuntimeError, TypeError):
+            pass
+    return a.float() @ b.float()
+
+
+def _dense_plan(t: int, d: int, n: int, have_gram: bool, have_p: bool) -> str:
+    """How one segment's ``sum_j p_j a_j`` is formed: 'gram' (``x G``, T d^2, plus N d^2 to
+    build G) or 'recompute' (``P A``, T N d, plus T N d for P unless already computed)."""
+    gram_cost = t * d * d + (0 if have_gram else n * d * d)
+    rec_cost = t * n * d * (1 if have_p else 2)
+    return "gram" if gram_cost < rec_cost else "recompute"
+
+
+def moram_bwd(gy, x, keys0, values0, scale0, keys1, values1, scale1, gram0,
+              idx, p_sel, norm, tau, delta, eps, need_x, need_seg0, need_seg1):
+    """Triton backward (contract in :mod:`moram_kernels.reference`): returns
+    ``(gx [T, d_in], gkeys0, gvalues0, gkeys1, gvalues1)``, None where not needed."""
+    T, K = idx.shape
+    D = x.shape[1]
+    n0, n1 = keys0.shape[0], keys1.shape[0]
+    segs = [(0, 0, n0, keys0, values0, need_seg0), (1, n0, n0 + n1, keys1, values1, need_seg1)]
+    # an empty segment is never read; alias it so every pointer argument is a real tensor
+    k0p, v0p, k1p, v1p = keys0, values0, keys1, values1
+    if n1 == 0:
+        k1p, v1p = keys0, values0
+    if n0 == 0:
+        k0p, v0p = keys1, values1
+    DO = v0p.shape[1]
+    dev = x.device
+    kp = k_bucket(K)
+    bt, bo, _ = small_block(kp)
+    idx = idx.contiguous()
+    p_sel = p_sel.contiguous()
+    f32 = dict(device=dev, dtype=torch.float32)
+    g_sel = torch.empty(T, K, **f32)
+    cb = torch.empty(T, K, **f32)
+    alpha = torch.empty(T, **f32)
+    dummy = alpha
+    n_chunks = triton.cdiv(DO, bo)
+    part = torch.empty(n_chunks, T, kp, **f32)
+    with device_ctx(dev):
+        _moram_bwd_gc_kernel[(triton.cdiv(T, bt), n_chunks)](
+            gy, v0p, v1p, idx, part, T, n0, K, DO, gy.stride(0), gy.stride(1),
+            v0p.stride(0), v0p.stride(1), v1p.stride(0), v1p.stride(1),
+            BT=bt, BO=bo, KP=kp, G=GROUP, num_warps=4)
+        _moram_bwd_coef_kernel[(triton.cdiv(T, bt),)](
+            part, n_chunks, scale0 if scale0 is not None else dummy,
+            scale1 if scale1 is not None else dummy, idx, p_sel, norm,
+            g_sel, alpha, cb,
+            T, n0, K, float(tau), float(delta), float(eps),
+            int(scale0 is not None), int(scale1 is not None),
+            BT=bt, KP=kp, num_warps=4)
+
+    # P_s = x A_s^T only for segments whose keys need a gradient: [T, N_s] of that segment
+    p_seg: dict[int, torch.Tensor] = {}
+    for seg, lo, hi, kseg, _, need in segs:
+        if need and hi > lo:
+            p_seg[seg] = _mm(x, kseg.t(), x.dtype)
+
+    gx = None
+    if need_x:
+        dense = None
+        for seg, lo, hi, kseg, _, _ in segs:
+            n_s = hi - lo
+            if n_s == 0:
+                continue
+            given = gram0 if seg == 0 else None
+            if _dense_plan(T, D, n_s, given is not None, seg in p_seg) == "gram":
+                g = given if given is not None else _mm(kseg.t(), kseg, kseg.dtype)
+                term = _mm(x, g, x.dtype)
+            else:
+                pk = p_seg[seg] if seg in p_seg else _mm(x, kseg.t(), x.dtype)
+                term = _mm(pk, kseg, x.dtype)
+            dense = term if dense is None else dense + term
+        gx = torch.empty(T, D, device=dev, dtype=x.dtype)
+        launch_gather(idx, g_sel, k0p, k1p, n0, gx, kp, alpha=alpha, dense=dense)
+
+    grads = [None, None, None, None]
+    for seg, lo, hi, kseg, vseg, need in segs:
+        if not need:
+            continue
+        n_s = hi - lo
+        gv = _scatter_db(idx, cb, gy, lo, hi, vseg, bt, bo)
+        if n_s:
+            inside = (idx >= lo) & (idx < hi)
+            local = torch.where(inside, idx - lo, torch.zeros_like(idx))
+            gp = p_seg[seg] * (-alpha)[:, None]                       # every atom gets -alpha p_j
+            gp.scatter_add_(1, local, torch.where(inside, g_sel, torch.zeros_like(g_sel)))
+            gk = _mm(gp.t(), x, x.dtype).to(kseg.dtype)
+        else:
+            gk = torch.zeros_like(kseg)
+        grads[2 * seg], grads[2 * seg + 1] = gk, gv
+    return (gx, *grads)
+
+
+def _scatter_db(idx, cb, gy, lo, hi, vseg, bt, bo):
+    """dB of the atoms ``[lo, hi)``, ``[hi - lo, d_out]`` in the values' dtype."""
+    T, K = idx.shape
+    n_s, DO = hi - lo, vseg.shape[1]
+    dev = idx.device
+    if n_s == 0:
+        return torch.zeros_like(vseg)
+    if torch.are_deterministic_algorithms_enabled():
+        flat = idx.reshape(-1)
+        inside = (flat >= lo) & (flat < hi)
+        # entries of other segments go to a last bucket that no program reads
+        local = torch.where(inside, flat - lo, torch.full_like(flat, n_s))
+        srt, perm = torch.sort(local, stable=True)
+        # row r owns perm[off[r]:off[r + 1]]; searchsorted keeps this free of atomics
+        off = torch.searchsorted(srt, torch.arange(n_s + 1, device=dev, dtype=srt.dtype))
+        gv = torch.empty(n_s, DO, device=dev, dtype=vseg.dtype)
+        with device_ctx(dev):
+            _moram_bwd_db_sorted_kernel[(n_s, triton.cdiv(DO, bo))](
+                perm, off, cb, gy, gv, K, DO, gy.stride(0), gy.stride(1),
+                gv.stride(0), gv.stride(1), BE=16, BO=bo, num_warps=4)
+        return gv
+    gv = torch.zeros(n_s, DO, device=dev, dtype=torch.float32)
+    with device_ctx(dev):
+        _moram_bwd_db_atomic_kernel[(triton.cdiv(T, bt), triton.cdiv(DO, bo))](
+            idx, cb, gy, gv, T, K, lo, hi, DO, gy.stride(0), gy.stride(1),
+            BT=bt, BO=bo, num_warps=4)
+    return gv.to(vseg.dtype)

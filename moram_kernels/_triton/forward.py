@@ -1,0 +1,203 @@
+"""Forward: a scoring kernel that streams atom tiles and keeps a running top-K per
+token, then a select kernel that merges the per-split lists and applies the gate;
+the gather kernel sums the K value rows. No ``[T, N]`` tensor is ever written."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (INTERPRET, device_ctx, k_bucket, launch_gather, merge_topk, scan_config,
+                      sm_count, small_block, tl_name)
+
+__all__ = ["moram_fwd", "plan_splits"]
+
+
+@triton.jit
+def _score_tile(x_ptr, sxt, sxd, rows, t_mask, k_ptr, skn, skd, n_loc, n_mask, D,
+                BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """Raw scores ``x[rows] . keys[n_loc]``, ``[BT, BN]`` fp32 (zero where masked)."""
+    acc = tl.zeros([BT, BN], dtype=tl.float32)
+    xb = x_ptr + rows[:, None] * sxt
+    kb = k_ptr + n_loc.to(tl.int64)[:, None] * skn
+    for d0 in range(0, D, BD):
+        dd = d0 + tl.arange(0, BD)
+        dm = dd < D
+        xa = tl.load(xb + dd[None, :] * sxd, mask=t_mask[:, None] & dm[None, :], other=0.0)
+        ka = tl.load(kb + dd[None, :] * skd, mask=n_mask[:, None] & dm[None, :], other=0.0)
+        if UPCAST:
+            # mixed dtypes, or the interpreter (whose 16-bit dot multiplies raw bits)
+            xa = xa.to(tl.float32)
+            ka = ka.to(tl.float32)
+        acc = tl.dot(xa, tl.trans(ka), acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _moram_scan_kernel(x_ptr, k0_ptr, k1_ptr, pv_ptr, pi_ptr, pss_ptr,
+                       T, D, N0, N1, K, tiles_per_split, n_split,
+                       sxt, sxd, s0n, s0d, s1n, s1d,
+                       BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr,
+                       UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """Program (token block, split): scores of its tiles (segment 0 tiles first, then
+    segment 1), running sum of squares and running top-K; writes the split's partial
+    list ``[BT, KP]`` and partial sum of squares."""
+    pid_t = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = (pid_t * BT + tl.arange(0, BT)).to(tl.int64)
+    t_mask = rows < T
+    slot = tl.arange(0, KP)
+    pinned = (slot >= K)[None, :]
+    run_v = tl.where(pinned, float("inf"), float("-inf")) + tl.zeros([BT, KP], tl.float32)
+    # a valid id in every slot, so a NaN token (nothing ever beats -inf) still gathers in bounds
+    run_i = slot[None, :] + tl.zeros([BT, KP], tl.int32)
+    ss = tl.zeros([BT], dtype=tl.float32)
+    cols = tl.arange(0, BN)
+    tiles0 = tl.cdiv(N0, BN)
+    lo = pid_s * tiles_per_split
+    hi = tl.minimum(lo + tiles_per_split, tiles0 + tl.cdiv(N1, BN))
+    for tile in range(lo, tl.minimum(hi, tiles0)):
+        n_loc = tile * BN + cols
+        n_mask = n_loc < N0
+        p = _score_tile(x_ptr, sxt, sxd, rows, t_mask, k0_ptr, s0n, s0d, n_loc, n_mask, D,
+                        BT, BN, BD, UPCAST, PREC)
+        ss += tl.sum(p * p, 1)
+        cand = tl.where(n_mask[None, :], p, float("-inf"))
+        run_v, run_i = merge_topk(run_v, run_i, cand, n_loc[None, :], KP, BN)
+    for tile in range(tl.maximum(lo, tiles0), hi):
+        n_loc = (tile - tiles0) * BN + cols
+        n_mask = n_loc < N1
+        p = _score_tile(x_ptr, sxt, sxd, rows, t_mask, k1_ptr, s1n, s1d, n_loc, n_mask, D,
+                        BT, BN, BD, UPCAST, PREC)
+        ss += tl.sum(p * p, 1)
+        cand = tl.where(n_mask[None, :], p, float("-inf"))
+        run_v, run_i = merge_topk(run_v, run_i, cand, (N0 + n_loc)[None, :], KP, BN)
+    part = rows * n_split + pid_s
+    m2 = t_mask[:, None]
+    tl.store(pv_ptr + part[:, None] * KP + slot[None, :], run_v, mask=m2)
+    tl.store(pi_ptr + part[:, None] * KP + slot[None, :], run_i, mask=m2)
+    tl.store(pss_ptr + part, ss, mask=t_mask)
+
+
+@triton.jit
+def load_scale(sc0_ptr, sc1_ptr, has_s0, has_s1, ids, N0, mask):
+    """Per-atom value scale of global ``ids`` (1 for a segment without a scale vector)."""
+    in0 = ids < N0
+    s0 = tl.load(sc0_ptr + ids, mask=mask & in0 & (has_s0 != 0), other=1.0)
+    s1 = tl.load(sc1_ptr + (ids - N0), mask=mask & (ids >= N0) & (has_s1 != 0), other=1.0)
+    return tl.where(in0, s0, s1)
+
+
+@triton.jit
+def _moram_select_kernel(pv_ptr, pi_ptr, pss_ptr, sc0_ptr, sc1_ptr,
+                         idx_ptr, psel_ptr, norm_ptr, coef_ptr,
+                         T, N0, K, n_split, tau, delta, eps, has_s0, has_s1,
+                         BT: tl.constexpr, BC: tl.constexpr, KP: tl.constexpr):
+    """Program per token block: merge the split lists, then norm, softmax/tau, threshold
+    and ``c = w * m * p * scale``; stores idx, p_sel, norm and c ``[T, K]``."""
+    pid = tl.program_id(0)
+    rows = (pid * BT + tl.arange(0, BT)).to(tl.int64)
+    t_mask = rows < T
+    slot = tl.arange(0, KP)
+    live = slot < K
+    run_v = tl.where(live[None, :], float("-inf"), float("inf")) + tl.zeros([BT, KP], tl.float32)
+    run_i = slot[None, :] + tl.zeros([BT, KP], tl.int32)
+    W = n_split * KP
+    for c0 in range(0, W, BC):
+        col = c0 + tl.arange(0, BC)
+        m = t_mask[:, None] & ((col < W) & ((col % KP) < K))[None, :]
+        cv = tl.load(pv_ptr + rows[:, None] * W + col[None, :], mask=m, other=float("-inf"))
+        ci = tl.load(pi_ptr + rows[:, None] * W + col[None, :], mask=m, other=0)
+        run_v, run_i = merge_topk(run_v, run_i, cv, ci, KP, BC)
+    ss = tl.zeros([BT], dtype=tl.float32)
+    for c0 in range(0, n_split, BC):
+        col = c0 + tl.arange(0, BC)
+        m = t_mask[:, None] & (col < n_split)[None, :]
+        ss += tl.sum(tl.load(pss_ptr + rows[:, None] * n_split + col[None, :], mask=m, other=0.0), 1)
+    norm = tl.maximum(tl.sqrt(ss), eps, propagate_nan=tl.PropagateNan.ALL)
+    m2 = t_mask[:, None] & live[None, :]
+    # zero the pinned slots and the rows past T so no inf - inf appears below
+    p = tl.where(m2, run_v, 0.0)
+    s = p / norm[:, None]
+    z = tl.where(live[None, :], s / tau, float("-inf"))
+    e = tl.exp(z - tl.max(z, 1)[:, None])
+    w = e / tl.sum(e, 1)[:, None]
+    keep = ((s >= delta) | (delta <= 0.0)).to(tl.float32)
+    ids = run_i.to(tl.int64)
+    sc = load_scale(sc0_ptr, sc1_ptr, has_s0, has_s1, ids, N0, m2)
+    c = w * keep * p * sc
+    out = rows[:, None] * K + slot[None, :]
+    tl.store(idx_ptr + out, ids, mask=m2)
+    tl.store(psel_ptr + out, run_v, mask=m2)
+    tl.store(coef_ptr + out, c, mask=m2)
+    tl.store(norm_ptr + rows, norm, mask=t_mask)
+
+
+def plan_splits(t: int, n0: int, n1: int, bt: int, bn: int, device: torch.device) -> tuple[int, int]:
+    """``(n_split, tiles_per_split)``: split the atom tiles across programs until the grid
+    holds about two programs per SM (decode and small T would otherwise leave most SMs idle)."""
+    tiles = triton.cdiv(n0, bn) + triton.cdiv(n1, bn)
+    t_blocks = triton.cdiv(t, bt)
+    want = max(1, triton.cdiv(2 * sm_count(device), t_blocks))
+    per = triton.cdiv(tiles, min(tiles, want))
+    return triton.cdiv(tiles, per), per
+
+
+def compute_dtype(x, keys0, keys1) -> tuple[str, bool]:
+    """(dot dtype, upcast): the inputs' own dtype when x and both key segments agree,
+    otherwise fp32 (operands upcast in registers). The interpreter always upcasts."""
+    same = x.dtype == keys0.dtype == keys1.dtype
+    compute = tl_name(x.dtype) if same else "fp32"
+    return compute, (INTERPRET or not same)
+
+
+def moram_fwd(x, keys0, values0, scale0, keys1, values1, scale1, K, tau, delta, eps):
+    """Triton forward (contract in :mod:`moram_kernels.reference`).
+
+    x ``[T, d_in]``; returns ``y [T, d_out]``, ``idx [T, K]`` int64, ``p_sel [T, K]`` fp32,
+    ``norm [T]`` fp32.
+    """
+    T, D = x.shape
+    n0, n1 = keys0.shape[0], keys1.shape[0]
+    if n1 == 0:
+        # an empty segment 1 is never read; reuse segment 0 so every pointer has one dtype
+        keys1, values1, scale1 = keys0, values0, None
+    if n0 == 0:
+        keys0, values0, scale0 = keys1, values1, None
+    DO = values0.shape[1]
+    dev = x.device
+    kp = k_bucket(K)
+    compute, upcast = compute_dtype(x, keys0, keys1)
+    prec = "ieee" if (upcast or compute == "fp32") else "tf32"
+    cfg = scan_config(T, kp, compute)
+    n_split, per = plan_splits(T, n0, n1, cfg.BT, cfg.BN, dev)
+    f32 = dict(device=dev, dtype=torch.float32)
+    pv = torch.empty(T, n_split * kp, **f32)
+    pi = torch.empty(T, n_split * kp, device=dev, dtype=torch.int32)
+    pss = torch.empty(T, n_split, **f32)
+    y = torch.empty(T, DO, device=dev, dtype=x.dtype)
+    idx = torch.empty(T, K, device=dev, dtype=torch.int64)
+    p_sel = torch.empty(T, K, **f32)
+    norm = torch.empty(T, **f32)
+    coef = torch.empty(T, K, **f32)
+    dummy = p_sel   # pointer for an absent scale vector, never read
+    with device_ctx(dev):
+        _moram_scan_kernel[(triton.cdiv(T, cfg.BT), n_split)](
+            x, keys0, keys1, pv, pi, pss,
+            T, D, n0, n1, K, per, n_split,
+            x.stride(0), x.stride(1), keys0.stride(0), keys0.stride(1),
+            keys1.stride(0), keys1.stride(1),
+            BT=cfg.BT, BN=cfg.BN, BD=cfg.BD, KP=kp, UPCAST=upcast, PREC=prec,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        bt, _, bc = small_block(kp)
+        _moram_select_kernel[(triton.cdiv(T, bt),)](
+            pv, pi, pss, scale0 if scale0 is not None else dummy,
+            scale1 if scale1 is not None else dummy,
+            idx, p_sel, norm, coef,
+            T, n0, K, n_split, float(tau), float(delta), float(eps),
+            int(scale0 is not None), int(scale1 is not None),
+            BT=bt, BC=bc, KP=kp, num_warps=4)
+    launch_gather(idx, coef, values0, values1, n0, y, kp)
+    return y, idx, p_sel, norm

@@ -1,0 +1,129 @@
+"""Every kernel variant the launchers can emit on a GPU, as ``triton.compile`` inputs.
+
+A variant is one (kernel, pointer dtypes, constexprs, num_warps, num_stages). Each is
+listed in its aligned form (pointers, d_in and leading strides multiples of 16, unit
+inner strides: what a launch on contiguous ``[*, 4096]`` tensors specialises to), and the
+scoring kernel also in its generic form (odd sizes, no hints). ``benchmarks/triton_variants.py``
+compiles them for sm_90 and sm_80 without a GPU and tabulates shared memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ._common import GROUP, K_BUCKETS, scan_configs, small_block
+
+__all__ = ["Variant", "all_variants"]
+
+_DTYPES = ("bf16", "fp16", "fp32")
+
+
+@dataclass(frozen=True)
+class Variant:
+    kernel: str
+    label: str
+    signature: dict = field(hash=False)
+    constexprs: dict = field(hash=False)
+    attrs: dict = field(hash=False)
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def fn(self):
+        return _kernel(self.kernel)
+
+
+def _kernel(name):
+    from . import _common, backward, forward
+    for mod in (forward, backward, _common):
+        if hasattr(mod, name):
+            return getattr(mod, name)
+    raise KeyError(name)
+
+
+def _spec(kernel, label, ptrs, floats, consts, unit, div, aligned, warps, stages):
+    fn = _kernel(kernel)
+    names = fn.arg_names
+    consts = dict(consts)
+    if aligned:
+        consts.update({n: 1 for n in unit})
+    sig = {}
+    for n in names:
+        if n in consts:
+            sig[n] = "constexpr"
+        elif n in ptrs:
+            sig[n] = "*" + ptrs[n]
+        elif n in floats:
+            sig[n] = "fp32"
+        else:
+            sig[n] = "i32"
+    attrs = {}
+    if aligned:
+        attrs = {(names.index(n),): [["tt.divisibility", 16]]
+                 for n in list(ptrs) + list(div) if n not in consts}
+    unknown = set(ptrs) | set(floats) | set(unit) | set(div) | set(consts)
+    assert unknown <= set(names), f"{kernel}: {sorted(unknown - set(names))} are not arguments"
+    return Variant(kernel, label + ("" if aligned else "-generic"), sig, consts, attrs, warps, stages)
+
+
+def _scan(xd, kd, kp, cfg, aligned):
+    same = xd == kd
+    compute = xd if same else "fp32"
+    prec = "ieee" if (not same or compute == "fp32") else "tf32"
+    return _spec(
+        "_moram_scan_kernel", f"scan-{xd}x{kd}-K{kp}-{cfg.name}",
+        ptrs={"x_ptr": xd, "k0_ptr": kd, "k1_ptr": kd, "pv_ptr": "fp32", "pi_ptr": "i32",
+              "pss_ptr": "fp32"},
+        floats=(), consts=dict(BT=cfg.BT, BN=cfg.BN, BD=cfg.BD, KP=kp, UPCAST=not same, PREC=prec),
+        unit=("sxd", "s0d", "s1d"), div=("D", "sxt", "s0n", "s1n"), aligned=aligned,
+        warps=cfg.num_warps, stages=cfg.num_stages)
+
+
+def all_variants() -> list[Variant]:
+    out = []
+    for xd, kd in (("bf16", "bf16"), ("fp16", "fp16"), ("fp32", "fp32"), ("bf16", "fp32")):
+        compute = xd if xd == kd else "fp32"
+        for kp in K_BUCKETS:
+            for cfg in scan_configs(compute, kp).values():
+                out.append(_scan(xd, kd, kp, cfg, True))
+    out.append(_scan("bf16", "bf16", 16, scan_configs("bf16", 16)["prefill"], False))
+    for kp in K_BUCKETS:
+        bt, bo, bc = small_block(kp, interpret=False)
+        out.append(_spec(
+            "_moram_select_kernel", f"select-K{kp}",
+            ptrs={"pv_ptr": "fp32", "pi_ptr": "i32", "pss_ptr": "fp32", "sc0_ptr": "fp32",
+                  "sc1_ptr": "fp32", "idx_ptr": "i64", "psel_ptr": "fp32", "norm_ptr": "fp32",
+                  "coef_ptr": "fp32"},
+            floats=("tau", "delta", "eps"), consts=dict(BT=bt, BC=bc, KP=kp),
+            unit=(), div=(), aligned=True, warps=4, stages=3))
+        out.append(_spec(
+            "_moram_bwd_coef_kernel", f"bwd_coef-K{kp}",
+            ptrs={"part_ptr": "fp32", "sc0_ptr": "fp32", "sc1_ptr": "fp32", "idx_ptr": "i64",
+                  "psel_ptr": "fp32", "norm_ptr": "fp32", "gsel_ptr": "fp32", "alpha_ptr": "fp32",
+                  "cb_ptr": "fp32"},
+            floats=("tau", "delta", "eps"), consts=dict(BT=bt, KP=kp),
+            unit=(), div=(), aligned=True, warps=4, stages=3))
+        for dt in _DTYPES:
+            out.append(_spec(
+                "_moram_bwd_gc_kernel", f"bwd_gc-{dt}-K{kp}",
+                ptrs={"gy_ptr": dt, "v0_ptr": dt, "v1_ptr": dt, "idx_ptr": "i64", "part_ptr": "fp32"},
+                floats=(), consts=dict(BT=bt, BO=bo, KP=kp, G=GROUP), unit=("sgd", "sv0d", "sv1d"),
+                div=("DO", "sgt", "sv0n", "sv1n"), aligned=True, warps=4, stages=3))
+    bt, bo, _ = small_block(16, interpret=False)
+    for dt in _DTYPES:
+        out.append(_spec(
+            "_moram_gather_kernel", f"gather-{dt}",
+            ptrs={"idx_ptr": "i64", "coef_ptr": "fp32", "alpha_ptr": "fp32", "r0_ptr": dt,
+                  "r1_ptr": dt, "dense_ptr": "fp32", "out_ptr": dt},
+            floats=(), consts=dict(BT=bt, BO=bo, G=GROUP), unit=("s0d", "s1d", "sdd", "sod"),
+            div=("DO", "s0n", "s1n", "sdt", "sot"), aligned=True, warps=4, stages=3))
+        out.append(_spec(
+            "_moram_bwd_db_atomic_kernel", f"bwd_db_atomic-{dt}",
+            ptrs={"idx_ptr": "i64", "cb_ptr": "fp32", "gy_ptr": dt, "gv_ptr": "fp32"},
+            floats=(), consts=dict(BT=bt, BO=bo), unit=("sgd",), div=("DO", "sgt"),
+            aligned=True, warps=4, stages=3))
+        out.append(_spec(
+            "_moram_bwd_db_sorted_kernel", f"bwd_db_sorted-{dt}",
+            ptrs={"perm_ptr": "i64", "off_ptr": "i64", "cb_ptr": "fp32", "gy_ptr": dt, "gv_ptr": dt},
+            floats=(), consts=dict(BE=16, BO=bo), unit=("sgd", "svd"), div=("DO", "sgt", "svn"),
+            aligned=True, warps=4, stages=3))
+    return out
