@@ -162,6 +162,9 @@ def plots(rows: list[dict], folder: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # one colour per implementation, the same in every panel and both figures
+    all_impls = list(dict.fromkeys(r["impl"] for r in nrows))
+    colour = {impl: f"C{i % 10}" for i, impl in enumerate(all_impls)}
     paths = []
     for what, fname, ylabel in (("median_ms", "time_vs_N.png", "median time per call (ms)"),
                                 ("speedup_vs_authors", "speedup_vs_N.png", "speed-up vs the authors' layer (×)")):
@@ -178,7 +181,8 @@ def plots(rows: list[dict], folder: str) -> list[str]:
                 pts = sorted((r["N"], r[what]) for r in mr if r["impl"] == impl and r.get(what))
                 if pts:
                     style = "--" if impl in (LORA_N, LORA_R, FLOOR) else "-"
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=_display(impl))
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o",
+                            color=colour[impl], label=_display(impl))
             if what == "speedup_vs_authors":
                 ax.axhline(1.0, color="grey", lw=0.8)
             r0 = mr[0]
