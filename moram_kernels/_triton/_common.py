@@ -160,6 +160,15 @@ def gather_rows(acc, idx_ptr, coef_ptr, K, rows, t_mask,
 
 
 @triton.jit
+def token_col_tile(T, DO, BT: tl.constexpr, BO: tl.constexpr):
+    """This program's tile of a (token blocks, column chunks) grid: token ids (int64, so
+    row offsets never overflow), their mask, column ids and their mask."""
+    rows = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)
+    o = tl.program_id(1) * BO + tl.arange(0, BO)
+    return rows, rows < T, o, o < DO
+
+
+@triton.jit
 def _moram_gather_kernel(idx_ptr, coef_ptr, alpha_ptr, r0_ptr, r1_ptr, dense_ptr, out_ptr,
                          T, N0, K, DO, has_dense,
                          s0n, s0d, s1n, s1d, sdt, sdd, sot, sod,
@@ -167,12 +176,7 @@ def _moram_gather_kernel(idx_ptr, coef_ptr, alpha_ptr, r0_ptr, r1_ptr, dense_ptr
     """``out[t] = sum_k coef[t, k] * row(idx[t, k]) - alpha[t] * dense[t]`` (the dense term
     only if has_dense), ``[T, DO]``. Forward: y from the value rows. Backward: dx from the
     key rows plus the ``-alpha * (G x)`` term. Grid: (token blocks, column chunks)."""
-    pid_t = tl.program_id(0)
-    pid_o = tl.program_id(1)
-    rows = (pid_t * BT + tl.arange(0, BT)).to(tl.int64)
-    t_mask = rows < T
-    o = pid_o * BO + tl.arange(0, BO)
-    om = o < DO
+    rows, t_mask, o, om = token_col_tile(T, DO, BT, BO)
     acc = tl.zeros([BT, BO], dtype=tl.float32)
     acc = gather_rows(acc, idx_ptr, coef_ptr, K, rows, t_mask, r0_ptr, r1_ptr, N0,
                       s0n, s0d, s1n, s1d, o, om, G)

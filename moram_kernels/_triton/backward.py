@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import GROUP, device_ctx, k_bucket, launch_gather, small_block
+from ._common import GROUP, device_ctx, k_bucket, launch_gather, small_block, token_col_tile
 from .forward import load_scale
 
 __all__ = ["moram_bwd"]
@@ -22,12 +22,7 @@ def _moram_bwd_gc_kernel(gy_ptr, v0_ptr, v1_ptr, idx_ptr, part_ptr,
                          BT: tl.constexpr, BO: tl.constexpr, KP: tl.constexpr, G: tl.constexpr):
     """Gather-dot over one column chunk: ``part[chunk, t, k] = b_{idx[t, k]}[o] . gy[t, o]``.
     Grid (token blocks, column chunks); the chunks are summed in a fixed order later."""
-    pid_t = tl.program_id(0)
-    pid_o = tl.program_id(1)
-    rows = (pid_t * BT + tl.arange(0, BT)).to(tl.int64)
-    t_mask = rows < T
-    o = pid_o * BO + tl.arange(0, BO)
-    om = o < DO
+    rows, t_mask, o, om = token_col_tile(T, DO, BT, BO)
     slot = tl.arange(0, KP)
     g = tl.load(gy_ptr + rows[:, None] * sgt + o[None, :] * sgd,
                 mask=t_mask[:, None] & om[None, :], other=0.0).to(tl.float32)
@@ -44,7 +39,7 @@ def _moram_bwd_gc_kernel(gy_ptr, v0_ptr, v1_ptr, idx_ptr, part_ptr,
                          mask=(tm & (ik >= N0))[:, None] & om[None, :], other=0.0)
             dot = tl.sum((b0.to(tl.float32) + b1.to(tl.float32)) * g, 1)
             gc = tl.where(slot[None, :] == k, dot[:, None], gc)
-    at = (pid_o * T + rows)[:, None] * KP + slot[None, :]
+    at = (tl.program_id(1) * T + rows)[:, None] * KP + slot[None, :]
     tl.store(part_ptr + at, gc, mask=t_mask[:, None])
 
 
@@ -91,12 +86,7 @@ def _moram_bwd_coef_kernel(part_ptr, n_chunks, sc0_ptr, sc1_ptr, idx_ptr, psel_p
 def _moram_bwd_db_atomic_kernel(idx_ptr, cb_ptr, gy_ptr, gv_ptr, T, K, lo, hi, DO, sgt, sgd,
                                 BT: tl.constexpr, BO: tl.constexpr):
     """``gv[idx - lo] += cb * gy`` for the selected atoms in ``[lo, hi)``; gv fp32 ``[hi - lo, d_out]``."""
-    pid_t = tl.program_id(0)
-    pid_o = tl.program_id(1)
-    rows = (pid_t * BT + tl.arange(0, BT)).to(tl.int64)
-    t_mask = rows < T
-    o = pid_o * BO + tl.arange(0, BO)
-    om = o < DO
+    rows, t_mask, o, om = token_col_tile(T, DO, BT, BO)
     g = tl.load(gy_ptr + rows[:, None] * sgt + o[None, :] * sgd,
                 mask=t_mask[:, None] & om[None, :], other=0.0).to(tl.float32)
     # a runtime loop is enough here: the atomic adds return nothing, so nothing waits on them
