@@ -2,7 +2,7 @@
 in one run, on the issue's shape (T = 2048, d_in = d_out = 1024, N = 4096, k = 16,
 tau = 0.01, fp32).
 
-    PYTHONPATH=$PWD python benchmarks/bench_cpu_issue3.py [--reps 5] [--csv out.csv]
+    python benchmarks/bench_cpu_issue3.py [--reps 5] [--csv out.csv]
 
 Measures (wall time, best of ``--reps`` interleaved repetitions, so every path sees the
 same machine noise; the median is printed too):
@@ -13,8 +13,8 @@ same machine noise; the median is printed too):
   printed without it, 4,080 frozen + 16 trainable atoms) vs the authors' layer (concatenate frozen + trainable every call, dense
   autograd through ``moram_dense``);
 * inference peak memory growth: peak RSS (VmHWM, reset just before) during one call minus
-  the RSS before it, each path in a fresh subprocess whose libraries were warmed up on a
-  tiny call, with glibc's mmap threshold fixed so freed blocks leave RSS;
+  the RSS before it (``benchmarks.timing.PeakMemory``), each path in a fresh subprocess
+  whose libraries were warmed up on a tiny call;
 * bytes saved for backward, via ``torch.autograd.graph.saved_tensors_hooks``: storages
   created by the forward (activations), apart from the ones that existed before it
   (parameters, buffers, x, the layer's cached frozen Gram matrix).
@@ -23,6 +23,7 @@ same machine noise; the median is printed too):
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -40,6 +41,8 @@ sys.path.insert(0, ROOT)
 
 import moram_kernels as mk  # noqa: E402
 from moram_kernels import reference as ref  # noqa: E402
+from benchmarks.baselines import AuthorsMoRAMLinear  # noqa: E402
+from benchmarks.timing import saved_for_backward  # noqa: E402
 
 T, D, N, K, TAU, R = 2048, 1024, 4096, 16, 0.01, 16
 
@@ -52,24 +55,6 @@ def make_data(seed=0):
     return x, keys, values
 
 
-class AuthorsLayer(nn.Module):
-    """The authors' layer: frozen + trainable atoms concatenated on every call, the dense
-    [T, N] formulation, plain autograd."""
-
-    def __init__(self, base, frozen_keys, frozen_values, keys, values):
-        super().__init__()
-        self.base_layer = base
-        self.register_buffer("frozen_keys", frozen_keys)
-        self.register_buffer("frozen_values", frozen_values)
-        self.keys = nn.Parameter(keys)
-        self.values = nn.Parameter(values)
-
-    def forward(self, x):
-        a = torch.cat([self.frozen_keys, self.keys])
-        b = torch.cat([self.frozen_values, self.values])
-        return self.base_layer(x) + ref.moram_dense(x, a, b, k=K, tau=TAU)
-
-
 def make_layers(seed=0):
     x, keys, values = make_data(seed)
     base = nn.Linear(D, D)
@@ -80,8 +65,8 @@ def make_layers(seed=0):
         ours.frozen_values = values[: N - R].clone()
         ours.keys.copy_(keys[N - R:])
         ours.values.copy_(values[N - R:])   # nonzero, so every gradient path does real work
-    theirs = AuthorsLayer(base, keys[: N - R].clone(), values[: N - R].clone(),
-                          keys[N - R:].clone(), values[N - R:].clone())
+    # the authors' layer over its own copy of the same atoms, so the gradients stay apart
+    theirs = AuthorsMoRAMLinear(copy.deepcopy(ours))
     return x, ours.train(), theirs.train()
 
 
@@ -103,31 +88,14 @@ def bench(fns: dict, reps: int) -> dict:
     return {k: (min(v), statistics.median(v), min(cpu[k])) for k, v in times.items()}
 
 
-def saved_bytes(fn, preexisting) -> tuple[int, int, list]:
-    """(bytes of new storages saved for backward, bytes of all saved, descriptions)."""
-    seen = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        seen[st.data_ptr()] = (st.nbytes(), tuple(t.shape), str(t.dtype))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    pre = {t.untyped_storage().data_ptr() for t in preexisting}
-    new = {p: v for p, v in seen.items() if p not in pre}
-    del out
-    return sum(v[0] for v in new.values()), sum(v[0] for v in seen.values()), sorted(new.values())
-
-
 _CHILD = r"""
-import resource, sys, torch
+import sys, torch
 sys.path.insert(0, {root!r})
 torch.set_num_threads({threads})
 import moram_kernels as mk
 from moram_kernels import reference as ref
-sys.path.insert(0, {bench_dir!r})
-from bench_cpu_issue3 import make_data, K, TAU
+from benchmarks.bench_cpu_issue3 import make_data, K, TAU
+from benchmarks.timing import PeakMemory
 x, keys, values = make_data()
 path = {path!r}
 def run(x, keys, values):
@@ -136,31 +104,19 @@ def run(x, keys, values):
     if path == "authors":
         return ref.moram_dense(x, keys, values, k=K, tau=TAU, delta=0.2)
     return x @ keys.T
-def status(field):
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) * 1024 for l in f if l.startswith(field + ":"))
+pm = PeakMemory(torch.device("cpu"))
+pm.prepare_cpu()
+if pm.why_not:
+    raise SystemExit(pm.why_not)
 with torch.no_grad():
     run(x[:64].clone(), keys[:256].clone(), values[:256].clone())   # libraries' lazy init
-    try:   # reset the peak (VmHWM) to the current RSS, so the setup's temporaries don't count
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        before, peak = status("VmRSS"), lambda: status("VmHWM")
-    except OSError:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    y = run(x, keys, values)
-    after = peak()
-print(after - before)
+    print(pm.measure(lambda: run(x, keys, values)))
 """
 
 
 def peak_growth(path: str, threads: int) -> int:
-    code = _CHILD.format(root=ROOT, bench_dir=os.path.dirname(os.path.abspath(__file__)),
-                         path=path, threads=threads)
-    # a fixed mmap threshold makes glibc return every large block to the OS when it is freed,
-    # so RSS follows the live tensors instead of a heap that only grows
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    code = _CHILD.format(root=ROOT, path=path, threads=threads)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])
 
 
@@ -201,15 +157,17 @@ def main():
 
     gx_o, gx_t = step(ours)(), step(theirs)()
     gerr = ((gx_o - gx_t).abs().max() / gx_t.abs().max()).item()
-    kerr = ((ours.keys.grad - theirs.keys.grad).abs().max() / theirs.keys.grad.abs().max()).item()
+    kerr = ((ours.keys.grad - theirs.layer.keys.grad).abs().max() / theirs.layer.keys.grad.abs().max()).item()
     train = bench({"cpu": step(ours), "authors": step(theirs)}, max(2, args.reps - 2))
     train_nx = bench({"cpu": step(ours, False), "authors": step(theirs, False)}, max(2, args.reps - 2))
 
     xs = xt.detach().requires_grad_()
     pre_o = list(ours.parameters()) + list(ours.buffers()) + [xs, ours._frozen_gram()]
     pre_t = list(theirs.parameters()) + list(theirs.buffers()) + [xs]
-    sb_o, sball_o, _ = saved_bytes(lambda: ours(xs), pre_o)
-    sb_t, sball_t, _ = saved_bytes(lambda: theirs(xs), pre_t)
+    sb_o = saved_for_backward(lambda: ours(xs), lambda: pre_o)[1]
+    sb_t = saved_for_backward(lambda: theirs(xs), lambda: pre_t)[1]
+    sball_o = saved_for_backward(lambda: ours(xs), list)[1]
+    sball_t = saved_for_backward(lambda: theirs(xs), list)[1]
 
     mem = {p: min(peak_growth(p, threads) for _ in range(args.mem_runs)) for p in ("cpu", "authors", "gemm")}
 
