@@ -2,7 +2,7 @@
 
 * :class:`AuthorsMoRAMLinear`: the authors' layer. On every call it concatenates the
   frozen bank and the trainable atoms, then runs the dense formulation
-  (:func:`moram_kernels.reference.moram_dense`) under plain autograd.
+  (:func:`moram_kernels.backends.reference.moram_dense`) under plain autograd.
 * :func:`compiled_authors_linear` / :func:`compiled_dense`: ``torch.compile`` of the same
   code. Tensors are arguments (never attributes), so one compiled graph with dynamic
   shapes serves every layer of a sweep instead of recompiling per module instance.
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moram_kernels import MoRAMLinear
-from moram_kernels.reference import moram_dense
+from moram_kernels.backends.reference import moram_dense
 
 __all__ = ["authors_moram_linear", "AuthorsMoRAMLinear", "compiled_authors_linear", "compiled_dense",
            "LoRALinear", "lora_delta"]

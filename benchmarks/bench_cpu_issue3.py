@@ -40,7 +40,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import moram_kernels as mk  # noqa: E402
-from moram_kernels import reference as ref  # noqa: E402
+from moram_kernels.backends import reference as ref  # noqa: E402
 from benchmarks.baselines import AuthorsMoRAMLinear  # noqa: E402
 from benchmarks.timing import saved_for_backward  # noqa: E402
 
@@ -93,7 +93,7 @@ import sys, torch
 sys.path.insert(0, {root!r})
 torch.set_num_threads({threads})
 import moram_kernels as mk
-from moram_kernels import reference as ref
+from moram_kernels.backends import reference as ref
 from benchmarks.bench_cpu_issue3 import make_data, K, TAU
 from benchmarks.timing import PeakMemory
 x, keys, values = make_data()

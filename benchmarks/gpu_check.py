@@ -37,7 +37,7 @@ T_PREFILL = 4096
 T_DECODE = (1, 16, 64)
 
 
-# ---- the FLOP / byte model (also in moram_kernels/_triton/__init__.py) -------------------------
+# ---- the FLOP / byte model (also in moram_kernels/backends/triton/__init__.py) -------------------------
 
 def fwd_flops(t, d_in, d_out, n, k):
     """Scoring GEMM 2 T N d_in plus the K-row gather 2 T K d_out."""
@@ -98,7 +98,7 @@ SMOKE_CASES = ((5, 24, 40, 8, 4, "float32"), (3, 16, 30, 0, 8, "bfloat16"))
 
 def inline_parity(mk, ref, torch, backends, dev="cuda", cases=PARITY_CASES):
     """Each backend against the reference (fp32 math) on ``dev`` tensors; returns failures."""
-    from moram_kernels import _dispatch
+    from moram_kernels import backends as _dispatch
     g = torch.Generator(device=dev).manual_seed(0)
     fails = []
     for t, d, n0, n1, k, dn in cases:
@@ -160,7 +160,7 @@ def print_table(rows, peak_tflops, peak_gbs):
 def gpu_backends(mk, torch, only_available=True):
     """Backends that take bf16 CUDA tensors at the benchmark shape (not "cpu"), best first;
     only those usable on this machine unless ``only_available`` is False."""
-    from moram_kernels import _dispatch
+    from moram_kernels import backends as _dispatch
     inp = _dispatch.Inputs(torch.device("cuda"), torch.bfloat16, torch.bfloat16, torch.bfloat16,
                            D_IN, D_OUT, N_ATOMS, K)
     names = mk.available_backends() if only_available else _dispatch.NAMES
@@ -172,7 +172,7 @@ def bench(args):
     import triton
 
     import moram_kernels as mk
-    from moram_kernels import reference as ref
+    from moram_kernels.backends import reference as ref
     from moram_kernels.ops import moram_segments
 
     t_start = time.perf_counter()
@@ -305,7 +305,7 @@ def main():
         import torch
 
         import moram_kernels as mk
-        from moram_kernels import reference as ref
+        from moram_kernels.backends import reference as ref
         backends = [b for b in mk.available_backends() if b != "reference"] + ["reference"]
         return 1 if inline_parity(mk, ref, torch, backends, dev="cpu", cases=SMOKE_CASES) else 0
     if args.dry_run:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from moram_kernels.reference import effective_k
+from moram_kernels.backends.reference import effective_k
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 import moram_kernels as mk
-from moram_kernels.reference import moram_dense
+from moram_kernels.backends.reference import moram_dense
 
 from .baselines import AuthorsMoRAMLinear, LoRALinear, compiled_dense, lora_delta
 from .grid import Case
@@ -227,7 +227,7 @@ def dense_flops(case: Case, mode: str) -> float:
 
 def refusal(case: Case, s: "Setup", backend: str) -> str | None:
     """Why the dispatch table would refuse this backend for these inputs, if it would."""
-    from moram_kernels import _dispatch
+    from moram_kernels import backends as _dispatch
     inp = _dispatch.Inputs(s.device, s.dtype, s.dtype, s.dtype, case.d_in, case.d_out, case.n, case.kk)
     reasons = _dispatch._BY_NAME[backend].refuses(inp, True)
     return "; ".join(reasons) if reasons else None

@@ -97,7 +97,7 @@ def choose_backends(requested: str | None, device: torch.device) -> tuple[list[s
         notes.append("cpu: not timed, the inputs are on CUDA")
     for b in ("triton", "cuda", "cpu"):
         if b not in avail:
-            from moram_kernels import _dispatch
+            from moram_kernels import backends as _dispatch
             notes.append(f"{b}: unavailable ({_dispatch.why_unavailable(b)})")
     return names, notes
 

@@ -29,7 +29,7 @@ def _compile(job):
     from triton.compiler import ASTSource
     import triton
 
-    from moram_kernels._triton.variants import all_variants
+    from moram_kernels.backends.triton.variants import all_variants
     v = all_variants()[i]
     t0 = time.perf_counter()
     try:
@@ -68,7 +68,7 @@ def _res_usage(cubin):
 def run(archs=(90, 80), jobs=2, filt=None):
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("unset TRITON_INTERPRET: the interpreter compiles nothing")
-    from moram_kernels._triton.variants import all_variants
+    from moram_kernels.backends.triton.variants import all_variants
     vs = all_variants()
     todo = [(i, a) for a in archs for i, v in enumerate(vs) if not filt or filt in v.label]
     if jobs > 1:

@@ -5,7 +5,7 @@ The public API (``../shared/spec/API.md``) and nothing else.
 
 __version__ = "0.1.0"
 
-from ._dispatch import available_backends, use_backend
+from .backends import available_backends, use_backend
 from . import integrations
 from .integrations import (MoRAMConfig, add_task, inject, load_moram, remove, save_moram,
                            trainable_parameters)
@@ -17,7 +17,7 @@ __all__ = [
     "remove", "add_task", "save_moram", "load_moram", "trainable_parameters", "__version__",
 ]
 
-from . import _dispatch as _d
+from . import backends as _backends
 
-_d.probe()
-del _d
+_backends.probe()
+del _backends

@@ -20,8 +20,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _dispatch
-from .reference import effective_k
+from . import backends as _dispatch
+from .backends.reference import effective_k
 
 __all__ = ["moram", "moram_segments"]
 

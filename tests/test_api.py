@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import moram_kernels as mk
-from moram_kernels import _dispatch
+from moram_kernels import backends as _dispatch
 
 API = ["moram", "available_backends", "use_backend", "MoRAMLinear", "MoRAMConfig", "inject",
        "add_task", "save_moram", "load_moram"]
@@ -63,7 +63,7 @@ def test_use_backend_and_env(monkeypatch):
 
 def test_env_var_forces_backend_in_fresh_process():
     code = ("import torch, moram_kernels as mk\n"
-            "from moram_kernels import _dispatch\n"
+            "from moram_kernels import backends as _dispatch\n"
             "print(_dispatch.requested(None))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "MORAM_BACKEND": "reference"}, check=True)
@@ -118,3 +118,37 @@ def test_bad_input_names_the_argument(change, exc, match):
     kw.update(change)
     with pytest.raises(exc, match=match):
         mk.moram(kw.pop("x"), kw.pop("keys"), kw.pop("values"), **kw)
+
+
+def test_old_reference_path_still_imports():
+    """Users import the authors' dense layer from ``moram_kernels.reference``; it is the
+    same function as the one under ``backends``."""
+    from moram_kernels import reference as old
+    from moram_kernels.backends import reference as new
+    assert old.moram_dense is new.moram_dense and old.effective_k is new.effective_k
+
+
+def test_no_backend_module_imports_the_table():
+    """The table (``backends/__init__.py``) imports backend modules lazily; a backend module
+    that imported the table back would make a cycle. Checked on the source, statically."""
+    import ast
+    import pathlib
+    root = pathlib.Path(mk.__file__).parent / "backends"
+    submodules = {p.stem for p in root.glob("*.py")} | {p.name for p in root.iterdir() if p.is_dir()}
+    offenders = []
+    for path in root.rglob("*.py"):
+        if path == root / "__init__.py":
+            continue
+        depth = len(path.relative_to(root).parts)          # 1 for backends/x.py, 2 for triton/x.py
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            names = [a.name for a in node.names]
+            table = (node.module == "moram_kernels.backends"
+                     or (node.module == "moram_kernels" and "backends" in names)
+                     or (node.level == depth and node.module is None
+                         and any(n not in submodules for n in names))
+                     or (node.level == depth + 1 and node.module is None and "backends" in names))
+            if table:
+                offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not offenders, f"backend modules importing the backend table: {offenders}"

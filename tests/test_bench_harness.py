@@ -149,7 +149,7 @@ def test_bad_arguments_are_refused(argv):
 def test_backend_refusal_is_a_skip_with_its_reason(tmp_path, monkeypatch):
     import dataclasses
 
-    from moram_kernels import _dispatch
+    from moram_kernels import backends as _dispatch
     ref = _dispatch._BY_NAME["reference"]
     monkeypatch.setitem(_dispatch._BY_NAME, "reference",
                         dataclasses.replace(ref, refuses=lambda inp, forced: [f"no K = {inp.k} today"]))

@@ -14,7 +14,7 @@ import moram_kernels as mk
 from benchmarks.baselines import AuthorsMoRAMLinear, LoRALinear, compiled_dense
 from benchmarks.grid import Case
 from benchmarks.impls import Setup, rel_err
-from moram_kernels.reference import moram_dense
+from moram_kernels.backends.reference import moram_dense
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # The Triton interpreter (TRITON_INTERPRET=1 on CPU) is a test tool: the parity suite

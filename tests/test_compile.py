@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import moram_kernels as mk
-from moram_kernels import reference as ref
+from moram_kernels.backends import reference as ref
 from moram_kernels.ops import moram_bwd_op, moram_fwd_op
 
 BACKENDS = [b for b in mk.available_backends() if b != "triton"]   # the interpreter is too slow here

@@ -11,14 +11,14 @@ import torch
 from helpers import DTYPES, make_inputs
 
 import moram_kernels as mk
-from moram_kernels import _C_loader
-from moram_kernels import reference as ref
+from moram_kernels.backends import compiled as _C_loader
+from moram_kernels.backends import reference as ref
 
 _WHY = _C_loader.why_unavailable("cpu")
 if _WHY is not None:
     pytest.skip(f"the cpu backend is not built here: {_WHY}", allow_module_level=True)
 
-from moram_kernels import _cpu  # noqa: E402  (needs the extension)
+from moram_kernels.backends import cpu as _cpu  # noqa: E402  (needs the extension)
 
 TAU, EPS = 0.1, 1e-12
 # error relative to max |reference|: both sides accumulate in fp32 from the same inputs,
@@ -289,7 +289,7 @@ def test_moram_linear_train_step_matches_reference_backend():
 
 def test_picked_automatically_for_cpu_tensors():
     assert "cpu" in mk.available_backends()
-    from moram_kernels import _dispatch
+    from moram_kernels import backends as _dispatch
     inp = _dispatch.Inputs(torch.device("cpu"), torch.float32, torch.float32, torch.float32, 8, 8, 4, 2)
     assert _dispatch.select(None, inp).name == "cpu"
 

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import moram_kernels as mk
-from moram_kernels import _dispatch, reference
+from moram_kernels import backends as _dispatch
+from moram_kernels.backends import reference
 
 TOL = {torch.float32: 2e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}  # relative to max |ref|
 
@@ -120,12 +121,12 @@ def test_forced_cuda_backend_on_cpu_tensors_says_why():
 
 
 def test_cuda_module_refuses_to_import_without_cuda_kernels():
-    from moram_kernels import _C_loader
+    from moram_kernels.backends import compiled as _C_loader
     why = _C_loader.why_unavailable("cuda")
     if why is None:
         pytest.skip("the extension here carries the CUDA kernels")
     with pytest.raises(ImportError, match="CUDA kernels"):
-        import moram_kernels._cuda  # noqa: F401
+        import moram_kernels.backends.cuda  # noqa: F401
 
 
 # ---- the tests (GPU only) --------------------------------------------------------------------

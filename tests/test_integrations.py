@@ -22,7 +22,7 @@ from torch import nn
 
 import moram_kernels as mk
 from moram_kernels import integrations as mki
-from moram_kernels.reference import moram_dense
+from moram_kernels.backends.reference import moram_dense
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,8 +10,8 @@ from conftest import INTERPRETED
 from helpers import DTYPES, assert_close, effective_k, make_inputs, oracle
 
 import moram_kernels as mk
-from moram_kernels import _dispatch
-from moram_kernels import reference as ref
+from moram_kernels import backends as _dispatch
+from moram_kernels.backends import reference as ref
 
 # name: (T, d_in, d_out, N, k, small)   small = cheap enough for an interpreter
 CASES = {

@@ -6,7 +6,7 @@ import torch
 from helpers import DTYPES, assert_close, make_inputs, oracle
 
 import moram_kernels as mk
-from moram_kernels import reference as ref
+from moram_kernels.backends import reference as ref
 
 
 @pytest.mark.parametrize("dn", list(DTYPES))

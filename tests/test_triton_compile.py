@@ -29,7 +29,7 @@ def test_every_variant_compiles_for_sm90_and_sm80(tmp_path):
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     rows = list(csv.DictReader(out.open()))
     count = subprocess.run(
-        [sys.executable, "-c", "from moram_kernels._triton.variants import all_variants as a; print(len(a()))"],
+        [sys.executable, "-c", "from moram_kernels.backends.triton.variants import all_variants as a; print(len(a()))"],
         env=env, capture_output=True, text=True, check=True)
     n = int(count.stdout)
     assert len(rows) == 2 * n

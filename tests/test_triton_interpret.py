@@ -18,15 +18,15 @@ import torch  # noqa: E402
 from helpers import REL_ATOL, make_inputs, max_rel_err  # noqa: E402
 
 import moram_kernels as mk  # noqa: E402
-from moram_kernels import reference as ref  # noqa: E402
+from moram_kernels.backends import reference as ref  # noqa: E402
 
 if "triton" not in mk.available_backends():
-    pytest.skip(f"triton backend unavailable here: {mk._dispatch.why_unavailable('triton')}",
+    pytest.skip(f"triton backend unavailable here: {mk.backends.why_unavailable('triton')}",
                 allow_module_level=True)
 
-from moram_kernels import _triton as tk  # noqa: E402
-from moram_kernels._triton import backward as tb  # noqa: E402
-from moram_kernels._triton import forward as tf  # noqa: E402
+from moram_kernels.backends import triton as tk  # noqa: E402
+from moram_kernels.backends.triton import backward as tb  # noqa: E402
+from moram_kernels.backends.triton import forward as tf  # noqa: E402
 
 INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DEV = torch.device("cpu" if INTERP else "cuda")

@@ -145,7 +145,7 @@ def _dense_plan(t: int, d: int, n: int, have_gram: bool, have_p: bool) -> str:
 
 def moram_bwd(gy, x, keys0, values0, scale0, keys1, values1, scale1, gram0,
               idx, p_sel, norm, tau, delta, eps, need_x, need_seg0, need_seg1):
-    """Triton backward (contract in :mod:`moram_kernels.reference`): returns
+    """Triton backward (contract in :mod:`moram_kernels.backends.reference`): returns
     ``(gx [T, d_in], gkeys0, gvalues0, gkeys1, gvalues1)``, None where not needed."""
     T, K = idx.shape
     D = x.shape[1]

@@ -1,5 +1,5 @@
 """The ``triton`` backend: fused MoRAM forward and backward (contract in
-:mod:`moram_kernels.reference`).
+:mod:`moram_kernels.backends.reference`).
 
 Forward, two launches, no ``[T, N]`` tensor in device memory:
 

@@ -1,4 +1,8 @@
-"""Loads the optional compiled extension ``moram_kernels._C`` (csrc/), once.
+"""The compiled extension ``moram_kernels._C`` (csrc/): its loader, and the Python face of
+its ops ``torch.ops.moram_kernels_C.*``, which serve both the ``cpu`` and the ``cuda``
+backends (the torch dispatcher picks the CPU or CUDA kernel from the tensors' device).
+
+The extension is loaded once, on first use.
 
 A missing or broken build never fails the import of the package: it gives one
 warning and the backends that need it report why they are unavailable.
@@ -14,6 +18,8 @@ from __future__ import annotations
 import glob
 import importlib
 import os
+
+from .._warnings import warn_once
 
 _state: dict[str, object] = {}
 
@@ -39,7 +45,6 @@ def load():
                 else:
                     why = None
             if mod is None:
-                from ._dispatch import warn_once
                 warn_once("extension", why + "; falling back to the reference path")
     _state["module"], _state["why"] = mod, why
     return mod
@@ -47,7 +52,7 @@ def load():
 
 def _jit_build():
     """Compile csrc/ops.cpp + csrc/cpu/*.cpp now: ``(module, None)`` or ``(None, why)``."""
-    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
     sources = [os.path.join(root, "ops.cpp")] + sorted(glob.glob(os.path.join(root, "cpu", "*.cpp")))
     if not os.path.exists(sources[0]) or len(sources) < 2:
         return None, f"no C++ sources under {root} (an installed wheel does not ship them)"
@@ -70,3 +75,37 @@ def why_unavailable(kind: str) -> str | None:
     if has is None or not has():
         return f"the compiled extension was built without {kind} kernels"
     return None
+
+
+def require(kind: str):
+    """The ``(moram_fwd, moram_bwd)`` pair of the compiled ops for ``kind`` ("cpu" or "cuda"),
+    or ImportError with the reason (the backend table never imports a backend it knows
+    to be unavailable, so this only fires on a direct import)."""
+    why = why_unavailable(kind)
+    if why is not None:
+        raise ImportError(f"the {kind} backend needs the compiled extension built with {kind} kernels: {why}")
+    return moram_fwd, moram_bwd
+
+
+def moram_fwd(x, keys0, values0, scale0, keys1, values1, scale1, K, tau, delta, eps):
+    """``-> (y [T, d_out] dtype of x, idx [T, K] int64, p_sel [T, K] fp32, norm [T] fp32)``."""
+    y, idx, p_sel, norm = _ops().moram_fwd(x, keys0, values0, scale0, keys1, values1, scale1,
+                                           int(K), float(tau), float(delta), float(eps))
+    return y, idx, p_sel, norm
+
+
+def moram_bwd(gy, x, keys0, values0, scale0, keys1, values1, scale1, gram0,
+              idx, p_sel, norm, tau, delta, eps, need_x, need_seg0, need_seg1):
+    """``-> (gx, gkeys0, gvalues0, gkeys1, gvalues1)``; None where not needed (the op
+    returns an empty tensor there)."""
+    out = _ops().moram_bwd(gy, x, keys0, values0, scale0, keys1, values1, scale1, gram0,
+                           idx, p_sel, norm, float(tau), float(delta), float(eps),
+                           bool(need_x), bool(need_seg0), bool(need_seg1))
+    needed = (need_x, need_seg0, need_seg0, need_seg1, need_seg1)
+    return tuple(g if n else None for g, n in zip(out, needed))
+
+
+def _ops():
+    import torch
+    load()
+    return torch.ops.moram_kernels_C

@@ -1,8 +1,22 @@
-"""The one backend table: which backends exist, whether each can run here, and why
-one would refuse given inputs.
+"""Every backend, and the one table that chooses among them.
 
-Adding a backend takes one module exposing ``moram_fwd``/``moram_bwd`` (the contract
-in :mod:`moram_kernels.reference`) and one row in ``_TABLE``.
+=============  =================================================================
+module         backend
+=============  =================================================================
+``reference``  pure PyTorch: the authors' dense layer (the baseline) and the sparse
+               reference backend whose two functions define the contract
+``cpu``        the C++/OpenMP kernels (``csrc/cpu``)
+``cuda``       the C++/CUDA kernels (``csrc/cuda``)
+``compiled``   the loader of the optional extension ``moram_kernels._C`` behind
+               ``cpu`` and ``cuda``
+``triton``     the Triton kernels (a package: forward, backward, variants)
+=============  =================================================================
+
+This module says which backends exist, whether each can run here, why one would
+refuse given inputs, and picks one per call. Adding a backend takes one module exposing
+``moram_fwd``/``moram_bwd`` (the contract in :mod:`moram_kernels.backends.reference`)
+and one row in ``_TABLE``. Backend modules are imported lazily, and none imports this
+one, so there is no import cycle.
 """
 
 from __future__ import annotations
@@ -10,11 +24,12 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
+
+from .._warnings import warn_once  # noqa: F401  (re-exported for the callers of the table)
 
 _ENV = "MORAM_BACKEND"
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -63,8 +78,8 @@ def _reference_refuses(inp: Inputs, forced: bool) -> list[str]:
 # ---- cpu (C++ extension) ----------------------------------------------------------------
 
 def _cpu_unavailable() -> str | None:
-    from . import _C_loader
-    return _C_loader.why_unavailable("cpu")
+    from . import compiled
+    return compiled.why_unavailable("cpu")
 
 
 def _cpu_refuses(inp: Inputs, forced: bool) -> list[str]:
@@ -79,8 +94,8 @@ def _cpu_refuses(inp: Inputs, forced: bool) -> list[str]:
 def _cuda_unavailable() -> str | None:
     if not torch.cuda.is_available():
         return "torch sees no CUDA device"
-    from . import _C_loader
-    return _C_loader.why_unavailable("cuda")
+    from . import compiled
+    return compiled.why_unavailable("cuda")
 
 
 def _cuda_refuses(inp: Inputs, forced: bool) -> list[str]:
@@ -107,7 +122,7 @@ def _triton_unavailable() -> str | None:
     except Exception as e:  # ImportError, or a broken install
         return f"triton cannot be imported ({type(e).__name__}: {e})"
     try:
-        importlib.import_module("moram_kernels._triton")
+        importlib.import_module("moram_kernels.backends.triton")
     except Exception as e:
         return f"the Triton kernels failed to load ({type(e).__name__}: {e})"
     return None
@@ -130,10 +145,10 @@ def _triton_refuses(inp: Inputs, forced: bool) -> list[str]:
 # ---- the table, best first; "reference" is last and always available ---------------------
 
 _TABLE: tuple[Backend, ...] = (
-    Backend("triton", "moram_kernels._triton", _triton_unavailable, _triton_refuses),
-    Backend("cuda", "moram_kernels._cuda", _cuda_unavailable, _cuda_refuses),
-    Backend("cpu", "moram_kernels._cpu", _cpu_unavailable, _cpu_refuses),
-    Backend("reference", "moram_kernels.reference", lambda: None, _reference_refuses),
+    Backend("triton", "moram_kernels.backends.triton", _triton_unavailable, _triton_refuses),
+    Backend("cuda", "moram_kernels.backends.cuda", _cuda_unavailable, _cuda_refuses),
+    Backend("cpu", "moram_kernels.backends.cpu", _cpu_unavailable, _cpu_refuses),
+    Backend("reference", "moram_kernels.backends.reference", lambda: None, _reference_refuses),
 )
 _BY_NAME = {b.name: b for b in _TABLE}
 NAMES = tuple(_BY_NAME)
@@ -205,12 +220,3 @@ def select(explicit: str | None, inp: Inputs) -> Backend:
             return b
     reasons = _BY_NAME["reference"].refuses(inp, False)
     raise TypeError("no moram backend can run these inputs: " + "; ".join(reasons))
-
-
-_warned: set[str] = set()
-
-
-def warn_once(key: str, msg: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)

@@ -154,7 +154,7 @@ def compute_dtype(x, keys0, keys1) -> tuple[str, bool]:
 
 
 def moram_fwd(x, keys0, values0, scale0, keys1, values1, scale1, K, tau, delta, eps):
-    """Triton forward (contract in :mod:`moram_kernels.reference`).
+    """Triton forward (contract in :mod:`moram_kernels.backends.reference`).
 
     x ``[T, d_in]``; returns ``y [T, d_out]``, ``idx [T, K]`` int64, ``p_sel [T, K]`` fp32,
     ``norm [T]`` fp32.
