@@ -14,7 +14,7 @@ import torch
 
 import moram_kernels as mk
 
-from . import grid, report
+from . import grid, presets, report
 from .hardware import detect
 from .impls import (AUTHORS, FLOOR, Impl, Setup, dense_flops, estimated_gb, eval_impls, refusal,
                     rel_err, train_impls, work)
@@ -32,7 +32,13 @@ def _ints(s: str) -> list[int]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="presets (python -m benchmarks --preset NAME [its options], "
+                                       "--preset NAME --help for them):\n"
+                                       + "\n".join(f"  {n:14s} {pr.summary}" for n, pr in presets.PRESETS.items()))
+    p.add_argument("--preset", choices=list(presets.PRESETS), default=None,
+                   help="run a preset instead of the grid; the options after it are the preset's own")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="a small grid, under a minute on 2 CPU cores")
     size.add_argument("--smoke", action="store_true", help="a tiny grid that only checks the harness runs")
@@ -218,7 +224,21 @@ def memory_pass(cases, args, backends, device, dtype, rows, pbar) -> str | None:
     return None
 
 
+def split_preset(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(preset name or None, the other arguments) from ``--preset NAME`` / ``--preset=NAME``."""
+    for i, a in enumerate(argv):
+        if a == "--preset" and i + 1 < len(argv):
+            return argv[i + 1], argv[:i] + argv[i + 2:]
+        if a.startswith("--preset="):
+            return a.split("=", 1)[1], argv[:i] + argv[i + 1:]
+    return None, argv
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name, rest = split_preset(argv)
+    if name is not None:
+        return presets.run(name, rest)
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import csv
 import glob
+import importlib
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -159,3 +161,52 @@ def test_backend_refusal_is_a_skip_with_its_reason(tmp_path, monkeypatch):
     rows = [r for r in _read_csv(folder) if r["impl"] == "moram:reference"]
     assert rows and all(r["status"] == "skipped" and "reference refuses these inputs: no K = 4 today"
                         in r["reason"] for r in rows)
+
+
+# ---- presets: python -m benchmarks --preset NAME ------------------------------------------------
+
+def test_preset_is_split_from_the_arguments_and_listed_in_help(capsys):
+    from benchmarks import presets
+    assert run.split_preset(["--preset", "cpu-goals", "--reps", "2"]) == ("cpu-goals", ["--reps", "2"])
+    assert run.split_preset(["--reps", "2", "--preset=cpu-goals"]) == ("cpu-goals", ["--reps", "2"])
+    assert run.split_preset(["--quick"]) == (None, ["--quick"])
+    with pytest.raises(SystemExit, match="unknown preset 'nope'.*cpu-goals"):
+        run.main(["--preset", "nope"])
+    with pytest.raises(SystemExit):
+        run.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for name, preset in presets.PRESETS.items():
+        assert name in text
+        mod = importlib.import_module(f"benchmarks.presets.{preset.module}")
+        assert callable(mod.main)
+
+
+@pytest.mark.skipif("cpu" not in mk.available_backends(), reason="the cpu-goals preset times the C++ cpu backend")
+def test_cpu_goals_preset_table_matches_its_ratios(tmp_path, capsys):
+    out_csv = tmp_path / "goals.csv"
+    rc = run.main(["--preset", "cpu-goals", "--T", "96", "--d", "48", "--N", "80", "--reps", "1",
+                   "--mem-runs", "1", "--threads", "1", "--csv", str(out_csv)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "not the shape the goals are set for" in text
+    rows = [ln.split(" | ") for ln in text.splitlines() if re.match(r"\| .* \| [\d.e+-]+ (ms|MiB) vs ", ln)]
+    assert len(rows) == 5, text
+    thresholds = {">= 2.5x faster": (2.5, True), "<= 1.25x the GEMM": (1.25, False), ">= 4x faster": (4, True),
+                  ">= 8x smaller": (8, True), ">= 50x smaller": (50, True)}
+    for cells in rows:
+        ratio, cpu_ratio, goal, met = cells[2], cells[3], cells[4], cells[5].rstrip(" |")
+        r = float(ratio.rstrip("x"))
+        assert r > 0 and (cpu_ratio == "-" or float(cpu_ratio.rstrip("x")) > 0)
+        limit, higher_is_better = thresholds[goal]
+        assert met == ("yes" if (r >= limit if higher_is_better else r <= limit) else "NO"), cells
+    # each ratio is the quotient of the two figures it stands for
+    for cells in rows:
+        a, b = [float(v.split()[0]) for v in cells[1].split(" vs ")]
+        want = a / b if "GEMM" in cells[4] else b / a
+        assert float(cells[2].rstrip("x")) == pytest.approx(want, rel=0.015, abs=0.006), cells
+    errs = re.search(r"forward rel\. err vs authors (\S+); train-step gx rel\. err (\S+), keys\.grad (\S+)", text)
+    assert errs and all(float(e) < 1e-4 for e in errs.groups())
+    with open(out_csv) as f:
+        saved = list(csv.DictReader(f))
+    assert [r["goal"] for r in saved] == [c[4] for c in rows]
+    assert [r["met"] for r in saved] == [str(c[5].rstrip(" |") == "yes") for c in rows]
