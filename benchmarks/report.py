@@ -207,5 +207,13 @@ def write_all(rows, hw, args, notes, mem_note, elapsed) -> dict:
     write_csv(rows, csv_path)
     with open(md_path, "w") as f:
         f.write(text + "\n")
-    pngs = [] if args.no_plots else plots(rows, folder)
-    return dict(folder=folder, csv=csv_path, md=md_path, plots=pngs, markdown_text=text)
+    pngs, plot_note = [], None
+    if not args.no_plots:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            plot_note = ('no plots: matplotlib is not installed (pip install "matplotlib>=3.7", '
+                         'or the [plot] extra, then run again)')
+        else:
+            pngs = plots(rows, folder)
+    return dict(folder=folder, csv=csv_path, md=md_path, plots=pngs, plot_note=plot_note, markdown_text=text)

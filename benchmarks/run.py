@@ -198,10 +198,21 @@ def memory_pass(cases, args, backends, device, dtype, rows, pbar) -> str | None:
     """Peak memory of one call of every implementation that was timed (after all timing)."""
     mem = PeakMemory(device)
     mem.prepare_cpu()
-    gc.collect()
-    gc.freeze()     # later collections skip the (many) objects torch and compile created
     if mem.why_not:
         return mem.why_not
+    gc.collect()
+    gc.freeze()     # later collections skip the (many) objects torch and compile created
+    try:
+        _measure_all(mem, cases, args, backends, device, dtype, rows, pbar)
+    finally:
+        # Frozen objects are never collected, not even at exit: extension objects kept alive
+        # by a cycle then outlive their module, and nanobind-based libraries (triton >= 3.7,
+        # imported by torch.compile) print hundreds of "nanobind: leaked" lines at exit.
+        gc.unfreeze()
+    return None
+
+
+def _measure_all(mem, cases, args, backends, device, dtype, rows, pbar) -> None:
     ok = {(r["mode"], r["d_in"], r["N"], r["k"], r["T"], r["r"], r["tau"], r["impl"]): r
           for r in rows if r["status"] == "ok"}
     for case in cases:
@@ -221,7 +232,6 @@ def memory_pass(cases, args, backends, device, dtype, rows, pbar) -> str | None:
             del impls
         del setup
         gc.collect()
-    return None
 
 
 def split_preset(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -282,4 +292,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"      {paths['md']}")
     for p in paths["plots"]:
         print(f"      {p}")
+    if paths["plot_note"]:
+        print(paths["plot_note"])
     return 0

@@ -41,6 +41,8 @@ def test_smoke_run_writes_table_csv_and_plots(tmp_path):
         [sys.executable, "-m", "benchmarks", "--smoke", "--device", "cpu", "--no-compile", "--threads", "1", "--no-progress",
          "--out", str(tmp_path)], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stderr == ""                 # no warnings, no leak reports at exit: results only
+    assert out.stdout.rstrip().endswith("speedup_vs_N.png")
     (folder,) = glob.glob(str(tmp_path / "*-smoke"))
     rows = _read_csv(folder)
     assert set(report.COLUMNS) <= set(rows[0])
@@ -66,6 +68,32 @@ def test_smoke_run_writes_table_csv_and_plots(tmp_path):
         with open(os.path.join(folder, name), "rb") as f:
             data = f.read()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_without_matplotlib_the_table_and_csv_are_written_and_one_line_says_why_no_plots(tmp_path):
+    # matplotlib made unimportable in a fresh process; the memory pass runs too, and must not
+    # leave the garbage collector frozen (frozen objects are never freed, not even at exit,
+    # which makes nanobind-based extensions report leaks)
+    code = textwrap.dedent(f"""
+        import gc, sys
+        sys.modules["matplotlib"] = None
+        from benchmarks import run
+        rc = run.main(["--smoke", "--modes", "eval", "--backends", "reference", "--no-compile",
+                       "--threads", "1", "--no-progress", "--out", {str(tmp_path)!r}])
+        print("freeze count", gc.get_freeze_count())
+        sys.exit(rc)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stderr == ""
+    (folder,) = glob.glob(str(tmp_path / "*-smoke"))
+    assert sorted(os.listdir(folder)) == ["results.csv", "results.md"]
+    assert _read_csv(folder) and open(os.path.join(folder, "results.md")).read().strip() in out.stdout
+    lines = out.stdout.rstrip().splitlines()
+    assert [ln for ln in lines if "matplotlib" in ln.replace(str(tmp_path), "")] == [lines[-2]]
+    assert "pip install" in lines[-2]
+    assert lines[-1] == "freeze count 0"
 
 
 def test_skips_and_failures_are_reported(tmp_path, monkeypatch, capsys):
