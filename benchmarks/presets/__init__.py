@@ -2,8 +2,9 @@
 
 A preset is a focused measurement with its own options and its own table, run through the
 main job's command line. Adding one is one module in this folder with a
-``main(argv, prog) -> int`` (``prog`` names the command in its help) and one row in ``PRESETS`` below (the module is imported
-only when its preset runs). ``python -m benchmarks --preset NAME --help`` lists its options.
+``main(argv, prog) -> int`` (``prog`` names the command in its help) and one row in
+``PRESETS`` below; the module is imported only when its preset runs.
+``python -m benchmarks --preset NAME --help`` lists its options.
 """
 
 from __future__ import annotations
