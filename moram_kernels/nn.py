@@ -20,9 +20,24 @@ def _is_conv1d(m: nn.Module) -> bool:
             and isinstance(getattr(m, "weight", None), Tensor) and m.weight.dim() == 2)
 
 
+class _NoBase(nn.Module):
+    """Base layer of a ``MoRAMLinear`` that computes only the MoRAM delta, for wrappers that
+    keep the real base layer themselves (the PEFT layer): its output is a 0-d zero, which
+    broadcasts. It holds no state that would be saved (``weight`` only carries the device
+    and dtype, as a non-persistent buffer)."""
+
+    def __init__(self, d_in: int, d_out: int, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.in_features, self.out_features = d_in, d_out
+        self.register_buffer("weight", torch.empty(0, dtype=dtype, device=device), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.new_zeros(())
+
+
 def _linear_dims(base: nn.Module) -> tuple[int, int]:
     """``(d_in, d_out)`` of a supported base layer; ``TypeError`` for anything else."""
-    if isinstance(base, nn.Linear):
+    if isinstance(base, (nn.Linear, _NoBase)):
         return base.in_features, base.out_features
     if _is_conv1d(base):
         return base.weight.shape[0], base.weight.shape[1]
