@@ -132,7 +132,7 @@ def test_merge_raises_and_layer_reports_sizes(tmp_path):
     assert all(p.requires_grad == ("moram_" in n) for n, p in pm.named_parameters())
     with pytest.raises(ValueError, match="cannot be merged"):
         pm.merge_and_unload()
-    with pytest.raises(ValueError, match="target_modules"):
-        MoRAMPeftConfig(r=2)
+    with pytest.raises(TypeError, match="target_modules"):
+        MoRAMPeftConfig(target_modules=[])
     with pytest.raises(ValueError, match="r must be"):
         peft.get_peft_model(_base(tmp_path / "base"), MoRAMPeftConfig(**{**CFG, "r": 0}))

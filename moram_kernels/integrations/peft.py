@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import enum
 import weakref
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -63,23 +63,14 @@ class MoRAMPeftType(str, enum.Enum):
 
 
 MORAM = MoRAMPeftType.MORAM
-_HYPER = tuple(f.name for f in fields(MoRAMConfig) if f.name != "target_modules")
 
 
 @dataclass
-class MoRAMPeftConfig(PeftConfig):
-    """A ``peft.PeftConfig`` with the fields of :class:`~moram_kernels.MoRAMConfig`, plus
-    ``bank_sizes`` (filled in when saving; leave it empty for a new adapter)."""
+class MoRAMPeftConfig(PeftConfig, MoRAMConfig):
+    """A ``peft.PeftConfig`` with the fields of :class:`~moram_kernels.MoRAMConfig`
+    (``target_modules``, ``r``, ``k``, ``tau``, ``delta``, ``dropout``, ``alpha``, ``eps``)
+    plus ``bank_sizes``, filled in when saving (leave it empty for a new adapter)."""
 
-    target_modules: list[str] | str | None = field(
-        default=None, metadata={"help": "module-name suffixes or one regex (as in MoRAMConfig)"})
-    r: int = 16
-    k: int = 16
-    tau: float = 0.01
-    delta: float = 0.2
-    dropout: float = 0.0
-    alpha: float | None = None
-    eps: float = 1e-12
     exclude_modules: list[str] | str | None = None
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
@@ -89,18 +80,9 @@ class MoRAMPeftConfig(PeftConfig):
         metadata={"help": "per layer name: {'task_sizes': [...], 'trainable': n}; set by saving"})
 
     def __post_init__(self):
-        super().__post_init__()
+        PeftConfig.__post_init__(self)
+        MoRAMConfig.__post_init__(self)      # validates target_modules
         self.peft_type = MORAM
-        if self.target_modules is None:
-            raise ValueError("target_modules is required for MoRAM (which linear modules get atoms)")
-        self.moram_config()   # validates target_modules and the hyper-parameters' types
-        if isinstance(self.target_modules, (list, tuple)):
-            self.target_modules = set(self.target_modules)
-
-    def moram_config(self) -> MoRAMConfig:
-        tm = self.target_modules
-        return MoRAMConfig(target_modules=tm if isinstance(tm, str) else sorted(tm),
-                           **{h: getattr(self, h) for h in _HYPER})
 
     def to_dict(self) -> dict:
         link = self.__dict__.get("_moram_link")
@@ -156,7 +138,7 @@ class MoRAMPeftLayer(nn.Module, BaseTunerLayer):
     def update_layer(self, adapter_name: str, config: MoRAMPeftConfig, name: str = "") -> None:
         w = self.get_base_layer().weight
         bank = MoRAMLinear(_NoBase(self.in_features, self.out_features, w.dtype, w.device),
-                           **config.moram_config().layer_kwargs())
+                           **config.layer_kwargs())
         sizes = config.bank_sizes.get(name)
         if sizes:
             _size_bank(bank, sizes, name)
@@ -212,8 +194,6 @@ class MoRAMPeftModel(BaseTuner):
     target_module_mapping: dict = {}
 
     def _prepare_adapter_config(self, peft_config, model_config):
-        if peft_config.target_modules is None:
-            raise ValueError("target_modules is required for MoRAM")
         return peft_config
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent,
