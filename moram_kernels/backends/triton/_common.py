@@ -46,12 +46,14 @@ class ScanConfig:
     num_stages: int
 
 
-def scan_config(t: int, kp: int, compute: str) -> ScanConfig:
-    """Config for T tokens, K bucket kp and dot dtype ``compute`` ("bf16"/"fp16"/"fp32")."""
-    if INTERPRET:
+def scan_config(t: int, kp: int, compute: str, prec: str = "tf32", *, gpu_tiles: bool = False) -> ScanConfig:
+    """Config for T tokens, K bucket kp, dot dtype ``compute`` ("bf16"/"fp16"/"fp32") and
+    fp32 dot precision ``prec`` ("tf32"/"ieee"). ``gpu_tiles`` makes the interpreter use
+    the GPU's shapes too."""
+    if INTERPRET and not gpu_tiles:
         # small tiles so that tiny test shapes still cross tiles, splits and d_in chunks
         return ScanConfig("interp", 16, 32, 32, 1, 1)
-    cfgs = scan_configs(compute, kp)
+    cfgs = scan_configs(compute, kp, prec)
     if t <= 16:
         return cfgs["decode16"]
     if t <= DECODE_T and "decode64" in cfgs:
@@ -59,19 +61,22 @@ def scan_config(t: int, kp: int, compute: str) -> ScanConfig:
     return cfgs["prefill"]
 
 
-def scan_configs(compute: str, kp: int) -> dict[str, ScanConfig]:
-    """Every GPU config the launcher can pick for one (dtype, K bucket)."""
-    if compute == "fp32":
-        # exact fp32 dot products (no TF32) run on CUDA cores: small tiles, two regimes
+def scan_configs(compute: str, kp: int, prec: str = "tf32") -> dict[str, ScanConfig]:
+    """Every GPU config the launcher can pick for one (dtype, K bucket, fp32 precision)."""
+    if compute == "fp32" and prec == "ieee":
+        # exact fp32 dot products (float32_matmul_precision "highest") run on CUDA cores:
+        # small tiles, two regimes
         return {
             "decode16": ScanConfig("decode16", 16, 64, 32, 4, 3),
             "prefill": ScanConfig("prefill", 32, 64, 32, 4, 2),   # 64 rows spill registers
         }
+    # tensor cores; fp32 operands (TF32) take twice the shared memory per element: BD halves
+    bd = 32 if compute == "fp32" else 64
     big = 128 if kp <= 16 else 64   # the [BT, KP] running lists live in registers
     return {
-        "decode16": ScanConfig("decode16", 16, 64, 128, 4, 4),
-        "decode64": ScanConfig("decode64", 64, 64, 128, 4, 3),
-        "prefill": ScanConfig("prefill", big, 128, 64, 8, 3),
+        "decode16": ScanConfig("decode16", 16, 64, 2 * bd, 4, 4),
+        "decode64": ScanConfig("decode64", 64, 64, 2 * bd, 4, 3),
+        "prefill": ScanConfig("prefill", big, 128, bd, 8, 3),
     }
 
 
@@ -161,14 +166,15 @@ def gather_rows(acc, idx_ptr, coef_ptr, K, rows, t_mask,
 
 @triton.jit
 def token_col_tile(T, DO, BT: tl.constexpr, BO: tl.constexpr):
-    """This program's tile of a (token blocks, column chunks) grid: token ids (int64, so
-    row offsets never overflow), their mask, column ids and their mask."""
-    rows = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)
-    o = tl.program_id(1) * BO + tl.arange(0, BO)
+    """This program's tile of a (token blocks, column chunks) grid: token ids and column
+    ids, both int64 (``t * stride`` and ``o * stride`` pass 2^31 for transposed views),
+    and their masks."""
+    rows = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
+    o = tl.program_id(1).to(tl.int64) * BO + tl.arange(0, BO)
     return rows, rows < T, o, o < DO
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "N0", "K"])
 def _moram_gather_kernel(idx_ptr, coef_ptr, alpha_ptr, r0_ptr, r1_ptr, dense_ptr, out_ptr,
                          T, N0, K, DO, has_dense,
                          s0n, s0d, s1n, s1d, sdt, sdd, sot, sod,
