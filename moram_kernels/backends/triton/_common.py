@@ -36,7 +36,10 @@ def k_bucket(k: int) -> int:
 
 @dataclass(frozen=True)
 class ScanConfig:
-    """Block shape of the scoring kernel: BT tokens x BN atoms, d_in in chunks of BD."""
+    """Block shape of the scoring kernel: BT tokens x BN atoms, d_in in chunks of BD.
+    ``per_sm``: programs resident per SM on sm_90, which sizes the grid to one wave
+    (``benchmarks/triton_variants.py`` derives it from the compiled registers and
+    shared memory and flags a config whose value is wrong)."""
 
     name: str
     BT: int
@@ -44,6 +47,7 @@ class ScanConfig:
     BD: int
     num_warps: int
     num_stages: int
+    per_sm: int = 1
 
 
 def scan_config(t: int, kp: int, compute: str, prec: str = "tf32", *, gpu_tiles: bool = False) -> ScanConfig:
@@ -67,16 +71,21 @@ def scan_configs(compute: str, kp: int, prec: str = "tf32") -> dict[str, ScanCon
         # exact fp32 dot products (float32_matmul_precision "highest") run on CUDA cores:
         # small tiles, two regimes
         return {
-            "decode16": ScanConfig("decode16", 16, 64, 32, 4, 3),
-            "prefill": ScanConfig("prefill", 32, 64, 32, 4, 2),   # 64 rows spill registers
+            "decode16": ScanConfig("decode16", 16, 64, 32, 4, 3, per_sm=2),
+            "prefill": ScanConfig("prefill", 32, 64, 32, 4, 2, per_sm=2),   # 64 rows spill registers
         }
-    # tensor cores; fp32 operands (TF32) take twice the shared memory per element: BD halves
+    # tensor cores; fp32 operands (TF32) take twice the shared memory per element: BD halves.
+    # Prefill tiles are sized by the registers the compiler reports (triton_variants.py):
+    # 128 x 128 used 255 per thread and spilled at K16; 128 x 64 holds the score tile, its
+    # masked copy for the merge and the running lists in ~190, no spills; K >= 32 lists
+    # take 64 x 64 tiles (<= ~240 registers, two 4-warp programs per SM).
     bd = 32 if compute == "fp32" else 64
-    big = 128 if kp <= 16 else 64   # the [BT, KP] running lists live in registers
+    prefill = (ScanConfig("prefill", 128, 64, bd, 8, 3, per_sm=1) if kp <= 16
+               else ScanConfig("prefill", 64, 64, bd, 4, 3, per_sm=2))
     return {
-        "decode16": ScanConfig("decode16", 16, 64, 2 * bd, 4, 4),
-        "decode64": ScanConfig("decode64", 64, 64, 2 * bd, 4, 3),
-        "prefill": ScanConfig("prefill", big, 128, bd, 8, 3),
+        "decode16": ScanConfig("decode16", 16, 64, 2 * bd, 4, 4, per_sm=2),
+        "decode64": ScanConfig("decode64", 64, 64, 2 * bd, 4, 3, per_sm=2),
+        "prefill": prefill,
     }
 
 
