@@ -263,3 +263,35 @@ def test_gpu_check_table_ratios(capsys):
     out = {line.split()[1] + (" g" if "(graph)" in line else ""): line for line in capsys.readouterr().out.splitlines()[2:]}
     assert "2.00x" in out["triton"] and "1.50x" in out["triton"] and "50%" in out["triton"]
     assert "4.00x" in out["triton g"]          # graph rows compare with the authors' graph row
+
+
+def _gpu_check_module():
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import gpu_check
+    return gpu_check
+
+
+def test_gpu_check_survives_a_pytest_timeout(monkeypatch, capsys):
+    """A slow first compile must not kill the check: a pytest that times out is reported
+    as a failure and run_pytest returns, instead of raising TimeoutExpired."""
+    gc = _gpu_check_module()
+
+    def slow(cmd, **kw):
+        raise subprocess.TimeoutExpired(cmd, kw.get("timeout"))
+    monkeypatch.setattr(gc.subprocess, "run", slow)
+    assert gc.run_pytest(30) is False
+    assert "TIMED OUT" in capsys.readouterr().out
+    assert gc.run_pytest(5) is False               # too little budget left: skipped, said so
+    assert "skipped" in capsys.readouterr().out
+
+
+def test_gpu_check_model_never_beats_the_floor():
+    """The cost model's prediction of every row is at least the row's FLOP/byte floor
+    (a prediction under the floor would make the first GPU run unreadable)."""
+    gc = _gpu_check_module()
+    hw = gc.H200
+    for name, t, fl, by in gc.plan():
+        floor_ms = 1e3 * max(fl / hw["tc_blas"], by / hw["hbm"])
+        for impl in ("authors", "triton", "cuda"):
+            ms = gc.predict_ms(name, impl, t)
+            assert ms >= floor_ms * 0.999, (name, impl, ms, floor_ms)
