@@ -108,15 +108,21 @@ class MoRAMLinear(nn.Module):
         keys Kaiming-uniform (as ``nn.Linear`` initialises weights), values zero."""
         w = self.base_layer.weight
         if self.keys.shape[0]:
-            self.frozen_keys = torch.cat([self.frozen_keys, self.keys.detach().to(self.frozen_keys.dtype)])
-            self.frozen_values = torch.cat(
-                [self.frozen_values, (self.values.detach() * self.scaling).to(self.frozen_values.dtype)])
+            self._append_frozen(self.keys.detach(), self.values.detach() * self.scaling)
         keys = torch.empty(self.r, self.in_features, dtype=self.keys.dtype, device=w.device)
         nn.init.kaiming_uniform_(keys, a=math.sqrt(5))
         self.keys = nn.Parameter(keys)
         self.values = nn.Parameter(torch.zeros(self.r, self.out_features, dtype=self.values.dtype,
                                                device=w.device))
         self.task_sizes = torch.cat([self.task_sizes, self.task_sizes.new_tensor([self.r])])
+        self._gram_cache = None
+
+    @torch.no_grad()
+    def _append_frozen(self, keys: Tensor, values: Tensor) -> None:
+        """Append atoms ``keys [m, d_in]``, ``values [m, d_out]`` (scale already baked in) to
+        the frozen bank: the one place the bank grows (a sharded bank keeps its share)."""
+        self.frozen_keys = torch.cat([self.frozen_keys, keys.to(self.frozen_keys.dtype)])
+        self.frozen_values = torch.cat([self.frozen_values, values.to(self.frozen_values.dtype)])
         self._gram_cache = None
 
     def _frozen_gram(self) -> Tensor | None:
