@@ -29,6 +29,8 @@ then says so.
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -39,8 +41,9 @@ from .nn import MoRAMLinear
 
 __all__ = ["shard_bank", "unshard_bank", "is_sharded"]
 
-#: Payload bytes this process put into collectives, by phase; the benchmark reads it.
-traffic: dict[str, int] = {"forward": 0, "backward": 0, "calls": 0}
+#: Payload bytes this process put into collectives by phase, forward calls, and seconds spent
+#: inside collectives; the benchmark reads it.
+traffic: dict[str, float] = {"forward": 0, "backward": 0, "calls": 0, "comm_s": 0.0}
 
 _IGNORE_ATTR = "_ddp_params_and_buffers_to_ignore"   # read by DistributedDataParallel
 _FROZEN = ("frozen_keys", "frozen_values")
@@ -72,6 +75,7 @@ class _Shard:
 # ---- collectives, with errors that say what was going on ----------------------------------
 
 def _collective(what: str, fn):
+    start = time.perf_counter()
     try:
         return fn()
     except Exception as e:  # gloo / NCCL raise their own types (DistBackendError, RuntimeError)
@@ -79,6 +83,8 @@ def _collective(what: str, fn):
             f"MoRAM sharded bank: the {what} across ranks failed ({type(e).__name__}: {e}). "
             "Another rank probably raised or stopped before reaching this collective; the "
             "process group's timeout bounds this wait.") from e
+    finally:
+        traffic["comm_s"] += time.perf_counter() - start
 
 
 def _all_gather(t: Tensor, group, what: str) -> Tensor:
