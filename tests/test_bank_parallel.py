@@ -51,11 +51,12 @@ def _layer(d_in, d_out, n_frozen, r, *, k, tau=0.5, delta=0.2, alpha=None, seed=
     return layer.to(dtype), x.to(dtype)
 
 
-def _run(layer, x, g):
+def _run(model, x, g):
     """Output, and gradients of ``(y * g).sum()`` for x, keys and values."""
+    layer = getattr(model, "module", model)
     layer.zero_grad(set_to_none=True)
     x = x.clone().requires_grad_(True)
-    y = layer(x)
+    y = model(x)
     (y.float() * g).sum().backward()
     return y.detach(), x.grad, layer.keys.grad, layer.values.grad
 
@@ -219,9 +220,28 @@ def sc_bad_input_on_one_rank(rank, world):
     layer(x)                                     # the group still works
 
 
+def sc_ddp_wrapped(rank, world):
+    """Under DistributedDataParallel (which broadcasts buffers from rank 0 unless told not
+    to): the per-rank slices survive, and the gradients equal one process's."""
+    layer, x = _layer(10, 6, 17, 3, k=3)
+    ref = copy.deepcopy(layer)
+    sharded = mk.distributed.shard_bank(copy.deepcopy(layer))
+    slice_before = sharded.frozen_keys.clone()
+    ddp = nn.parallel.DistributedDataParallel(sharded)
+    g = torch.randn(x.shape[0], 6, generator=torch.Generator().manual_seed(2))
+    want = _run(ref, x, g)
+    got = _run(ddp, x, g)
+    assert torch.equal(sharded.frozen_keys, slice_before), "DDP overwrote this rank's slice"
+    for name, a, b in zip(("y", "grad x"), got[:2], want[:2]):
+        _close(a, b, name)
+    _close(sharded.keys.grad, ref.keys.grad, "grad keys")
+    _close(sharded.values.grad, ref.values.grad, "grad values")
+
+
 SCENARIOS = {f.__name__[3:]: f for f in (
     sc_forward_backward, sc_fewer_atoms_than_candidates, sc_empty_slice, sc_eval_threshold,
-    sc_bf16, sc_ties_across_ranks, sc_add_task_while_sharded, sc_bad_input_on_one_rank)}
+    sc_bf16, sc_ties_across_ranks, sc_add_task_while_sharded, sc_bad_input_on_one_rank,
+    sc_ddp_wrapped)}
 
 
 def sc_hang_rank_raises(rank, world):
@@ -326,3 +346,17 @@ def test_shard_bank_needs_a_process_group():
         mk.distributed.unshard_bank(layer)
     with pytest.raises(ValueError, match="no MoRAM layers"):
         mk.distributed.shard_bank(nn.Linear(4, 3))
+
+
+def test_benchmark_model_of_bytes():
+    """The benchmark's model: the sharded call's bytes do not grow with N, the all-gathered
+    bank's grow linearly, and one process moves nothing."""
+    from benchmarks import bank_parallel as bp
+
+    a = bp.sharded_traffic(64, 256, 128, 16, 8, 4, train=False)
+    assert a[0] == 3 * (3 * 8 + 64 * 33 * 4) + 2 * 3 / 4 * 64 * 128 * 4
+    assert bp.sharded_traffic(64, 256, 128, 16, 8, 1, train=True)[0] == 0
+    b1 = bp.gather_bank_traffic(1000, 256, 128, 2, 4, train=False)[0]
+    b2 = bp.gather_bank_traffic(2000, 256, 128, 2, 4, train=False)[0]
+    assert b2 == 2 * b1 == 2 * 3 / 4 * 1000 * 384 * 2
+    assert bp.predict_s((12.5e9, 0), "100GbE") == 1.0
