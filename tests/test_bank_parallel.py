@@ -94,6 +94,26 @@ def _compare(layer, x, dtype=torch.float32, factor=1.0, train=True):
 def sc_forward_backward(rank, world):
     layer, x = _layer(13, 11, 23, 4, k=4, alpha=8.0)     # alpha / r = 2 scales the trainable
     _compare(layer, x)
+    sharded = mk.distributed.shard_bank(copy.deepcopy(layer))
+    x3 = x.reshape(7, 1, 13).transpose(0, 1)               # leading dims, not contiguous
+    with torch.no_grad():
+        _close(sharded(x3), layer(x3), "output for [1, 7, d_in] x")
+        assert sharded(x3[:, :0]).shape == (1, 0, 11)      # T = 0
+
+
+def sc_dropout_same_seed(rank, world):
+    """Dropout on the adapter path: equal to one process when every rank seeds alike, and
+    refused (not silently wrong) when the ranks' masks differ."""
+    layer, x = _layer(12, 6, 15, 3, k=3)
+    layer.adapter_dropout = nn.Dropout(0.3)
+    sharded = mk.distributed.shard_bank(copy.deepcopy(layer))
+    torch.manual_seed(11)
+    want = layer(x)
+    torch.manual_seed(11)
+    _close(sharded(x).detach(), want.detach(), "output with dropout")
+    torch.manual_seed(100 + rank)
+    with pytest.raises(RuntimeError, match="x differs across ranks"):
+        sharded(x)
 
 
 def sc_fewer_atoms_than_candidates(rank, world):
@@ -240,7 +260,7 @@ def sc_ddp_wrapped(rank, world):
 
 SCENARIOS = {f.__name__[3:]: f for f in (
     sc_forward_backward, sc_fewer_atoms_than_candidates, sc_empty_slice, sc_eval_threshold,
-    sc_bf16, sc_ties_across_ranks, sc_add_task_while_sharded, sc_bad_input_on_one_rank,
+    sc_bf16, sc_dropout_same_seed, sc_ties_across_ranks, sc_add_task_while_sharded, sc_bad_input_on_one_rank,
     sc_ddp_wrapped)}
 
 
