@@ -380,3 +380,14 @@ def test_benchmark_model_of_bytes():
     b2 = bp.gather_bank_traffic(2000, 256, 128, 2, 4, train=False)[0]
     assert b2 == 2 * b1 == 2 * 3 / 4 * 1000 * 384 * 2
     assert bp.predict_s((12.5e9, 0), "100GbE") == 1.0
+
+
+def test_benchmark_smoke_runs(tmp_path, capsys):
+    """``python -m benchmarks.bank_parallel`` end to end at tiny sizes, two processes."""
+    from benchmarks import bank_parallel as bp
+
+    assert bp.main(["--smoke", "--procs", "2", "--no-plots", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| 2 | eval |" in out and "| 2 | train |" in out, out
+    rows = (tmp_path / "bank_parallel.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("timestamp_utc,P,mode"), rows
