@@ -277,7 +277,7 @@ class _ShardedMoRAM(torch.autograd.Function):
         _all_reduce(y, st.group, "all-reduce of the sharded forward's output")
         traffic["forward"] += y.numel() * y.element_size()
 
-        ctx.save_for_backward(x2, lidx, p_sel, norm, coef, sc)
+        ctx.save_for_backward(x2, lidx, p_sel, norm, coef, sc, keys1, values1, fk, fv)
         ctx.delta = delta
         ctx.mark_non_differentiable(gid_sel)
         return y.to(x2.dtype), gid_sel
@@ -291,12 +291,11 @@ class _ShardedMoRAM(torch.autograd.Function):
                     torch.zeros_like(layer.keys) if need_k1 else None,
                     torch.zeros_like(layer.values) if need_v1 else None, None, None)
         st: _Shard = layer._bank_shard
-        x2, lidx, p_sel, norm, coef, sc = ctx.saved_tensors
+        x2, lidx, p_sel, norm, coef, sc, keys1, values1, fk, fv = ctx.saved_tensors
         acc = p_sel.dtype
-        fk, fv = layer.frozen_keys, layer.frozen_values
         owner = st.owns_trainable
-        k1 = layer.keys.detach() if owner else layer.keys.detach()[:0]
-        v1 = layer.values.detach() if owner else layer.values.detach()[:0]
+        k1 = keys1.detach() if owner else keys1.detach()[:0]
+        v1 = values1.detach() if owner else values1.detach()[:0]
         n0, n_loc = fk.shape[0], fk.shape[0] + k1.shape[0]
         xf, gyf = x2.detach().to(acc), gy.to(acc)
         safe = lidx.clamp(min=0)
@@ -318,10 +317,10 @@ class _ShardedMoRAM(torch.autograd.Function):
             if n_loc:
                 mine = torch.where(lidx >= 0, g_sel, torch.zeros_like(g_sel))
                 gx = torch.einsum("tk,tkd->td", mine, _rows(fk, k1, safe).to(acc))
-                gram0 = layer._frozen_gram()
+                gram0 = layer._frozen_gram() if layer.frozen_keys is fk else None
                 gx -= alpha[:, None] * gram_apply(xf, ((fk, gram0), (k1, None)))
             parts.append(gx)
-        n1 = layer.keys.shape[0]
+        n1 = keys1.shape[0]
         if need_k1 or need_v1:
             if owner and n1:
                 gk1, gv1 = segment_grads(xf, gyf, k1.to(acc), v1.to(acc), n0, lidx, g_sel, alpha, coef)
@@ -336,8 +335,8 @@ class _ShardedMoRAM(torch.autograd.Function):
         gx = out.pop(0).view_as(xf).to(x2.dtype) if need_x else None
         gk1 = gv1 = None
         if need_k1 or need_v1:
-            gk1 = out[0].view(n1, -1).to(layer.keys.dtype) if need_k1 else None
-            gv1 = out[1].view(n1, -1).to(layer.values.dtype) if need_v1 else None
+            gk1 = out[0].view(n1, -1).to(keys1.dtype) if need_k1 else None
+            gv1 = out[1].view(n1, -1).to(values1.dtype) if need_v1 else None
         return gx, gk1, gv1, None, None
 
 
