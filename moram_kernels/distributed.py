@@ -127,17 +127,6 @@ class _ShardedBank:
                                                    device=st.gids.device)])
         st.counts = counts
 
-    def add_task(self, *args, **kwargs):
-        super().add_task(*args, **kwargs)
-        # the trainable atoms are replicated: every rank of the group takes the first rank's
-        st = self._bank_shard
-        src = dist.get_global_rank(st.group, 0) if st.group is not None else 0
-        with torch.no_grad():
-            for p in (self.keys, self.values):
-                if p.numel():
-                    _collective("broadcast of the new trainable atoms",
-                                lambda p=p: dist.broadcast(p.data, src=src, group=st.group))
-
     def forward(self, x: Tensor) -> Tensor:
         if self.num_atoms == 0:
             return self.base_layer(x)
