@@ -96,13 +96,12 @@ def _scale_grads(gy, values0, values1, idx, p_sel, norm, tau, delta, need0, need
     gyf = gy.to(acc)
     out = []
     for seg, vseg, need in ((0, values0, need0), (1, values1, need1)):
-        if not need:
-            out.append(None)
+        if not need or vseg.shape[0] == 0:
+            out.append(p_sel.new_zeros(0) if need else None)
             continue
         inside = (idx < n0) if seg == 0 else (idx >= n0)
         local = torch.where(inside, rows, torch.zeros_like(rows))
-        dots = torch.einsum("tkd,td->tk", vseg.to(acc)[local], gyf) if vseg.shape[0] else \
-            torch.zeros_like(p_sel)
+        dots = torch.einsum("tkd,td->tk", vseg.to(acc)[local], gyf)
         contrib = torch.where(inside, w * m * p_sel * dots, torch.zeros_like(dots))
         g = torch.zeros(vseg.shape[0], dtype=acc, device=gy.device)
         out.append(g.index_add_(0, local.reshape(-1), contrib.reshape(-1)))
