@@ -225,15 +225,6 @@ def test_zero_token_adds_exactly_zero(backend):
 
 
 @pytest.mark.parametrize("backend", mk.available_backends())
-def test_non_contiguous_x(backend):
-    x, keys, values = make_inputs(30, 16, 8, 20, k=4)
-    xt = x.reshape(5, 6, 16).transpose(0, 1)        # [6, 5, 16], not contiguous
-    assert not xt.is_contiguous()
-    y = mk.moram(xt, keys, values, k=4, tau=0.1, backend=backend)
-    assert_close(y, oracle(xt.contiguous(), keys, values, k=4, tau=0.1), dtype=torch.float32)
-
-
-@pytest.mark.parametrize("backend", mk.available_backends())
 @pytest.mark.parametrize("kd", ["fp32", "bf16"])
 def test_mixed_dtypes(backend, kd):
     """bf16 activations with fp32 or bf16 atoms: output in the dtype of x."""
