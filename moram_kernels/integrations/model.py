@@ -185,16 +185,39 @@ def remove(model: nn.Module) -> nn.Module:
     return model
 
 
-def add_task(model: nn.Module) -> None:
-    """Start a new task: ``add_task()`` on every ``MoRAMLinear`` of ``model`` (freeze the
-    current atoms, append ``r`` fresh ones with zero values). Build the optimiser after it."""
-    layers = moram_layers(model)
+def _task_layers(model: nn.Module) -> list[nn.Module]:
+    """The modules whose ``add_task()`` starts a task: every ``MoRAMLinear``, except those
+    that a wrapping layer (the PEFT layer, which adds the task to its active adapters)
+    drives itself."""
+    owners = [m for m in model.modules() if getattr(m, "_moram_owns_banks", False)]
+    owned = {id(b) for m in owners for b in m.modules() if isinstance(b, MoRAMLinear)}
+    return owners + [m for m in model.modules() if isinstance(m, MoRAMLinear) and id(m) not in owned]
+
+
+def add_task(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Start a new task: ``add_task()`` on every MoRAM layer of ``model`` (freeze the
+    current atoms, start ``r`` fresh ones with zero values). ``model`` may be wrapped in
+    DDP or sharded with FSDP2, or be a PEFT model.
+
+    The first task creates the trainable parameters: build the optimiser (and wrap the model
+    in DDP / FSDP2) after it. Later tasks re-initialise the same parameter objects in place,
+    so wrappers and the optimiser stay attached; pass ``optimizer`` to drop its stale state
+    (e.g. AdamW moments) for those parameters. Under ``torch.distributed`` every rank must
+    call this (the new atoms are broadcast from rank 0).
+    """
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    layers = _task_layers(model)
     if not layers:
         raise ValueError("model has no MoRAM layers; call inject() first")
-    for name, layer in layers.items():      # every layer checked before any changes
+    for name, layer in moram_layers(model).items():    # every layer checked before any changes
         layer._check_finite_atoms(name)
-    for layer in layers.values():
+    for layer in layers:
         layer.add_task()
+    if optimizer is not None:
+        for m in moram_layers(model).values():
+            for p in (m.keys, m.values):
+                optimizer.state.pop(p, None)
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
