@@ -8,6 +8,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
+from ._precision import compute_dtype
 from .ops import _check_real, moram_segments
 
 __all__ = ["MoRAMLinear"]
@@ -142,6 +143,8 @@ class MoRAMLinear(nn.Module):
         self.register_buffer("task_sizes", torch.zeros(0, dtype=torch.long, device=w.device))
         self.adapter_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._gram_cache: tuple[weakref.ref, tuple, Tensor] | None = None
+        # the frozen bank in the compute dtype, cast once per task (see _frozen_bank)
+        self._bank_cache: tuple[tuple, Tensor, Tensor] | None = None
         # [N] int64 while usage counting is on (not a buffer: never saved); None = off
         self.usage_counts: Tensor | None = None
 
@@ -219,6 +222,7 @@ class MoRAMLinear(nn.Module):
                                        requires_grad=self.values.requires_grad)
         self.task_sizes = torch.cat([self.task_sizes, self.task_sizes.new_tensor([self.r])])
         self._gram_cache = None
+        self._bank_cache = None
 
     @torch.no_grad()
     def _append_frozen(self, keys: Tensor, values: Tensor) -> None:
@@ -227,9 +231,31 @@ class MoRAMLinear(nn.Module):
         self.frozen_keys = torch.cat([self.frozen_keys, keys.to(self.frozen_keys)])
         self.frozen_values = torch.cat([self.frozen_values, values.to(self.frozen_values)])
         self._gram_cache = None
+        self._bank_cache = None
 
-    def _frozen_gram(self) -> Tensor | None:
-        """``frozen_keys^T frozen_keys`` (fp32; fp64 for an fp64 bank), cached, when it pays to use it.
+    def _frozen_bank(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``(frozen_keys, frozen_values)`` in ``dtype``, cast once and cached.
+
+        Under autocast or with low-precision activations the bank is read in the compute
+        dtype on every call; without this cache each call would first cast the whole bank
+        (134 MB of fp32 keys at d_in = 4096, N = 8192). The cache holds one dtype and is
+        rebuilt when either buffer is replaced or modified in place (tensor version).
+        """
+        fk, fv = self.frozen_keys, self.frozen_values
+        if fk.dtype == dtype and fv.dtype == dtype:
+            return fk, fv
+        if torch.compiler.is_compiling() or fk.is_inference() or fv.is_inference():
+            return fk.to(dtype), fv.to(dtype)   # no version counter to key a cache on
+        key = (fk.data_ptr(), fk._version, tuple(fk.shape), fk.device,
+               fv.data_ptr(), fv._version, tuple(fv.shape), dtype)
+        if self._bank_cache is None or self._bank_cache[0] != key:
+            self._bank_cache = None     # free the old copy before making the new one
+            self._bank_cache = (key, fk.detach().to(dtype), fv.detach().to(dtype))
+        return self._bank_cache[1], self._bank_cache[2]
+
+    def _frozen_gram(self, dtype: torch.dtype = torch.float32) -> Tensor | None:
+        """``frozen_keys^T frozen_keys`` (accumulated in fp32, stored in ``dtype``, the
+        compute dtype, so the backward never re-casts it), cached, when it pays to use it.
 
         The backward's dense normalisation term over the frozen atoms is either
         ``-alpha * P0 A0`` (recompute ``P0 = x A0^T``: 2·T·N_f·d_in) or ``-alpha * x G0``
@@ -241,12 +267,13 @@ class MoRAMLinear(nn.Module):
         if fk.shape[0] < self.in_features or torch.compiler.is_compiling():
             return None
         # the tensor itself (a weak reference: a replaced bank, e.g. by .to(), may reuse the
-        # old memory address) and its version (in-place edits)
-        key = (fk.data_ptr(), fk._version, tuple(fk.shape), fk.dtype, fk.device)
+        # old memory address), its version (in-place edits) and the dtype asked for
+        key = (fk.data_ptr(), fk._version, tuple(fk.shape), fk.dtype, fk.device, dtype)
         cache = self._gram_cache
         if cache is None or cache[0]() is not fk or cache[1] != key:
+            self._gram_cache = None
             a = fk.detach().to(torch.float64 if fk.dtype == torch.float64 else torch.float32)
-            self._gram_cache = cache = (weakref.ref(fk), key, a.t() @ a)
+            self._gram_cache = cache = (weakref.ref(fk), key, (a.t() @ a).to(dtype))
         return cache[2]
 
     # ---- forward -------------------------------------------------------------------------
@@ -264,10 +291,15 @@ class MoRAMLinear(nn.Module):
                                 dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
         need_grad = torch.is_grad_enabled() and self.keys.requires_grad
         delta = 0.0 if self.training else self.delta      # the threshold is an eval-time rule
+        # autocast-aware like nn.Linear: the adapter computes in the autocast dtype (or the
+        # lowest of x's and the atoms'), reading a cached copy of the frozen bank
+        cd = compute_dtype(x.dtype, (self.frozen_keys.dtype, self.keys.dtype, self.frozen_values.dtype,
+                                     self.values.dtype), x.device.type)
+        fk, fv = self._frozen_bank(cd)
         d, idx = moram_segments(
-            self.adapter_dropout(x), self.frozen_keys, self.frozen_values, None,
+            self.adapter_dropout(x), fk, fv, None,
             self.keys, self.values, scale1, k=self.k, tau=self.tau, delta=delta, eps=self.eps,
-            gram0=self._frozen_gram() if need_grad else None, backend=self.backend)
+            gram0=self._frozen_gram(cd) if need_grad else None, backend=self.backend)
         if self.usage_counts is not None and idx is not None:
             self._count_usage(idx)
         return y + d.to(y.dtype)
@@ -327,6 +359,7 @@ class MoRAMLinear(nn.Module):
                     and t.shape != cur.shape:
                 setattr(self, name, nn.Parameter(cur.new_empty(t.shape), requires_grad=cur.requires_grad))
         self._gram_cache = None
+        self._bank_cache = None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

@@ -13,6 +13,7 @@ graph break. ``gram0`` (``keys0^T keys0``) is only read by the backward.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from typing import Optional
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor
 
 from . import backends as _dispatch
+from ._precision import autocast_dtype, compute_dtype
 from .backends.reference import _gate, effective_k
 
 __all__ = ["moram", "moram_segments"]
@@ -114,12 +116,16 @@ def _backward(ctx, gy, _gidx, _gpsel, _gnorm):
     need = ctx.needs_input_grad
     need_x, need_seg0, need_seg1 = need[0], need[1] or need[2], need[4] or need[5]
     gx = gk0 = gv0 = gk1 = gv1 = gs0 = gs1 = None
-    if need_x or need_seg0 or need_seg1:
-        gx, gk0, gv0, gk1, gv1 = moram_bwd_op(
-            gy.contiguous(), x, keys0, values0, scale0, keys1, values1, scale1, gram0,
-            idx, p_sel, norm, tau, delta, eps, need_x, need_seg0, need_seg1, backend)
-    if need[3] or need[6]:
-        gs0, gs1 = _scale_grads(gy, values0, values1, idx, p_sel, norm, tau, delta, need[3], need[6])
+    # the forward's inputs already carry the compute dtype: a backward run inside an
+    # autocast region must not re-cast what the kernels' own GEMMs see
+    with _autocast_off(x.device.type):
+        if need_x or need_seg0 or need_seg1:
+            gx, gk0, gv0, gk1, gv1 = moram_bwd_op(
+                gy.to(x.dtype).contiguous(), x, keys0, values0, scale0, keys1, values1, scale1,
+                gram0, idx, p_sel, norm, tau, delta, eps, need_x, need_seg0, need_seg1, backend)
+        if need[3] or need[6]:
+            gs0, gs1 = _scale_grads(gy, values0, values1, idx, p_sel, norm, tau, delta,
+                                    need[3], need[6])
     return (gx if need_x else None,
             gk0 if need[1] else None, gv0 if need[2] else None, gs0,
             gk1 if need[4] else None, gv1 if need[5] else None, gs1,
@@ -127,6 +133,13 @@ def _backward(ctx, gy, _gidx, _gpsel, _gnorm):
 
 
 moram_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _autocast_off(device_type: str):
+    """Autocast disabled for ``device_type`` when it is on (a no-op context otherwise)."""
+    if autocast_dtype(device_type) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
 
 
 # ---- validation: every error names the argument -------------------------------------------
@@ -189,17 +202,18 @@ def _validate(x, keys, values, k, tau, delta, eps, value_scale, backend):
     return int(k), tau, delta, eps, scale
 
 
-def _empty_delta(x2, segments) -> Tensor:
-    """The delta when there are no atoms or no tokens: exact zeros ``[T, d_out]`` that still
-    take part in autograd like any PyTorch op. Each product runs over an empty dimension
-    (no atoms, or no tokens), so the output and every gradient are zeros of the right
-    shape and dtype, and a NaN in ``x`` cannot leak in (nothing is multiplied by it)."""
+def _empty_delta(x2, segments, dtype) -> Tensor:
+    """The delta when there are no atoms or no tokens: exact zeros ``[T, d_out]`` in
+    ``dtype`` that still take part in autograd like any PyTorch op. Each product runs over
+    an empty dimension (no atoms, or no tokens), so the output and every gradient are zeros
+    of the right shape and dtype, and a NaN in ``x`` cannot leak in (nothing is multiplied
+    by it)."""
     y = None
     for keys, values, scale in segments:
-        p = x2 @ keys.to(x2.dtype).t()                                  # [T, N_s], T or N_s is 0
+        p = x2.to(dtype) @ keys.to(dtype).t()                           # [T, N_s], T or N_s is 0
         if scale is not None:
-            p = p * scale.to(x2.dtype)
-        term = p @ values.to(x2.dtype)
+            p = p * scale.to(dtype)
+        term = p @ values.to(dtype)
         y = term if y is None else y + term
     return y
 
@@ -213,23 +227,33 @@ def moram_segments(x, keys0, values0, scale0, keys1, values1, scale1, *, k, tau,
 
     Inputs are assumed validated. ``keys0``/``values0`` is typically a frozen bank and
     ``keys1``/``values1`` the trainable atoms; neither is concatenated.
+
+    Dtypes follow :mod:`moram_kernels._precision`: every tensor is cast to the compute
+    dtype here, under autograd (a no-op for tensors already in it, such as
+    ``MoRAMLinear``'s cached frozen bank), so each gradient returns in its input's dtype.
+    The result has x's dtype, or the autocast dtype inside an autocast region.
     """
     lead, d_out = x.shape[:-1], values0.shape[1]
     n = keys0.shape[0] + keys1.shape[0]
+    dev = x.device.type
+    cd = compute_dtype(x.dtype, (keys0.dtype, keys1.dtype, values0.dtype, values1.dtype), dev)
+    out_dtype = x.dtype if autocast_dtype(dev) is None or x.dtype == torch.float64 else cd
     # a view whenever the strides allow it (a strided 2-D x reaches the backend as it is;
     # every backend takes any strides), a copy only when reshape must make one
     x2 = x.reshape(-1, x.shape[-1])
     t = x2.shape[0]
     if n == 0 or t == 0:
-        return _empty_delta(x2, ((keys0, values0, scale0), (keys1, values1, scale1))).reshape(
-            *lead, d_out), None
+        with _autocast_off(dev):
+            y = _empty_delta(x2, ((keys0, values0, scale0), (keys1, values1, scale1)), out_dtype)
+        return y.reshape(*lead, d_out), None
     kk = effective_k(k, n)
-    inp = _dispatch.Inputs(x.device, x.dtype, keys0.dtype, values0.dtype,
-                           x.shape[-1], d_out, n, kk)
+    inp = _dispatch.Inputs(x.device, cd, cd, cd, x.shape[-1], d_out, n, kk)
     b = _dispatch.select(backend, inp)
-    y, idx, _, _ = moram_fwd_op(x2, keys0, values0, scale0, keys1, values1, scale1, gram0,
-                                kk, tau, delta, eps, b.name)
-    return y.reshape(*lead, d_out), idx
+    with _autocast_off(dev):
+        y, idx, _, _ = moram_fwd_op(x2.to(cd), keys0.to(cd), values0.to(cd), scale0,
+                                    keys1.to(cd), values1.to(cd), scale1, gram0,
+                                    kk, tau, delta, eps, b.name)
+    return y.to(out_dtype).reshape(*lead, d_out), idx
 
 
 def moram(x: Tensor, keys: Tensor, values: Tensor, *, k: int, tau: float, delta: float = 0.0,
@@ -241,8 +265,10 @@ def moram(x: Tensor, keys: Tensor, values: Tensor, *, k: int, tau: float, delta:
     whose normalised score is below ``delta`` dropped (0 disables it). ``value_scale`` is
     None, a float or a ``[N]`` tensor multiplying each value row. Differentiable with
     respect to ``x``, ``keys``, ``values`` and a ``value_scale`` tensor (each gradient in
-    its own input's dtype); returns the dtype of ``x``. With no atoms or no tokens the
-    output is zeros that still take part in autograd (zero gradients).
+    its own input's dtype); returns the dtype of ``x`` (the autocast dtype inside
+    ``torch.autocast``, as ``F.linear`` does). It computes in the lowest precision of x and
+    the atoms with fp32 accumulation (:mod:`moram_kernels._precision`). With no atoms or no
+    tokens the output is zeros that still take part in autograd (zero gradients).
     """
     k, tau, delta, eps, scale = _validate(x, keys, values, k, tau, delta, eps, value_scale, backend)
     empty_k = keys.new_empty(0, keys.shape[1])

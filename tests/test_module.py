@@ -102,7 +102,7 @@ def _grads(layer, x, gram: bool):
     layer.keys.grad = None
     real = layer._frozen_gram
     if not gram:
-        layer._frozen_gram = lambda: None          # force the no-Gram path
+        layer._frozen_gram = lambda *a: None       # force the no-Gram path
     try:
         layer(x).square().sum().backward()
     finally:

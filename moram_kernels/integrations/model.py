@@ -235,6 +235,14 @@ def _config_of(model: nn.Module) -> dict | None:
     return asdict(cfg) if cfg is not None else None
 
 
+def _refuse_sharded(layers: dict[str, MoRAMLinear], what: str) -> None:
+    sharded = [n or "<root>" for n, l in layers.items() if getattr(l, "_bank_shard", None) is not None]
+    if sharded:
+        raise RuntimeError(f"{what}: layers {sharded[:5]} hold only this rank's slice of their "
+                           "bank; call moram_kernels.distributed.unshard_bank(model) first (on "
+                           "every rank)")
+
+
 def save_moram(model: nn.Module, path) -> None:
     """Write only the MoRAM state to a safetensors file: per layer its frozen and
     trainable atoms and its atoms per task, plus metadata (config, package version,
@@ -246,6 +254,7 @@ def save_moram(model: nn.Module, path) -> None:
     layers = moram_layers(model)
     if not layers:
         raise ValueError("model has no MoRAM layers to save")
+    _refuse_sharded(layers, "save_moram")
     tensors = {f"{name}.{attr}": getattr(layer, attr).detach().contiguous().cpu()
                for name, layer in layers.items() for attr in _STATE}
     meta = {
@@ -329,6 +338,7 @@ def load_moram(model: nn.Module, path) -> nn.Module:
     layers = moram_layers(model)
     if not layers:
         raise ValueError("model has no MoRAM layers; inject() it before load_moram()")
+    _refuse_sharded(layers, "load_moram")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
