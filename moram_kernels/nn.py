@@ -142,7 +142,7 @@ class MoRAMLinear(nn.Module):
         self.values = nn.Parameter(w.new_empty(0, self.out_features))
         self.register_buffer("task_sizes", torch.zeros(0, dtype=torch.long, device=w.device))
         self.adapter_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self._gram_cache: tuple[weakref.ref, tuple, Tensor] | None = None
+        self._gram_cache: tuple[tuple, Tensor, weakref.ref] | None = None
         # the frozen bank in the compute dtype, cast once per task (see _frozen_bank)
         self._bank_cache: tuple[tuple, Tensor, Tensor] | None = None
         # [N] int64 while usage counting is on (not a buffer: never saved); None = off
@@ -270,11 +270,11 @@ class MoRAMLinear(nn.Module):
         # old memory address), its version (in-place edits) and the dtype asked for
         key = (fk.data_ptr(), fk._version, tuple(fk.shape), fk.dtype, fk.device, dtype)
         cache = self._gram_cache
-        if cache is None or cache[0]() is not fk or cache[1] != key:
+        if cache is None or cache[0] != key or cache[2]() is not fk:
             self._gram_cache = None
             a = fk.detach().to(torch.float64 if fk.dtype == torch.float64 else torch.float32)
-            self._gram_cache = cache = (weakref.ref(fk), key, (a.t() @ a).to(dtype))
-        return cache[2]
+            self._gram_cache = cache = (key, (a.t() @ a).to(dtype), weakref.ref(fk))
+        return cache[1]
 
     # ---- forward -------------------------------------------------------------------------
 
