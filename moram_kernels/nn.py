@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -103,6 +104,14 @@ class MoRAMLinear(nn.Module):
 
     Atom-usage counting (off by default): set ``usage_counts`` to a zero int64 tensor
     (``start_usage()``) and every forward adds the bincount of its top-K atom ids to it.
+
+    Contract at the edges: ``add_task()`` refuses to freeze a non-finite atom
+    (``ValueError`` naming the atom ids and the tensor; the layer is left as it was). The
+    state dict holds the atoms, not ``r``, ``k``, ``tau``, ``alpha``, ``eps``: those are
+    recorded in the state dict's metadata, and ``load_state_dict`` raises (leaving this
+    layer untouched) when they differ from the layer's. A state dict without that metadata
+    (older files, or one that went through safetensors) cannot be checked. ``delta`` and
+    ``dropout`` may differ on purpose (evaluation and training knobs) and are not checked.
     """
 
     def __init__(self, base: nn.Linear, r: int = 16, k: int = 16, tau: float = 0.01,
@@ -133,7 +142,7 @@ class MoRAMLinear(nn.Module):
         self.values = nn.Parameter(w.new_empty(0, self.out_features))
         self.register_buffer("task_sizes", torch.zeros(0, dtype=torch.long, device=w.device))
         self.adapter_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self._gram_cache: tuple[tuple, Tensor] | None = None
+        self._gram_cache: tuple[tuple, Tensor, weakref.ref] | None = None
         # the frozen bank in the compute dtype, cast once per task (see _frozen_bank)
         self._bank_cache: tuple[tuple, Tensor, Tensor] | None = None
         # [N] int64 while usage counting is on (not a buffer: never saved); None = off
@@ -161,6 +170,24 @@ class MoRAMLinear(nn.Module):
     # ---- the task lifecycle --------------------------------------------------------------
 
     @torch.no_grad()
+    def _check_finite_atoms(self, name: str | None = None) -> None:
+        """Raise ``ValueError`` if a trainable atom about to be frozen is not finite (its key,
+        or its value with the scale baked in). One inf/NaN atom would make every token's
+        norm non-finite, so it never enters the bank; the check runs before any change."""
+        what = name or f"MoRAMLinear({self.in_features} -> {self.out_features})"
+        if not self.keys.shape[0]:
+            return
+        for tensor, t in (("keys", _full(self.keys)), ("values", _full(self.values) * self.scaling)):
+            bad = ~torch.isfinite(t).all(dim=1)
+            if bad.any():
+                ids = bad.nonzero().flatten().tolist()
+                raise ValueError(
+                    f"layer {what}: trainable atom(s) {ids[:20]}{' ...' if len(ids) > 20 else ''} "
+                    f"have non-finite {tensor}{' (scale alpha/r baked in)' if tensor == 'values' else ''}; "
+                    "they would poison every token's norm, so add_task() refuses to freeze them "
+                    "(the layer is unchanged)")
+
+    @torch.no_grad()
     def add_task(self) -> None:
         """Freeze every atom (baking in its scale) and start ``r`` fresh trainable atoms:
         keys Kaiming-uniform (as ``nn.Linear`` initialises weights), values zero.
@@ -175,7 +202,10 @@ class MoRAMLinear(nn.Module):
         (every rank must make it): the new keys are broadcast from rank 0, so every rank holds
         the same atoms whatever its RNG state. FSDP2-sharded parameters (DTensors) are
         gathered in full for the frozen bank and written back shard by shard.
+
+        A non-finite trainable atom raises ``ValueError`` and changes nothing.
         """
+        self._check_finite_atoms()
         if self.keys.shape[0]:
             self._append_frozen(_full(self.keys).detach(), _full(self.values).detach() * self.scaling)
         keys = torch.empty(self.r, self.in_features, dtype=self.keys.dtype,
@@ -236,21 +266,24 @@ class MoRAMLinear(nn.Module):
         fk = self.frozen_keys
         if fk.shape[0] < self.in_features or torch.compiler.is_compiling():
             return None
+        # the tensor itself (a weak reference: a replaced bank, e.g. by .to(), may reuse the
+        # old memory address), its version (in-place edits) and the dtype asked for
         key = (fk.data_ptr(), fk._version, tuple(fk.shape), fk.dtype, fk.device, dtype)
-        if self._gram_cache is None or self._gram_cache[0] != key:
+        cache = self._gram_cache
+        if cache is None or cache[0] != key or cache[2]() is not fk:
             self._gram_cache = None
-            a = fk.detach().float()
-            self._gram_cache = (key, (a.t() @ a).to(dtype))
-        return self._gram_cache[1]
+            a = fk.detach().to(torch.float64 if fk.dtype == torch.float64 else torch.float32)
+            self._gram_cache = cache = (key, (a.t() @ a).to(dtype), weakref.ref(fk))
+        return cache[1]
 
     # ---- forward -------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:      # before the base layer's own, less clear error
+            raise ValueError(f"x has d_in = {x.shape[-1]}, this layer takes {self.in_features}")
         y = self.base_layer(x)
         if self.num_atoms == 0:
             return y
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"x has d_in = {x.shape[-1]}, this layer takes {self.in_features}")
         n1 = self.keys.shape[0]
         scale1 = None
         if self.scaling != 1.0 and n1:
@@ -283,18 +316,37 @@ class MoRAMLinear(nn.Module):
 
     @torch.no_grad()
     def _count_usage(self, idx: Tensor) -> None:
-        # top-K selections, before the eval-time threshold; the counter grows with the bank
-        counts = torch.bincount(idx.reshape(-1).to(self.usage_counts.device),
-                                minlength=self.usage_counts.shape[0])
-        if counts.shape[0] > self.usage_counts.shape[0]:
+        # top-K selections, before the eval-time threshold; the counter grows with the bank.
+        # Sizes come from the bank, never from the data, so this traces under torch.compile.
+        n = self.num_atoms
+        if self.usage_counts.shape[0] < n:
             self.usage_counts = torch.cat([self.usage_counts, self.usage_counts.new_zeros(
-                counts.shape[0] - self.usage_counts.shape[0])])
-        self.usage_counts += counts
+                n - self.usage_counts.shape[0])])
+        flat = idx.reshape(-1).to(self.usage_counts.device)
+        self.usage_counts.index_add_(0, flat, torch.ones_like(flat))
 
     # ---- state_dict: shapes grow with tasks, so loading resizes first ----------------------
 
+    _HYPER = ("r", "k", "tau", "alpha", "eps")   # what the atoms mean; checked on load
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        meta = getattr(destination, "_metadata", None)
+        if meta is not None:
+            meta.setdefault(prefix[:-1], {})["moram"] = {h: getattr(self, h) for h in self._HYPER}
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        saved = (local_metadata or {}).get("moram")
+        if saved is not None:
+            diff = {h: (saved[h], getattr(self, h)) for h in self._HYPER
+                    if h in saved and saved[h] != getattr(self, h)}
+            if diff:
+                error_msgs.append(
+                    f"MoRAMLinear {prefix[:-1] or '(root)'}: the state dict was saved with other "
+                    f"hyper-parameters, as (saved, this layer): {diff}; build the layer with the "
+                    "saved ones (this layer was left unchanged)")
+                return
         for name in ("frozen_keys", "frozen_values", "task_sizes"):
             t = state_dict.get(prefix + name)
             cur = getattr(self, name)

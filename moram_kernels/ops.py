@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import backends as _dispatch
 from ._precision import autocast_dtype, compute_dtype
-from .backends.reference import effective_k
+from .backends.reference import _gate, effective_k
 
 __all__ = ["moram", "moram_segments"]
 
@@ -86,22 +86,49 @@ def _setup_context(ctx, inputs, output):
     ctx.hyper = (tau, delta, eps, backend)
 
 
+def _scale_grads(gy, values0, values1, idx, p_sel, norm, tau, delta, need0, need1):
+    """Gradients of the per-atom value scales, from what the forward saved:
+    ``dL/ds_i = sum over tokens t that selected i of w_ti m_ti p_ti <b_i, gy_t>``
+    (``m`` the threshold mask). Gathers the K selected value rows per token once; the
+    backends never see the scales' gradient, so every backend gets it the same way."""
+    n0 = values0.shape[0]
+    acc = p_sel.dtype
+    w, m = _gate(p_sel, norm, tau, delta)
+    rows = torch.where(idx < n0, idx, idx - n0)                  # row within its own segment
+    gyf = gy.to(acc)
+    out = []
+    for seg, vseg, need in ((0, values0, need0), (1, values1, need1)):
+        if not need or vseg.shape[0] == 0:
+            out.append(p_sel.new_zeros(0) if need else None)
+            continue
+        inside = (idx < n0) if seg == 0 else (idx >= n0)
+        local = torch.where(inside, rows, torch.zeros_like(rows))
+        dots = torch.einsum("tkd,td->tk", vseg.to(acc)[local], gyf)
+        contrib = torch.where(inside, w * m * p_sel * dots, torch.zeros_like(dots))
+        g = torch.zeros(vseg.shape[0], dtype=acc, device=gy.device)
+        out.append(g.index_add_(0, local.reshape(-1), contrib.reshape(-1)))
+    return out
+
+
 def _backward(ctx, gy, _gidx, _gpsel, _gnorm):
     x, keys0, values0, scale0, keys1, values1, scale1, gram0, idx, p_sel, norm = ctx.saved_tensors
     tau, delta, eps, backend = ctx.hyper
     need = ctx.needs_input_grad
     need_x, need_seg0, need_seg1 = need[0], need[1] or need[2], need[4] or need[5]
-    if not (need_x or need_seg0 or need_seg1):
-        return (None,) * 13
+    gx = gk0 = gv0 = gk1 = gv1 = gs0 = gs1 = None
     # the forward's inputs already carry the compute dtype: a backward run inside an
     # autocast region must not re-cast what the kernels' own GEMMs see
     with _autocast_off(x.device.type):
-        gx, gk0, gv0, gk1, gv1 = moram_bwd_op(
-            gy.to(x.dtype).contiguous(), x, keys0, values0, scale0, keys1, values1, scale1, gram0,
-            idx, p_sel, norm, tau, delta, eps, need_x, need_seg0, need_seg1, backend)
+        if need_x or need_seg0 or need_seg1:
+            gx, gk0, gv0, gk1, gv1 = moram_bwd_op(
+                gy.to(x.dtype).contiguous(), x, keys0, values0, scale0, keys1, values1, scale1,
+                gram0, idx, p_sel, norm, tau, delta, eps, need_x, need_seg0, need_seg1, backend)
+        if need[3] or need[6]:
+            gs0, gs1 = _scale_grads(gy, values0, values1, idx, p_sel, norm, tau, delta,
+                                    need[3], need[6])
     return (gx if need_x else None,
-            gk0 if need[1] else None, gv0 if need[2] else None, None,
-            gk1 if need[4] else None, gv1 if need[5] else None, None,
+            gk0 if need[1] else None, gv0 if need[2] else None, gs0,
+            gk1 if need[4] else None, gv1 if need[5] else None, gs1,
             None, None, None, None, None, None)
 
 
@@ -165,11 +192,30 @@ def _validate(x, keys, values, k, tau, delta, eps, value_scale, backend):
             raise ValueError(f"value_scale must have shape [N] = [{n}], got {tuple(value_scale.shape)}")
         if value_scale.device != x.device:
             raise ValueError(f"value_scale is on {value_scale.device} but x is on {x.device}")
-        scale = value_scale.detach().to(_acc_dtype(x)).contiguous()
+        if not value_scale.is_floating_point():
+            raise TypeError(f"value_scale must be a floating-point tensor, got {value_scale.dtype}")
+        # not detached: its gradient is computed (see ``_scale_grads``)
+        scale = value_scale.to(_acc_dtype(x)).contiguous()
     elif value_scale is not None:
         v = _check_real("value_scale", value_scale)
         scale = torch.full((n,), v, dtype=_acc_dtype(x), device=x.device)
     return int(k), tau, delta, eps, scale
+
+
+def _empty_delta(x2, segments, dtype) -> Tensor:
+    """The delta when there are no atoms or no tokens: exact zeros ``[T, d_out]`` in
+    ``dtype`` that still take part in autograd like any PyTorch op. Each product runs over
+    an empty dimension (no atoms, or no tokens), so the output and every gradient are zeros
+    of the right shape and dtype, and a NaN in ``x`` cannot leak in (nothing is multiplied
+    by it)."""
+    y = None
+    for keys, values, scale in segments:
+        p = x2.to(dtype) @ keys.to(dtype).t()                           # [T, N_s], T or N_s is 0
+        if scale is not None:
+            p = p * scale.to(dtype)
+        term = p @ values.to(dtype)
+        y = term if y is None else y + term
+    return y
 
 
 # ---- the functional API ---------------------------------------------------------------------
@@ -192,10 +238,14 @@ def moram_segments(x, keys0, values0, scale0, keys1, values1, scale1, *, k, tau,
     dev = x.device.type
     cd = compute_dtype(x.dtype, (keys0.dtype, keys1.dtype, values0.dtype, values1.dtype), dev)
     out_dtype = x.dtype if autocast_dtype(dev) is None or x.dtype == torch.float64 else cd
+    # a view whenever the strides allow it (a strided 2-D x reaches the backend as it is;
+    # every backend takes any strides), a copy only when reshape must make one
     x2 = x.reshape(-1, x.shape[-1])
     t = x2.shape[0]
     if n == 0 or t == 0:
-        return x.new_zeros(*lead, d_out, dtype=out_dtype), None
+        with _autocast_off(dev):
+            y = _empty_delta(x2, ((keys0, values0, scale0), (keys1, values1, scale1)), out_dtype)
+        return y.reshape(*lead, d_out), None
     kk = effective_k(k, n)
     inp = _dispatch.Inputs(x.device, cd, cd, cd, x.shape[-1], d_out, n, kk)
     b = _dispatch.select(backend, inp)
@@ -214,9 +264,11 @@ def moram(x: Tensor, keys: Tensor, values: Tensor, *, k: int, tau: float, delta:
     token (effective K = min(max(k, 2), N)), softmaxed at temperature ``tau``, and those
     whose normalised score is below ``delta`` dropped (0 disables it). ``value_scale`` is
     None, a float or a ``[N]`` tensor multiplying each value row. Differentiable with
-    respect to ``x``, ``keys`` and ``values``; returns the dtype of ``x`` (the autocast
-    dtype inside ``torch.autocast``, as ``F.linear`` does). It computes in the lowest
-    precision of x and the atoms with fp32 accumulation (:mod:`moram_kernels._precision`).
+    respect to ``x``, ``keys``, ``values`` and a ``value_scale`` tensor (each gradient in
+    its own input's dtype); returns the dtype of ``x`` (the autocast dtype inside
+    ``torch.autocast``, as ``F.linear`` does). It computes in the lowest precision of x and
+    the atoms with fp32 accumulation (:mod:`moram_kernels._precision`). With no atoms or no
+    tokens the output is zeros that still take part in autograd (zero gradients).
     """
     k, tau, delta, eps, scale = _validate(x, keys, values, k, tau, delta, eps, value_scale, backend)
     empty_k = keys.new_empty(0, keys.shape[1])

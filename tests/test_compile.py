@@ -34,9 +34,9 @@ def test_opcheck(backend, segments):
 
 
 class Tiny(nn.Module):
-    def __init__(self):
+    def __init__(self, **kw):
         super().__init__()
-        self.proj = mk.MoRAMLinear(nn.Linear(16, 16), r=4, k=3, tau=0.1, alpha=8.0)
+        self.proj = mk.MoRAMLinear(nn.Linear(16, 16), r=4, k=3, tau=0.1, alpha=8.0, **kw)
         self.out = nn.Linear(16, 4)
 
     def forward(self, x):
@@ -65,15 +65,79 @@ def test_compiled_model_fullgraph_forward_and_backward():
     torch.testing.assert_close(compiled(x), model(x))
 
 
+def _trained_tiny(tasks=3, **kw):
+    torch.manual_seed(0)
+    model = Tiny(**kw)
+    for _ in range(tasks):
+        model.proj.add_task()
+        with torch.no_grad():
+            model.proj.values.normal_()
+    return model
+
+
+def _grads(model, x):
+    """Output, and the gradients of x and of the trainable atoms, of one backward."""
+    model.zero_grad()
+    x = x.detach().clone().requires_grad_()
+    y = model(x)
+    y.square().sum().backward()
+    return y.detach(), x.grad, model.proj.keys.grad.clone(), model.proj.values.grad.clone()
+
+
 @pytest.mark.slow
 def test_compiled_model_with_inductor():
+    """Inductor (generated code around the opaque op): output and every gradient equal eager."""
+    import torch._inductor.config  # noqa: F401
     torch._dynamo.reset()
-    model = Tiny()
-    model.proj.add_task()
-    model.proj.add_task()
+    model = _trained_tiny(tasks=2)
     x = torch.randn(5, 16)
     compiled = torch.compile(model, fullgraph=True)
-    torch.testing.assert_close(compiled(x), model(x))
-    compiled(x).sum().backward()
-    assert model.proj.keys.grad is not None
+    # caches off: a graph cached by an earlier run would hide a change of the op's backward
+    with torch._inductor.config.patch(force_disable_caches=True):
+        got = _grads(compiled, x)
+    want = _grads(model, x)
+    for nm, a, b in zip(("y", "x", "keys", "values"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{nm}: {m}")
     assert model.proj.base_layer.weight.grad is None
+
+
+def test_compiled_with_a_varying_number_of_tokens_compiles_once():
+    """dynamic=True: one graph serves every T (no recompile per T), forward and backward right."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    model = _trained_tiny()
+    cnt = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=cnt, fullgraph=True, dynamic=True)
+    frames = []
+    for t in (3, 7, 12, 30):
+        x = torch.randn(2, t, 16)
+        for a, b in zip(_grads(compiled, x), _grads(model, x)):
+            torch.testing.assert_close(a, b)
+        frames.append(cnt.frame_count)
+    # (the first compile may count a restarted trace; no new frame after it)
+    assert frames[0] >= 1 and frames[1:] == frames[:1] * 3, f"frames compiled after each T: {frames}"
+
+
+def test_compiled_dropout_and_usage_counting():
+    """Adapter dropout and atom-usage counting inside a fullgraph compiled model: the same
+    random mask as eager for the same seed, and the same counts."""
+    torch._dynamo.reset()
+    model = _trained_tiny(dropout=0.3)
+    model.train()
+    x = torch.randn(4, 6, 16)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    model.proj.start_usage()
+    torch.manual_seed(5)
+    got = _grads(compiled, x)
+    counts_compiled = model.proj.usage_counts.clone()
+    model.proj.start_usage()
+    torch.manual_seed(5)
+    want = _grads(model, x)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    assert counts_compiled.sum() == 24 * 3 and torch.equal(counts_compiled, model.proj.usage_counts)
+    torch.manual_seed(6)
+    other = compiled(x)                              # another seed, another mask
+    assert not torch.allclose(other, got[0])
+    model.eval()
+    torch.testing.assert_close(compiled(x), model(x))   # no dropout in eval

@@ -12,6 +12,7 @@ import copy
 import logging
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -408,6 +409,29 @@ def test_load_rejects_inconsistent_files(tmp_path):
     junk.write_bytes(b"not a safetensors file at all")
     with pytest.raises(ValueError, match="not a readable"):
         mk.load_moram(model, junk)
+    assert_same(all_tensors(model), before)
+
+
+@pytest.mark.parametrize("tensor", ["frozen_keys", "frozen_values", "keys", "values"])
+def test_load_refuses_a_non_finite_atom(tmp_path, tensor):
+    """One inf/NaN atom would poison every token's norm: the file is refused, naming the
+    layer, the tensor and the atom id, and the model is left as it was."""
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    good = tmp_path / "good.safetensors"
+    mk.save_moram(trained(), good)
+    tensors = load_file(str(good))
+    with safe_open(str(good), framework="pt") as f:
+        meta = f.metadata()
+    name = sorted(k for k in tensors if k.endswith(".task_sizes"))[-1].rsplit(".", 1)[0]
+    t = tensors[f"{name}.{tensor}"].clone()
+    t[1, 2] = math.inf if "keys" in tensor else math.nan
+    path = tmp_path / "bad.safetensors"
+    save_file({**tensors, f"{name}.{tensor}": t}, str(path), metadata=meta)
+    model = trained(seed=7)
+    before = all_tensors(model)
+    with pytest.raises(ValueError, match=rf"layer {re.escape(name)}: {tensor} has non-finite atom\(s\) \[1\]"):
+        mk.load_moram(model, path)
     assert_same(all_tensors(model), before)
 
 

@@ -96,19 +96,51 @@ def test_gradients_only_reach_trainable_atoms(backend):
     assert_close(x.grad, gx, dtype=torch.float32, what="x")
 
 
+def _grads(layer, x, gram: bool):
+    """(x.grad, keys.grad) of one backward, with the layer's cached Gram or without it."""
+    x = x.detach().clone().requires_grad_()
+    layer.keys.grad = None
+    real = layer._frozen_gram
+    if not gram:
+        layer._frozen_gram = lambda *a: None       # force the no-Gram path
+    try:
+        layer(x).square().sum().backward()
+    finally:
+        layer._frozen_gram = real
+    return x.grad, layer.keys.grad
+
+
 def test_cached_gram_gives_the_same_gradients():
-    """Frozen bank at least d_in atoms: the layer passes its cached Gram to the backward."""
+    """Frozen bank at least d_in atoms: the layer passes its cached Gram to the backward,
+    and the cache follows every change of the bank: in-place edits, .to(dtype) and back,
+    load_state_dict."""
     layer = _layer(d_in=8, tasks=4, r=4)           # 12 frozen >= d_in = 8
     assert layer._frozen_gram() is not None
-    x = torch.randn(10, 8, requires_grad=True)
-    layer(x).square().sum().backward()
-    g_cached = (x.grad.clone(), layer.keys.grad.clone())
-    x.grad = None
-    layer.keys.grad = None
-    layer._frozen_gram = lambda *a: None           # force the no-Gram path
-    layer(x).square().sum().backward()
-    torch.testing.assert_close(x.grad, g_cached[0])
-    torch.testing.assert_close(layer.keys.grad, g_cached[1])
+    x = torch.randn(10, 8)
+
+    def check(what):
+        xs = x.to(layer.frozen_keys.dtype)
+        for a, b in zip(_grads(layer, xs, True), _grads(layer, xs, False)):
+            torch.testing.assert_close(a, b, msg=lambda m: f"after {what}: {m}")
+
+    check("the first call")
+    with torch.no_grad():
+        layer.frozen_keys.mul_(-2.0)                # same tensor, same address, new version
+    check("an in-place edit of frozen_keys")
+    with torch.no_grad():
+        layer.frozen_keys[3].copy_(torch.randn(8))
+    check("an in-place edit of one frozen atom")
+    layer.double()
+    check(".double()")
+    layer.float()                                  # may reuse the first bank's memory
+    with torch.no_grad():
+        layer.frozen_keys.add_(0.5)
+    check(".double().float()")
+    other = _layer(d_in=8, tasks=4, r=4)
+    with torch.no_grad():
+        other.frozen_keys.normal_()
+    layer.load_state_dict(other.state_dict())
+    check("load_state_dict")
 
 
 def test_dropout_is_on_the_adapter_path_only():
@@ -184,6 +216,131 @@ def test_constructor_errors(kw, match):
 
 
 def test_wrong_d_in_is_a_clear_error():
-    layer = _layer()
-    with pytest.raises((ValueError, RuntimeError)):
-        layer(torch.randn(3, 15))
+    """The layer's own message, before the base layer's shape error; with or without atoms."""
+    for layer in (_layer(), mk.MoRAMLinear(nn.Linear(16, 12))):
+        with pytest.raises(ValueError, match="x has d_in = 15, this layer takes 16"):
+            layer(torch.randn(3, 15))
+
+
+@pytest.mark.parametrize("tensor", ["keys", "values"])
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_add_task_refuses_a_non_finite_atom(tensor, bad):
+    layer = _layer(tasks=2, r=4)
+    with torch.no_grad():
+        getattr(layer, tensor)[2, 5] = bad
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    params = (layer.keys, layer.values)
+    with pytest.raises(ValueError, match=rf"atom\(s\) \[2\] have non-finite {tensor}"):
+        layer.add_task()
+    assert layer.keys is params[0] and layer.values is params[1]
+    after = layer.state_dict()
+    assert set(after) == set(before)
+    for k, v in before.items():
+        assert torch.equal(after[k], v) or (k == tensor and torch.equal(after[k].isnan(), v.isnan())), k
+
+
+def test_add_task_refuses_a_value_that_overflows_once_scaled():
+    layer = _layer(tasks=1, r=4, alpha=64.0)       # scale alpha / r = 16
+    layer.half()
+    with torch.no_grad():
+        layer.values[1, 0] = 60000.0                  # finite in fp16, inf once scaled
+    n = layer.num_atoms
+    with pytest.raises(ValueError, match=r"atom\(s\) \[1\] have non-finite values"):
+        layer.add_task()
+    assert layer.num_atoms == n and layer.frozen_keys.shape[0] == 0
+
+
+def test_model_add_task_checks_every_layer_first():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    mk.inject(model, mk.MoRAMConfig(target_modules=["0", "2"], r=2, k=2))
+    mk.add_task(model)
+    with torch.no_grad():
+        model[2].keys[1, 0] = math.nan
+    with pytest.raises(ValueError, match=r"layer 2: .*atom\(s\) \[1\]"):
+        mk.add_task(model)
+    assert model[0].num_tasks == 1 and model[2].num_tasks == 1     # neither layer moved on
+
+
+@pytest.mark.parametrize("change", [dict(k=4), dict(tau=0.2), dict(alpha=4.0), dict(r=2), dict(eps=1e-8)])
+def test_state_dict_with_other_hyper_parameters_is_refused(change):
+    layer = _layer(tasks=2, r=4)
+    kw = dict(r=4, k=3, tau=0.1, alpha=8.0)
+    kw.update(change)
+    other = mk.MoRAMLinear(nn.Linear(16, 12), **kw)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    name = next(iter(change))
+    with pytest.raises(RuntimeError, match=rf"hyper-parameters.*'{name}'"):
+        other.load_state_dict(layer.state_dict())
+    after = other.state_dict()
+    for k in ("frozen_keys", "frozen_values", "keys", "values", "task_sizes"):
+        assert torch.equal(after[k], before[k]), k
+    same = mk.MoRAMLinear(nn.Linear(16, 12), r=4, k=3, tau=0.1, alpha=8.0, delta=0.5, dropout=0.1)
+    same.load_state_dict(layer.state_dict())       # delta and dropout may differ on purpose
+    assert same.num_atoms == layer.num_atoms
+
+
+def test_state_dict_hyper_parameters_survive_torch_save(tmp_path):
+    layer = _layer(tasks=1, r=4)
+    torch.save(layer.state_dict(), tmp_path / "sd.pt")
+    sd = torch.load(tmp_path / "sd.pt")
+    with pytest.raises(RuntimeError, match="'k'"):
+        mk.MoRAMLinear(nn.Linear(16, 12), r=4, k=5, tau=0.1, alpha=8.0).load_state_dict(sd)
+
+
+@pytest.mark.parametrize("move", ["half", "to-bf16", "to-fp64", "to-device"])
+def test_layer_moves(move):
+    """.half(), .to(dtype), .to(device): every atom tensor follows, the forward runs in the
+    new dtype against the float64 oracle, and gradients come back in it."""
+    layer = _layer(tasks=3)
+    x = torch.randn(9, 16)
+    if move == "half":
+        layer.half()
+        dt = torch.float16
+    elif move == "to-device":
+        layer.to(torch.device("cpu"))
+        assert layer.frozen_keys.device.type == "cpu"
+        dt = torch.float32
+    else:
+        dt = {"to-bf16": torch.bfloat16, "to-fp64": torch.float64}[move]
+        layer.to(dt)
+    for name in ("frozen_keys", "frozen_values", "keys", "values"):
+        assert getattr(layer, name).dtype == dt, name
+    assert layer.task_sizes.dtype == torch.long and isinstance(layer.keys, nn.Parameter)
+    xd = x.to(dt).requires_grad_()
+    layer.train()
+    y = layer(xd)
+    assert y.dtype == dt
+    want = layer.base_layer(xd.detach()).double() + _as_oracle(layer, xd.detach(), delta=0.0)
+    tol = dt if dt != torch.float64 else torch.float32      # the base layer runs in dt
+    lowp = None
+    if dt in (torch.float16, torch.bfloat16):
+        keys = torch.cat([layer.frozen_keys, layer.keys])
+        values = torch.cat([layer.frozen_values, layer.values])
+        vs = torch.cat([torch.ones(8), torch.full((4,), layer.scaling)]).to(dt)
+        lowp = layer.base_layer(xd.detach()) + oracle(xd.detach(), keys, values, k=3, tau=0.1,
+                                                       value_scale=vs, dtype=dt)
+    assert_close(y, want, dtype=tol, pytorch_lowp=lowp)
+    y.float().sum().backward()
+    assert xd.grad.dtype == dt and layer.keys.grad.dtype == dt and layer.values.grad.dtype == dt
+    assert torch.isfinite(layer.keys.grad).all()
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+def test_deterministic_mode_gives_bit_identical_gradients(backend):
+    """torch.use_deterministic_algorithms(True): two runs, bit-identical output and gradients."""
+    layer = _layer(d_in=48, d_out=40, tasks=6, r=16, backend=backend)     # 80 frozen >= d_in
+    x = torch.randn(300, 48)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = []
+        for _ in range(2):
+            xr = x.clone().requires_grad_()
+            layer.zero_grad()
+            y = layer(xr)
+            y.square().sum().backward()
+            runs.append((y.detach(), xr.grad, layer.keys.grad.clone(), layer.values.grad.clone()))
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

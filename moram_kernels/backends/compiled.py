@@ -34,8 +34,10 @@ def load():
     else:
         try:
             import torch  # noqa: F401  (the extension links against libtorch)
-            mod = importlib.import_module("moram_kernels._C")
-        except Exception as e:  # ImportError, or an undefined symbol from a stale build
+            loaded = importlib.import_module("moram_kernels._C")
+            _check_symbols(loaded)
+            mod = loaded
+        except Exception as e:  # ImportError, an undefined symbol from a stale build, missing ops
             why = (f"the compiled extension moram_kernels._C is not available ({type(e).__name__}: {e}); "
                    "build it with `pip install --no-build-isolation -e .`")
             if os.environ.get("MORAM_JIT", "0") not in ("", "0"):
@@ -48,6 +50,17 @@ def load():
                 warn_once("extension", why + "; falling back to the reference path")
     _state["module"], _state["why"] = mod, why
     return mod
+
+
+def _check_symbols(mod) -> None:
+    """Raise ImportError unless ``mod`` is a usable build: its ``has_cpu``/``has_cuda`` probes
+    and both registered ops. A build that imports but lacks them is broken, not absent."""
+    import torch
+    missing = [f"_C.{n}" for n in ("has_cpu", "has_cuda") if not callable(getattr(mod, n, None))]
+    missing += [f"torch.ops.moram_kernels_C.{n}" for n in ("moram_fwd", "moram_bwd")
+                if not hasattr(torch.ops.moram_kernels_C, n)]
+    if missing:
+        raise ImportError(f"the build lacks {', '.join(missing)} (stale or foreign build)")
 
 
 def _jit_build():

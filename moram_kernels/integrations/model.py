@@ -210,6 +210,8 @@ def add_task(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -
     layers = _task_layers(model)
     if not layers:
         raise ValueError("model has no MoRAM layers; call inject() first")
+    for name, layer in moram_layers(model).items():    # every layer checked before any changes
+        layer._check_finite_atoms(name)
     for layer in layers:
         layer.add_task()
     if optimizer is not None:
@@ -295,6 +297,13 @@ def _check_layer_state(name: str, layer: MoRAMLinear, st: dict[str, Tensor]) -> 
     if k.shape[0] and int(ts[-1]) != k.shape[0]:
         raise ValueError(f"layer {name}: the last task has {int(ts[-1])} atoms but "
                          f"{k.shape[0]} are trainable")
+    for a, t in (("frozen_keys", fk), ("frozen_values", fv), ("keys", k), ("values", v)):
+        # as the layer will hold it: a finite fp32 value may overflow the layer's fp16
+        bad = ~torch.isfinite(t.to(getattr(layer, a).dtype)).all(dim=1)
+        if bad.any():
+            ids = bad.nonzero().flatten().tolist()
+            raise ValueError(f"layer {name}: {a} has non-finite atom(s) {ids[:20]} (in "
+                             f"{getattr(layer, a).dtype}); refusing to load (the model is unchanged)")
 
 
 @torch.no_grad()
