@@ -78,6 +78,7 @@ class MoRAMLinear(nn.Module):
         self.register_buffer("task_sizes", torch.zeros(0, dtype=torch.long, device=w.device))
         self.adapter_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._gram_cache: tuple[tuple, Tensor] | None = None
+        self._scale_cache: tuple[tuple, Tensor] | None = None
         # [N] int64 while usage counting is on (not a buffer: never saved); None = off
         self.usage_counts: Tensor | None = None
 
@@ -137,6 +138,21 @@ class MoRAMLinear(nn.Module):
             self._gram_cache = (key, a.t() @ a)
         return self._gram_cache[1]
 
+    def _trainable_scale(self, n1: int, x: Tensor) -> Tensor | None:
+        """The ``[r]`` scale of the trainable values (``alpha / r``), or None when it is 1;
+        made once per (size, value, device, dtype), not on every call."""
+        scaling = self.scaling
+        if scaling == 1.0 or not n1:
+            return None
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        if torch.compiler.is_compiling():
+            return torch.full((n1,), scaling, device=x.device, dtype=dtype)
+        key = (n1, scaling, x.device, dtype)
+        cached = self._scale_cache
+        if cached is None or cached[0] != key:
+            self._scale_cache = cached = (key, torch.full((n1,), scaling, device=x.device, dtype=dtype))
+        return cached[1]
+
     # ---- forward -------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
@@ -145,16 +161,14 @@ class MoRAMLinear(nn.Module):
             return y
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x has d_in = {x.shape[-1]}, this layer takes {self.in_features}")
-        n1 = self.keys.shape[0]
-        scale1 = None
-        if self.scaling != 1.0 and n1:
-            scale1 = torch.full((n1,), self.scaling, device=x.device,
-                                dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-        need_grad = torch.is_grad_enabled() and self.keys.requires_grad
+        keys = self.keys
+        scale1 = self._trainable_scale(keys.shape[0], x)
+        need_grad = torch.is_grad_enabled() and keys.requires_grad
         delta = 0.0 if self.training else self.delta      # the threshold is an eval-time rule
+        xd = self.adapter_dropout(x) if self.training else x   # dropout is the identity in eval
         d, idx = moram_segments(
-            self.adapter_dropout(x), self.frozen_keys, self.frozen_values, None,
-            self.keys, self.values, scale1, k=self.k, tau=self.tau, delta=delta, eps=self.eps,
+            xd, self.frozen_keys, self.frozen_values, None,
+            keys, self.values, scale1, k=self.k, tau=self.tau, delta=delta, eps=self.eps,
             gram0=self._frozen_gram() if need_grad else None, backend=self.backend)
         if self.usage_counts is not None and idx is not None:
             self._count_usage(idx)

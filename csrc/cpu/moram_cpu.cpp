@@ -42,6 +42,17 @@ int64_t env_int(const char* name, int64_t dflt) {
 int64_t block_tokens() { return env_int("MORAM_CPU_BT", 512); }
 int64_t tile_atoms() { return env_int("MORAM_CPU_BN", 1024); }
 
+// Threads worth waking for `work` multiply-adds: one per MORAM_CPU_GRAIN (2^17, some tens
+// of µs of work), at most torch's intra-op count. Waking a thread costs µs on an idle
+// machine and a whole scheduler slice on a busy one, so one decoded token stays on the
+// calling thread. Parallel loops below pass `if (nth > 1)`: with one thread the region is
+// inactive, runs inline, and BLAS/ATen calls inside it keep their own threading.
+int threads_for(double work) {
+  const double grain = static_cast<double>(env_int("MORAM_CPU_GRAIN", int64_t{1} << 17));
+  const int nth = std::max(1, at::get_num_threads());
+  return static_cast<int>(std::max(1.0, std::min<double>(nth, std::floor(work / grain))));
+}
+
 // Exceptions must not cross an OpenMP region boundary: keep the first, rethrow after.
 struct FirstError {
   std::exception_ptr err;
@@ -396,7 +407,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moram_fwd_cpu(const Tensor& x_in, con
   Tensor norm = at::empty({T}, x.options().dtype(at::kFloat));
   if (T == 0) return {y, idx, p_sel, norm};
 
-  const int nth = std::max(1, at::get_num_threads());
+  const int nth = threads_for(static_cast<double>(T) * static_cast<double>(a.n_total) *
+                              static_cast<double>(a.d_in + K));
   std::vector<Tile> tiles;
   const int64_t BN = tile_atoms();
   for (int s = 0; s < 2; ++s)
@@ -429,7 +441,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moram_fwd_cpu(const Tensor& x_in, con
   static const ScanFn scan = pick_scan();
 
   FirstError fe;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nth)
+  // One item (a decoded token, a small bank): no parallel region; its GEMM threads itself.
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nth) if (nth > 1 && n_blocks * n_splits > 1)
   for (int64_t item = 0; item < n_blocks * n_splits; ++item) {
     try {
       const int64_t b = item / n_splits, sp = item % n_splits;
@@ -482,7 +495,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moram_fwd_cpu(const Tensor& x_in, con
 
   if (n_splits > 1) {
     // merge the partial top-Ks in split order (deterministic), then the epilogue
-#pragma omp parallel for schedule(static) num_threads(nth)
+#pragma omp parallel for schedule(static) num_threads(nth) if (nth > 1)
     for (int64_t t = 0; t < T; ++t) {
       float* hv = p_sel.data_ptr<float>() + t * K;
       int64_t* hid = idx.data_ptr<int64_t>() + t * K;
@@ -551,16 +564,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
     return {empty(need_x, x), empty(need_seg0, keys0), empty(need_seg0, values0), empty(need_seg1, keys1),
             empty(need_seg1, values1)};
   }
-  if (T * K > 0) {  // no index set may send a gather or a scatter out of bounds
-    const auto mm = at::aminmax(idx);
-    const int64_t lo = std::get<0>(mm).item<int64_t>(), hi = std::get<1>(mm).item<int64_t>();
+  {  // no index set may send a gather or a scatter out of bounds
+    const int64_t* I = idx.data_ptr<int64_t>();
+    int64_t lo = 0, hi = 0;
+    if (T * K > 0) lo = hi = I[0];
+    for (int64_t e = 1; e < T * K; ++e) {
+      lo = std::min(lo, I[e]);
+      hi = std::max(hi, I[e]);
+    }
     TORCH_CHECK(lo >= 0 && hi < a.n_total, "moram cpu: idx holds atom ids in [", lo, ", ", hi,
                 "], outside [0, N = ", a.n_total, ")");
   }
 
   const Tensor gyf = gy.to(at::kFloat).contiguous();
   const Tensor xf = x.to(at::kFloat);  // any strides: BLAS takes it as it is
-  const int nth = std::max(1, at::get_num_threads());
+  const double dT = static_cast<double>(T), dK = static_cast<double>(K);
   const float ftau = static_cast<float>(tau), fdelta = static_cast<float>(delta), feps = static_cast<float>(eps);
 
   // Per token, on the K selected atoms only: g_sel = w·m·gc + gs/n, alpha, and the value
@@ -576,12 +594,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
     float* GS = g_sel.data_ptr<float>();
     float* CV = coef_v.data_ptr<float>();
     float* AL = alpha.data_ptr<float>();
-#pragma omp parallel for schedule(static) num_threads(nth)
+    const int nth = threads_for(dT * dK * static_cast<double>(d_out));
+#pragma omp parallel num_threads(nth) if (nth > 1)
+    {
+    std::vector<float> w(K), gw(K), gc(K);  // per thread
+#pragma omp for schedule(static)
     for (int64_t t = 0; t < T; ++t) {
       const float* p = P + t * K;
       const int64_t* ids = I + t * K;
       const float n = Nn[t];
-      std::vector<float> w(K), gw(K), gc(K);
       float mx = -std::numeric_limits<float>::infinity();
       for (int64_t i = 0; i < K; ++i) mx = std::max(mx, p[i] / n / ftau);
       float den = 0.f;
@@ -609,6 +630,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
       // n = max(||p||, eps) is constant where it was clamped: no gradient through the norm there
       AL[t] = n > feps ? al / (n * n * n) : 0.f;
     }
+    }
   }
 
   if (need_x) {
@@ -633,15 +655,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
       }
       dense = at::mm(xf, G).mul_(neg_alpha);
     } else {
-      dense = at::zeros({T, d_in}, xf.options().dtype(at::kFloat));
+      dense = at::empty({T, d_in}, xf.options().dtype(at::kFloat));  // the first product writes it
       const int64_t BT = 1024, BN = 4096;  // bounds the [BT, BN] score buffer to 16 MiB
       for (int64_t t0 = 0; t0 < T; t0 += BT) {
         const int64_t bt = std::min(BT, T - t0);
         Tensor xb = xf.narrow(0, t0, bt), db = dense.narrow(0, t0, bt), nab = neg_alpha.narrow(0, t0, bt);
+        bool first = true;
         for (int s = 0; s < 2; ++s)
           for (int64_t lo = 0; lo < a.n[s]; lo += BN) {
             Tensor ak = a.keys_f[s].narrow(0, lo, std::min(BN, a.n[s] - lo));
-            db.addmm_(at::mm(xb, ak.t()).mul_(nab), ak);
+            Tensor sc = at::mm(xb, ak.t()).mul_(nab);
+            if (first) at::mm_out(db, sc, ak);
+            else db.addmm_(sc, ak);
+            first = false;
           }
       }
     }
@@ -650,7 +676,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
     const float* GS = g_sel.data_ptr<float>();
     const int64_t* I = idx.data_ptr<int64_t>();
     float* D = dense.data_ptr<float>();
-#pragma omp parallel for schedule(static) num_threads(nth)
+    const int nth = threads_for(dT * dK * static_cast<double>(d_in));
+#pragma omp parallel for schedule(static) num_threads(nth) if (nth > 1)
     for (int64_t t = 0; t < T; ++t) {
       float* row = D + t * d_in;
       for (int64_t i = 0; i < K; ++i) {
@@ -672,7 +699,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
     }
     // dA_s = gp_sᵀ x with gp_s = -alpha∘(x A_sᵀ) + the selected g_sel: dense over this
     // segment's atoms only, in [BT, BN] tiles; the addmm_ chain runs in a fixed order.
-    Tensor gkf = at::zeros({ns, d_in}, xf.options().dtype(at::kFloat));
+    Tensor gkf = at::empty({ns, d_in}, xf.options().dtype(at::kFloat));  // the first block writes it
     const int64_t BT = 1024, BN = 4096;
     const float* GS = g_sel.data_ptr<float>();
     const int64_t* I = idx.data_ptr<int64_t>();
@@ -685,7 +712,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
         Tensor ak = a.keys_f[s].narrow(0, lo, bn);
         Tensor gp = at::mm(xb, ak.t()).contiguous();  // [bt, bn]
         float* GP = gp.data_ptr<float>();
-#pragma omp parallel for schedule(static) num_threads(nth)
+        const int nth = threads_for(static_cast<double>(bt) * static_cast<double>(bn + K));
+#pragma omp parallel for schedule(static) num_threads(nth) if (nth > 1)
         for (int64_t r = 0; r < bt; ++r) {
           const int64_t t = t0 + r;
           const float na = -AL[t];
@@ -696,7 +724,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
             if (j >= 0 && j < bn) row[j] += GS[t * K + i];
           }
         }
-        gkf.narrow(0, lo, bn).addmm_(gp.t(), xb);
+        Tensor gkb = gkf.narrow(0, lo, bn);
+        if (t0 == 0) at::mm_out(gkb, gp.t(), xb);
+        else gkb.addmm_(gp.t(), xb);
       }
     }
     gk[s] = gkf.to(a.keys[s].scalar_type());
@@ -721,7 +751,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
     gv[s] = at::empty({ns, d_out}, a.values[s].options());
     const float* CV = coef_v.data_ptr<float>();
     const float* G = gyf.data_ptr<float>();
-#pragma omp parallel for schedule(dynamic, 16) num_threads(nth)
+    const int nth = threads_for(static_cast<double>(start[ns]) * static_cast<double>(d_out));
+#pragma omp parallel for schedule(dynamic, 16) num_threads(nth) if (nth > 1)
     for (int64_t j = 0; j < ns; ++j) {
       std::vector<float> acc(d_out, 0.f);
       for (int64_t q = start[j]; q < start[j + 1]; ++q) {
