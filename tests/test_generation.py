@@ -58,3 +58,16 @@ def test_greedy_generate_same_tokens_with_and_without_kv_cache(backend):
     with torch.no_grad():
         bare = mk.remove(model)(prompt).logits
     assert (logits - bare).abs().max() > 1e-2
+
+
+def test_generation_benchmark_row():
+    """``python -m benchmarks.generation``: both models timed, the MoRAM one really adapted."""
+    from benchmarks import generation
+    bare, adapted = generation.build(64, 1, 8, 4, 4, "cpu", torch.float32)
+    layers = [m for m in adapted.modules() if isinstance(m, mk.MoRAMLinear)]
+    assert len(layers) == 2 and all(m.num_atoms == 8 and m.values.abs().sum() > 0 for m in layers)
+    assert not any(isinstance(m, mk.MoRAMLinear) for m in bare.modules())
+    m = generation.measure(hidden=64, layers=1, n_atoms=8, k=4, r=4, prompt_len=4, new_tokens=2, reps=2)
+    assert m["bare_ms"] > 0 and m["moram_ms"] > 0
+    assert m["ratio"] == pytest.approx(m["moram_ms"] / m["bare_ms"])
+    assert generation.row(m).startswith("| d=64, 1 layers, N=8, k=4 (cpu, float32) | ")
