@@ -120,9 +120,11 @@ Atoms make_atoms(const Tensor& x, const Tensor& keys0, const Tensor& values0,
     TORCH_CHECK(v.dim() == 2 && v.size(0) == k.size(0), "moram cpu: ", vn[s], " must be [N, d_out] with N = ",
                 k.size(0), " (from ", kn[s], "), got ", v.sizes());
     a.n[s] = k.size(0);
-    a.keys[s] = k.detach();
-    a.keys_f[s] = a.keys[s].to(at::kFloat).contiguous();
-    a.values[s] = v.detach().contiguous();
+    // detached: ATen calls on OpenMP worker threads do not see this thread's below-autograd guard
+    a.keys[s] = k.requires_grad() ? k.detach() : k;
+    a.keys_f[s] = k.scalar_type() == at::kFloat ? a.keys[s] : a.keys[s].to(at::kFloat);
+    if (!a.keys_f[s].is_contiguous()) a.keys_f[s] = a.keys_f[s].contiguous();
+    a.values[s] = v.is_contiguous() ? v : v.contiguous();
     if (ss[s]->has_value() && (*ss[s])->defined()) {
       const Tensor& sc = **ss[s];
       TORCH_CHECK(sc.device().is_cpu(), "moram cpu: ", sn[s], " must be a CPU tensor, got ", sc.device());
@@ -184,6 +186,25 @@ MORAM_CLONES float dot_row(const at::BFloat16* a, const float* b, int64_t n) { r
 MORAM_CLONES void store_row(const float* src, float* dst, int64_t n) { store_body(src, dst, n); }
 MORAM_CLONES void store_row(const float* src, at::Half* dst, int64_t n) { store_body(src, dst, n); }
 MORAM_CLONES void store_row(const float* src, at::BFloat16* dst, int64_t n) { store_body(src, dst, n); }
+
+// Four dot products against one vector: four independent accumulators hide the FMA latency
+// that bounds a single reduction, and each load of b serves four rows.
+MORAM_CLONES void dot4_rows(const float* __restrict__ a0, const float* __restrict__ a1, const float* __restrict__ a2,
+                            const float* __restrict__ a3, const float* __restrict__ b, int64_t n, float* out) {
+  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+  for (int64_t j = 0; j < n; ++j) {
+    const float bj = b[j];
+    s0 += a0[j] * bj;
+    s1 += a1[j] * bj;
+    s2 += a2[j] * bj;
+    s3 += a3[j] * bj;
+  }
+  out[0] = s0;
+  out[1] = s1;
+  out[2] = s2;
+  out[3] = s3;
+}
 
 // acc += c * values[id] for any value dtype.
 inline void axpy_value(const Atoms& a, int64_t id, float c, float* acc) {
@@ -406,6 +427,43 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moram_fwd_cpu(const Tensor& x_in, con
   Tensor p_sel = at::empty({T, K}, x.options().dtype(at::kFloat));
   Tensor norm = at::empty({T}, x.options().dtype(at::kFloat));
   if (T == 0) return {y, idx, p_sel, norm};
+  static const ScanFn scan = pick_scan();
+  const float ftau = static_cast<float>(tau), fdelta = static_cast<float>(delta),
+              feps = static_cast<float>(eps);
+
+  if (T == 1) {
+    // One token (decoding): the scores are N dot products, which one loop over the key rows
+    // computes without the GEMM's buffers and views; threads only for a bank large enough.
+    const int64_t d_in = a.d_in, N = a.n_total;
+    std::vector<float> xr(d_in), sc(N), c(K), yrow(d_out);
+    {
+      const Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+      const float* xp = xf.data_ptr<float>();
+      const int64_t st = xf.stride(1);
+      for (int64_t i = 0; i < d_in; ++i) xr[i] = xp[i * st];
+    }
+    // threads only for a bank that streams from memory (16 MiB of fp32 keys at the default grain)
+    const int nth = threads_for(static_cast<double>(N) * static_cast<double>(d_in) / 32.0);
+    for (int sg = 0; sg < 2; ++sg) {
+      const float* kp = a.keys_f[sg].data_ptr<float>();
+      float* out = sc.data() + a.lo[sg];
+      const int64_t n_s = a.n[sg], n4 = n_s / 4;
+#pragma omp parallel for schedule(static) num_threads(nth) if (nth > 1)
+      for (int64_t q = 0; q < n4; ++q) {
+        const float* r = kp + 4 * q * d_in;
+        dot4_rows(r, r + d_in, r + 2 * d_in, r + 3 * d_in, xr.data(), d_in, out + 4 * q);
+      }
+      for (int64_t j = 4 * n4; j < n_s; ++j) out[j] = dot_row(kp + j * d_in, xr.data(), d_in);
+    }
+    float* hv = p_sel.data_ptr<float>();
+    int64_t* hid = idx.data_ptr<int64_t>();
+    heap_init(hv, hid, K);
+    float ss = 0.f;
+    scan(sc.data(), N, 0, hv, hid, K, &ss, kth_floor(sc.data(), N, K));
+    epilogue(a, hv, hid, K, ss, ftau, fdelta, feps, c.data(), yrow.data(), norm.data_ptr<float>());
+    store_row_any(yrow.data(), y, 0);
+    return {y, idx, p_sel, norm};
+  }
 
   const int nth = threads_for(static_cast<double>(T) * static_cast<double>(a.n_total) *
                               static_cast<double>(a.d_in + K));
@@ -435,10 +493,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moram_fwd_cpu(const Tensor& x_in, con
     part_i = at::empty({n_splits, T, K}, idx.options());
     part_ss = at::empty({n_splits, T}, p_sel.options());
   }
-  const float ftau = static_cast<float>(tau), fdelta = static_cast<float>(delta),
-              feps = static_cast<float>(eps);
   const bool x_f32 = x.scalar_type() == at::kFloat;
-  static const ScanFn scan = pick_scan();
 
   FirstError fe;
   // One item (a decoded token, a small bank): no parallel region; its GEMM threads itself.
