@@ -6,7 +6,7 @@ The public API (``../shared/spec/API.md``) and nothing else.
 __version__ = "0.1.0"
 
 from .backends import available_backends, use_backend
-from . import integrations
+from . import distributed, integrations
 from .integrations import (MoRAMConfig, add_task, inject, load_moram, remove, save_moram,
                            trainable_parameters)
 from .nn import MoRAMLinear
@@ -14,7 +14,7 @@ from .ops import moram
 
 __all__ = [
     "moram", "available_backends", "use_backend", "MoRAMLinear", "MoRAMConfig", "inject",
-    "remove", "add_task", "save_moram", "load_moram", "trainable_parameters", "__version__",
+    "remove", "add_task", "distributed", "save_moram", "load_moram", "trainable_parameters", "__version__",
 ]
 
 from . import backends as _backends

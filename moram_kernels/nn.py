@@ -20,13 +20,66 @@ def _is_conv1d(m: nn.Module) -> bool:
             and isinstance(getattr(m, "weight", None), Tensor) and m.weight.dim() == 2)
 
 
+class _NoBase(nn.Module):
+    """Base layer of a ``MoRAMLinear`` that computes only the MoRAM delta, for wrappers that
+    keep the real base layer themselves (the PEFT layer): its output is a 0-d zero, which
+    broadcasts. It holds no state that would be saved (``weight`` only carries the device
+    and dtype, as a non-persistent buffer)."""
+
+    def __init__(self, d_in: int, d_out: int, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.in_features, self.out_features = d_in, d_out
+        self.register_buffer("weight", torch.empty(0, dtype=dtype, device=device), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.new_zeros(())
+
+
 def _linear_dims(base: nn.Module) -> tuple[int, int]:
     """``(d_in, d_out)`` of a supported base layer; ``TypeError`` for anything else."""
-    if isinstance(base, nn.Linear):
+    if isinstance(base, (nn.Linear, _NoBase)):
         return base.in_features, base.out_features
     if _is_conv1d(base):
         return base.weight.shape[0], base.weight.shape[1]
     raise TypeError(f"base must be an nn.Linear or transformers' Conv1D, got {type(base).__name__}")
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    return hasattr(t, "device_mesh") and hasattr(t, "full_tensor")
+
+
+def _full(t: Tensor) -> Tensor:
+    """The whole tensor: a DTensor (an FSDP2-sharded parameter) is gathered, anything else
+    is returned as is."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _dist_ready() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _broadcast_from_rank0(t: Tensor) -> None:
+    """In place: every rank of the default process group gets rank 0's ``t`` (no-op when
+    no process group is initialised)."""
+    if _dist_ready() and torch.distributed.get_world_size() > 1:
+        torch.distributed.broadcast(t, src=0)
+
+
+def _assign_full(param: Tensor, full: Tensor) -> None:
+    """Write the whole value ``full`` into ``param`` in place, keeping the object; for a
+    DTensor parameter each rank writes its own shard."""
+    if _is_dtensor(param):
+        from torch.distributed.tensor import distribute_tensor
+
+        shard = distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements,
+                                  src_data_rank=None)
+        param.to_local().copy_(shard.to_local())
+    else:
+        param.copy_(full)
 
 
 class MoRAMLinear(nn.Module):
@@ -40,7 +93,9 @@ class MoRAMLinear(nn.Module):
     * ``keys [r, d_in]`` / ``values [r, d_out]``: parameters, the current task's atoms,
       whose values are scaled by ``alpha / r`` at run time.
 
-    ``add_task()`` replaces the two parameters, so build the optimiser after it.
+    The first ``add_task()`` creates the two parameters; later ones re-initialise them in
+    place (see :meth:`add_task`), so wrap the model in DDP / FSDP2 and build the optimiser
+    after the first task.
 
     ``base`` may also be transformers' ``Conv1D`` (GPT-2, weight ``[d_in, d_out]``): it is
     kept as is and called as is, so nothing is transposed or copied.
@@ -105,19 +160,43 @@ class MoRAMLinear(nn.Module):
 
     @torch.no_grad()
     def add_task(self) -> None:
-        """Freeze every atom (baking in its scale) and append ``r`` fresh trainable atoms:
-        keys Kaiming-uniform (as ``nn.Linear`` initialises weights), values zero."""
-        w = self.base_layer.weight
+        """Freeze every atom (baking in its scale) and start ``r`` fresh trainable atoms:
+        keys Kaiming-uniform (as ``nn.Linear`` initialises weights), values zero.
+
+        From the second task on, ``keys`` / ``values`` keep their shape ``[r, ...]``: they
+        are copied into the frozen bank and then re-initialised *in place*, so the very same
+        ``nn.Parameter`` objects stay registered and a DDP / FSDP2 wrapper or an optimiser
+        built around them stays attached (clear the optimiser's state for them:
+        ``mk.add_task(model, optimizer=...)``). The first task (0 -> r atoms) creates them.
+
+        Under an initialised ``torch.distributed`` process group this is a collective call
+        (every rank must make it): the new keys are broadcast from rank 0, so every rank holds
+        the same atoms whatever its RNG state. FSDP2-sharded parameters (DTensors) are
+        gathered in full for the frozen bank and written back shard by shard.
+        """
         if self.keys.shape[0]:
-            self.frozen_keys = torch.cat([self.frozen_keys, self.keys.detach().to(self.frozen_keys.dtype)])
-            self.frozen_values = torch.cat(
-                [self.frozen_values, (self.values.detach() * self.scaling).to(self.frozen_values.dtype)])
-        keys = torch.empty(self.r, self.in_features, dtype=self.keys.dtype, device=w.device)
+            self._append_frozen(_full(self.keys).detach(), _full(self.values).detach() * self.scaling)
+        keys = torch.empty(self.r, self.in_features, dtype=self.keys.dtype,
+                           device=_local(self.keys).device)
         nn.init.kaiming_uniform_(keys, a=math.sqrt(5))
-        self.keys = nn.Parameter(keys)
-        self.values = nn.Parameter(torch.zeros(self.r, self.out_features, dtype=self.values.dtype,
-                                               device=w.device))
+        _broadcast_from_rank0(keys)
+        if self.keys.shape[0] == self.r and self.values.shape[0] == self.r:
+            _assign_full(self.keys, keys)
+            _assign_full(self.values, torch.zeros_like(keys[:, :1]).expand(-1, self.out_features))
+        else:
+            self.keys = nn.Parameter(keys, requires_grad=self.keys.requires_grad)
+            self.values = nn.Parameter(torch.zeros(self.r, self.out_features, dtype=self.values.dtype,
+                                                   device=keys.device),
+                                       requires_grad=self.values.requires_grad)
         self.task_sizes = torch.cat([self.task_sizes, self.task_sizes.new_tensor([self.r])])
+        self._gram_cache = None
+
+    @torch.no_grad()
+    def _append_frozen(self, keys: Tensor, values: Tensor) -> None:
+        """Append atoms to the frozen bank (``values`` already scaled): the only place that
+        grows ``frozen_keys`` / ``frozen_values``."""
+        self.frozen_keys = torch.cat([self.frozen_keys, keys.to(self.frozen_keys)])
+        self.frozen_values = torch.cat([self.frozen_values, values.to(self.frozen_values)])
         self._gram_cache = None
 
     def _frozen_gram(self) -> Tensor | None:

@@ -83,7 +83,8 @@ def require(kind: str):
     to be unavailable, so this only fires on a direct import)."""
     why = why_unavailable(kind)
     if why is not None:
-        raise ImportError(f"the {kind} backend needs the compiled extension built with {kind} kernels: {why}")
+        label = {"cpu": "CPU", "cuda": "CUDA"}[kind]
+        raise ImportError(f"the {kind} backend needs the compiled extension built with {label} kernels: {why}")
     return moram_fwd, moram_bwd
 
 

@@ -36,7 +36,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["effective_k", "moram_dense", "moram_fwd", "moram_bwd", "gram"]
+__all__ = ["effective_k", "moram_dense", "moram_fwd", "moram_bwd", "gram", "gate_backward",
+           "gram_apply", "segment_grads"]
 
 
 def effective_k(k: int, n: int) -> int:
@@ -135,6 +136,60 @@ def moram_fwd(x, keys0, values0, scale0, keys1, values1, scale1, K, tau, delta, 
     return y.to(x.dtype), idx, p_sel, norm
 
 
+def gate_backward(gc: Tensor, p_sel: Tensor, norm: Tensor, tau: float, delta: float,
+                  eps: float) -> tuple[Tensor, Tensor]:
+    """From ``gc [T, K]`` (``scale_i * (b_i . gy)`` of the selected atoms) to the score
+    gradient: its sparse part ``g_sel [T, K]`` on the selected atoms and ``alpha [T]``,
+    the coefficient of the dense part ``-alpha * p_j`` that every atom receives."""
+    w, m = _gate(p_sel, norm, tau, delta)
+    gw = m * p_sel * gc
+    gs = (w / tau) * (gw - (w * gw).sum(-1, keepdim=True))
+    g_sel = w * m * gc + gs / norm[:, None]                      # sparse part of gp, [T, K]
+    # n = max(||p||, eps) is constant where it was clamped, so no norm gradient there.
+    alpha = (gs * p_sel).sum(-1) / norm**3
+    alpha = torch.where(norm > eps, alpha, torch.zeros_like(alpha))   # [T]
+    return g_sel, alpha
+
+
+def gram_apply(xf: Tensor, segments) -> Tensor:
+    """``sum_j p_j a_j = G x`` over the atoms of ``segments`` (pairs ``(keys [N_s, d_in],
+    gram [d_in, d_in] or None)``), ``[T, d_in]`` in the dtype of ``xf``: the cached gram when
+    given, else whichever of ``(x A^T) A`` and ``x (A^T A)`` is cheaper."""
+    dense = torch.zeros_like(xf)
+    for kseg, g in segments:
+        if kseg.shape[0] == 0:
+            continue
+        a = kseg.to(xf.dtype)
+        t, n_s, d = xf.shape[0], a.shape[0], a.shape[1]
+        if g is not None:
+            dense += xf @ g.to(xf.dtype)
+        elif 2 * t * n_s <= n_s * d + t * d:                     # recompute P A: 2TNd < Nd^2 + Td^2
+            dense += (xf @ a.t()) @ a
+        else:
+            dense += xf @ (a.t() @ a)
+    return dense
+
+
+def segment_grads(xf: Tensor, gyf: Tensor, kseg: Tensor, vseg: Tensor, lo: int, idx: Tensor,
+                  g_sel: Tensor, alpha: Tensor, coef: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients of one segment's keys and values, atoms ``[lo, lo + N_s)`` of the numbering
+    of ``idx [T, K]`` (ids outside it are other atoms'). Keys get the dense ``-alpha * p_j``
+    term plus ``g_sel`` where selected; values get ``coef [T, K] * gy`` (``coef = c_i *
+    scale_i``) scattered over tokens."""
+    if kseg.shape[0] == 0:
+        return torch.zeros_like(kseg), torch.zeros_like(vseg)
+    inside = (idx >= lo) & (idx < lo + kseg.shape[0])
+    local = torch.where(inside, idx - lo, torch.zeros_like(idx))
+    # dense over the segment's atoms: every atom receives -alpha * p_j
+    gp = -alpha[:, None] * (xf @ kseg.to(xf.dtype).t())          # [T, N_seg]
+    gp.scatter_add_(1, local, torch.where(inside, g_sel, torch.zeros_like(g_sel)))
+    gk = gp.t() @ xf
+    coef = torch.where(inside, coef, torch.zeros_like(coef))     # [T, K]
+    gv = torch.zeros(kseg.shape[0], gyf.shape[1], device=xf.device, dtype=xf.dtype)
+    gv.index_add_(0, local.reshape(-1), (coef[:, :, None] * gyf[:, None, :]).reshape(-1, gyf.shape[1]))
+    return gk.to(kseg.dtype), gv.to(vseg.dtype)
+
+
 @torch.no_grad()
 def moram_bwd(gy, x, keys0, values0, scale0, keys1, values1, scale1, gram0,
               idx, p_sel, norm, tau, delta, eps, need_x, need_seg0, need_seg1):
@@ -148,46 +203,18 @@ def moram_bwd(gy, x, keys0, values0, scale0, keys1, values1, scale1, gram0,
     w, m = _gate(p_sel, norm, tau, delta)
     sc = scale[idx]                                              # [T, K]
     gc = sc * torch.einsum("tkd,td->tk", values[idx], gyf)       # gather-dot
-    gw = m * p_sel * gc
-    gs = (w / tau) * (gw - (w * gw).sum(-1, keepdim=True))
-    g_sel = w * m * gc + gs / norm[:, None]                      # sparse part of gp, [T, K]
-    # n = max(||p||, eps) is constant where it was clamped, so no norm gradient there.
-    alpha = (gs * p_sel).sum(-1) / norm**3
-    alpha = torch.where(norm > eps, alpha, torch.zeros_like(alpha))   # [T]
+    g_sel, alpha = gate_backward(gc, p_sel, norm, tau, delta, eps)
 
     gx = None
     if need_x:
-        dense = torch.zeros_like(xf)                             # G x~, G = A^T A over all atoms
-        for kseg, g in ((keys0, gram0), (keys1, None)):
-            if kseg.shape[0] == 0:
-                continue
-            a = kseg.to(acc)
-            t, n_s, d = xf.shape[0], a.shape[0], a.shape[1]
-            if g is not None:
-                dense += xf @ g.to(acc)
-            elif 2 * t * n_s <= n_s * d + t * d:                 # recompute P A: 2TNd < Nd^2 + Td^2
-                dense += (xf @ a.t()) @ a
-            else:
-                dense += xf @ (a.t() @ a)
+        dense = gram_apply(xf, ((keys0, gram0), (keys1, None)))  # G x~, G = A^T A over all atoms
         sparse = torch.einsum("tk,tkd->td", g_sel, keys[idx])
         gx = (sparse - alpha[:, None] * dense).to(x.dtype)      # dense term: -alpha G x
     seg_grads: list[Tensor | None] = [None, None, None, None]   # gk0, gv0, gk1, gv1
-    c = w * m * p_sel                                            # [T, K]
+    coef = w * m * p_sel * sc                                    # c_i * scale_i, [T, K]
     for seg, lo, kseg, vseg, need in ((0, 0, keys0, values0, need_seg0),
                                       (1, n0, keys1, values1, need_seg1)):
-        if not need:
-            continue
-        if kseg.shape[0] == 0:
-            seg_grads[2 * seg:2 * seg + 2] = [torch.zeros_like(kseg), torch.zeros_like(vseg)]
-            continue
-        inside = (idx >= lo) & (idx < lo + kseg.shape[0])
-        local = torch.where(inside, idx - lo, torch.zeros_like(idx))
-        # dense over the segment's atoms: every atom receives -alpha * p_j
-        gp = -alpha[:, None] * (xf @ kseg.to(acc).t())           # [T, N_seg]
-        gp.scatter_add_(1, local, torch.where(inside, g_sel, torch.zeros_like(g_sel)))
-        gk = gp.t() @ xf
-        coef = torch.where(inside, c * sc, torch.zeros_like(c))  # [T, K]
-        gv = torch.zeros(kseg.shape[0], gyf.shape[1], device=x.device, dtype=acc)
-        gv.index_add_(0, local.reshape(-1), (coef[:, :, None] * gyf[:, None, :]).reshape(-1, gyf.shape[1]))
-        seg_grads[2 * seg:2 * seg + 2] = [gk.to(kseg.dtype), gv.to(vseg.dtype)]
+        if need:
+            seg_grads[2 * seg:2 * seg + 2] = segment_grads(xf, gyf, kseg, vseg, lo, idx,
+                                                           g_sel, alpha, coef)
     return (gx, *seg_grads)

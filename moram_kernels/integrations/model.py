@@ -185,14 +185,37 @@ def remove(model: nn.Module) -> nn.Module:
     return model
 
 
-def add_task(model: nn.Module) -> None:
-    """Start a new task: ``add_task()`` on every ``MoRAMLinear`` of ``model`` (freeze the
-    current atoms, append ``r`` fresh ones with zero values). Build the optimiser after it."""
-    layers = moram_layers(model)
+def _task_layers(model: nn.Module) -> list[nn.Module]:
+    """The modules whose ``add_task()`` starts a task: every ``MoRAMLinear``, except those
+    that a wrapping layer (the PEFT layer, which adds the task to its active adapters)
+    drives itself."""
+    owners = [m for m in model.modules() if getattr(m, "_moram_owns_banks", False)]
+    owned = {id(b) for m in owners for b in m.modules() if isinstance(b, MoRAMLinear)}
+    return owners + [m for m in model.modules() if isinstance(m, MoRAMLinear) and id(m) not in owned]
+
+
+def add_task(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Start a new task: ``add_task()`` on every MoRAM layer of ``model`` (freeze the
+    current atoms, start ``r`` fresh ones with zero values). ``model`` may be wrapped in
+    DDP or sharded with FSDP2, or be a PEFT model.
+
+    The first task creates the trainable parameters: build the optimiser (and wrap the model
+    in DDP / FSDP2) after it. Later tasks re-initialise the same parameter objects in place,
+    so wrappers and the optimiser stay attached; pass ``optimizer`` to drop its stale state
+    (e.g. AdamW moments) for those parameters. Under ``torch.distributed`` every rank must
+    call this (the new atoms are broadcast from rank 0).
+    """
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    layers = _task_layers(model)
     if not layers:
         raise ValueError("model has no MoRAM layers; call inject() first")
-    for layer in layers.values():
+    for layer in layers:
         layer.add_task()
+    if optimizer is not None:
+        for m in moram_layers(model).values():
+            for p in (m.keys, m.values):
+                optimizer.state.pop(p, None)
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -210,6 +233,14 @@ def _config_of(model: nn.Module) -> dict | None:
     return asdict(cfg) if cfg is not None else None
 
 
+def _refuse_sharded(layers: dict[str, MoRAMLinear], what: str) -> None:
+    sharded = [n or "<root>" for n, l in layers.items() if getattr(l, "_bank_shard", None) is not None]
+    if sharded:
+        raise RuntimeError(f"{what}: layers {sharded[:5]} hold only this rank's slice of their "
+                           "bank; call moram_kernels.distributed.unshard_bank(model) first (on "
+                           "every rank)")
+
+
 def save_moram(model: nn.Module, path) -> None:
     """Write only the MoRAM state to a safetensors file: per layer its frozen and
     trainable atoms and its atoms per task, plus metadata (config, package version,
@@ -221,6 +252,7 @@ def save_moram(model: nn.Module, path) -> None:
     layers = moram_layers(model)
     if not layers:
         raise ValueError("model has no MoRAM layers to save")
+    _refuse_sharded(layers, "save_moram")
     tensors = {f"{name}.{attr}": getattr(layer, attr).detach().contiguous().cpu()
                for name, layer in layers.items() for attr in _STATE}
     meta = {
@@ -297,6 +329,7 @@ def load_moram(model: nn.Module, path) -> nn.Module:
     layers = moram_layers(model)
     if not layers:
         raise ValueError("model has no MoRAM layers; inject() it before load_moram()")
+    _refuse_sharded(layers, "load_moram")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

@@ -1,0 +1,468 @@
+"""Banks larger than one device: the frozen atoms of a MoRAM layer sharded across the ranks
+of a ``torch.distributed`` process group, with results equal to one process.
+
+Every rank holds a slice of the frozen bank (balanced to within one atom) and the few
+trainable atoms (replicated; the last rank of the group owns them in the arithmetic below).
+Every rank must pass the same ``x`` (tensor-parallel style); the output is replicated.
+The only coupling across atoms is the per-token norm and the top-K, so one call is:
+
+1. each rank runs the ordinary backend on its slice: local top-K ``(score, global id)`` and
+   its local sum of squares (the backend's clamped norm, with the clamp set to the tiniest
+   float so it only ever touches an all-zero row);
+2. one all-gather exchanges the ``T·K`` candidates and ``T`` sums of squares of every rank;
+3. every rank picks the same global top-K from the ``T·K·P`` candidates, ties to the lower
+   global id (global ids: the never-sharded bank order, then the trainable atoms), and
+   computes the gate ``w`` with the reference backend's helper;
+4. each rank adds ``sum w_i p_i b_i`` over the selected atoms it owns; an all-reduce gives y.
+
+The backward mirrors it: ``gc_i = b_i . gy`` at each atom's owner (an all-reduce of
+``[T, K]``), the gate's backward on every rank (the reference helper), then the sparse
+terms at each owner plus the local dense normalisation term ``-alpha sum_j p_j a_j`` and
+the trainable atoms' gradients, all summed in one all-reduce.
+
+A small header all-gather starts every forward: a rank that raised inside the forward (bad
+input) makes every rank raise at once instead of leaving the others waiting, and ranks
+that pass different ``x`` (e.g. unseeded dropout) are refused. A rank that fails outside
+this code leaves the others blocked until the process group's timeout; the error they get
+then says so.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .backends import Inputs, select
+from .backends.reference import _gate, effective_k, gate_backward, gram_apply, segment_grads
+from .nn import MoRAMLinear
+
+__all__ = ["shard_bank", "unshard_bank", "is_sharded"]
+
+#: Payload bytes this process put into collectives by phase, forward calls, and seconds spent
+#: inside collectives; the benchmark reads it.
+traffic: dict[str, float] = {"forward": 0, "backward": 0, "calls": 0, "comm_s": 0.0}
+
+_IGNORE_ATTR = "_ddp_params_and_buffers_to_ignore"   # read by DistributedDataParallel
+_FROZEN = ("frozen_keys", "frozen_values")
+
+
+def _balanced(n: int, parts: int) -> list[int]:
+    """Sizes of ``parts`` contiguous slices of ``n`` atoms, lower ranks taking the extras."""
+    return [n // parts + (1 if r < n % parts else 0) for r in range(parts)]
+
+
+class _Shard:
+    """Where one layer's frozen atoms live: ``gids [n_local]`` (increasing) are the global
+    ids of this rank's atoms, ``counts`` the frozen atoms of every rank."""
+
+    def __init__(self, group, rank: int, world: int, counts: list[int], gids: Tensor,
+                 orig_cls: type):
+        self.group, self.rank, self.world = group, rank, world
+        self.counts, self.gids, self.orig_cls = counts, gids, orig_cls
+
+    @property
+    def n_frozen(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def owns_trainable(self) -> bool:
+        return self.rank == self.world - 1
+
+
+# ---- collectives, with errors that say what was going on ----------------------------------
+
+def _collective(what: str, fn):
+    start = time.perf_counter()
+    try:
+        return fn()
+    except Exception as e:  # gloo / NCCL raise their own types (DistBackendError, RuntimeError)
+        raise RuntimeError(
+            f"MoRAM sharded bank: the {what} across ranks failed ({type(e).__name__}: {e}). "
+            "Another rank probably raised or stopped before reaching this collective; the "
+            "process group's timeout bounds this wait.") from e
+    finally:
+        traffic["comm_s"] += time.perf_counter() - start
+
+
+def _all_gather(t: Tensor, group, what: str) -> Tensor:
+    """``[P, *t.shape]``; exchanged as raw bytes, so any dtype travels bit-exactly."""
+    t = t.contiguous()
+    world = dist.get_world_size(group)
+    raw = t.view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8)
+    outs = [torch.empty_like(raw) for _ in range(world)]
+    _collective(what, lambda: dist.all_gather(outs, raw, group=group))
+    return torch.stack(outs).view(t.dtype).reshape(world, *t.shape)
+
+
+def _all_reduce(t: Tensor, group, what: str) -> Tensor:
+    _collective(what, lambda: dist.all_reduce(t, group=group))
+    return t
+
+
+# ---- the sharded layer ---------------------------------------------------------------------
+
+class _ShardedBank:
+    """Mixed in front of a ``MoRAMLinear`` (sub)class while its frozen bank is sharded."""
+
+    _bank_shard: _Shard
+
+    @property
+    def num_atoms(self) -> int:
+        return self._bank_shard.n_frozen + self.keys.shape[0]
+
+    @torch.no_grad()
+    def _append_frozen(self, keys: Tensor, values: Tensor) -> None:
+        # Each rank takes a contiguous piece of the new atoms so the slices stay balanced;
+        # no communication: every rank derives the same split from the same counts.
+        st = self._bank_shard
+        counts = _balanced(st.n_frozen + keys.shape[0], st.world)
+        take = [c - o for c, o in zip(counts, st.counts)]
+        lo = sum(take[:st.rank])
+        hi = lo + take[st.rank]
+        super()._append_frozen(keys[lo:hi], values[lo:hi])
+        st.gids = torch.cat([st.gids, torch.arange(st.n_frozen + lo, st.n_frozen + hi,
+                                                   device=st.gids.device)])
+        st.counts = counts
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.num_atoms == 0:
+            return self.base_layer(x)
+        d, gid = _sharded_delta(self, x)     # first: it checks x on every rank together
+        y = self.base_layer(x)
+        if self.usage_counts is not None and gid is not None:
+            self._count_usage(gid)
+        return y + d.to(y.dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        raise RuntimeError(f"layer {prefix.rstrip('.') or '<root>'} has a sharded bank; call "
+                           "moram_kernels.distributed.unshard_bank(model) before loading a state dict")
+
+    def extra_repr(self) -> str:
+        st = self._bank_shard
+        return (super().extra_repr() + f", sharded: rank {st.rank}/{st.world} holds "
+                f"{self.frozen_keys.shape[0]} of {st.n_frozen} frozen atoms")
+
+
+_SHARDED_CLASSES: dict[type, type] = {}
+
+
+def _sharded_class(cls: type) -> type:
+    if cls not in _SHARDED_CLASSES:
+        _SHARDED_CLASSES[cls] = type(f"Sharded{cls.__name__}", (_ShardedBank, cls), {})
+    return _SHARDED_CLASSES[cls]
+
+
+def is_sharded(layer: nn.Module) -> bool:
+    return isinstance(layer, _ShardedBank)
+
+
+# ---- one call --------------------------------------------------------------------------------
+
+def _rows(t0: Tensor, t1: Tensor, idx: Tensor) -> Tensor:
+    """Rows ``idx`` (any shape, ids in ``[0, N0 + N1)``) of two segments, not concatenated."""
+    n0 = t0.shape[0]
+    if t1.shape[0] == 0:
+        return t0[idx]
+    if n0 == 0:
+        return t1[idx]
+    r0 = t0[idx.clamp(max=n0 - 1)]
+    r1 = t1[(idx - n0).clamp(min=0)]
+    return torch.where((idx < n0)[..., None], r0, r1)
+
+
+def _checksum(x2: Tensor) -> int:
+    """Order-independent exact sum of the bits of ``x2``: equal on ranks that hold equal x."""
+    bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x2.element_size()]
+    return int(x2.detach().contiguous().view(bits).sum(dtype=torch.int64))
+
+
+def _sharded_delta(layer, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The MoRAM delta of a sharded layer, ``[..., d_in] -> [..., d_out]``, and the ``[T, K]``
+    global ids selected. Everything that can fail on one rank only runs before the header
+    exchange, so that every rank learns of it there."""
+    st: _Shard = layer._bank_shard
+    err = x2 = local = None
+    check = 0
+    try:
+        if x.shape[-1] != layer.in_features:
+            raise ValueError(f"x has d_in = {x.shape[-1]}, this layer takes {layer.in_features}")
+        x2 = layer.adapter_dropout(x).reshape(-1, layer.in_features)
+        local = _local_candidates(layer, x2, layer.keys, layer.values)
+        check = _checksum(x2)
+    except Exception as e:  # re-raised below, once every rank has heard of it
+        err = e
+    head = torch.tensor([err is not None, -1 if x2 is None else x2.shape[0], check],
+                        dtype=torch.int64, device=layer.frozen_keys.device)
+    heads = _all_gather(head, st.group, "header exchange of the sharded forward")
+    traffic["forward"] += head.numel() * head.element_size()
+    traffic["calls"] += 1
+    failed = [r for r in range(st.world) if heads[r, 0]]
+    if err is not None:
+        raise err
+    if failed:
+        raise RuntimeError(f"MoRAM sharded bank: rank(s) {failed} of the group raised in this "
+                           "forward (see their error); every rank stops here so none waits")
+    if len(set(heads[:, 1].tolist())) != 1:
+        raise RuntimeError("MoRAM sharded bank: every rank must pass the same x, got token "
+                           f"counts {heads[:, 1].tolist()} by rank")
+    if len(set(heads[:, 2].tolist())) != 1:
+        raise RuntimeError("MoRAM sharded bank: x differs across ranks (its checksum does); "
+                           "a sharded bank needs the same input on every rank, and with "
+                           "dropout > 0 the same random seed on every rank")
+    d, gid = _ShardedMoRAM.apply(x2, layer.keys, layer.values, layer, local)
+    return d.reshape(*x.shape[:-1], layer.out_features), gid
+
+
+class _ShardedMoRAM(torch.autograd.Function):
+    """``(x2 [T, d_in], keys1, values1, layer, local) -> (delta [T, d_out], gid [T, K])``:
+    steps 2 to 4 of the module docstring, and their backward."""
+
+    @staticmethod
+    def forward(ctx, x2, keys1, values1, layer, local):
+        st: _Shard = layer._bank_shard
+        fk, fv = layer.frozen_keys, layer.frozen_values
+        t, d_out, dev = x2.shape[0], layer.out_features, fk.device
+        ctx.layer = layer
+        ctx.empty = t == 0
+        if t == 0:   # nothing selected, nothing exchanged
+            ctx.x2_like = x2.detach()
+            return x2.new_zeros(0, d_out), torch.zeros(0, 0, dtype=torch.int64, device=dev)
+        K, acc, cand_scores, cand_gids, cand_lidx, sumsq = local
+
+        # 2. exchange candidates and sums of squares: [P, T, 2K + 1] words
+        ibits = torch.int64 if acc == torch.float64 else torch.int32
+        packed = torch.cat([cand_scores.view(ibits), cand_gids.to(ibits),
+                            sumsq[:, None].view(ibits)], dim=1)
+        allp = _all_gather(packed, st.group, "candidate exchange of the sharded forward")
+        traffic["forward"] += packed.numel() * packed.element_size()
+        scores = allp[:, :, :K].contiguous().view(acc).permute(1, 0, 2).reshape(t, -1)  # [T, P K]
+        gids = allp[:, :, K:2 * K].to(torch.int64).permute(1, 0, 2).reshape(t, -1)
+        norm = allp[:, :, 2 * K].contiguous().view(acc).sum(0).sqrt().clamp_min(layer.eps)
+
+        # 3. the same global top-K on every rank: by score, ties to the lower global id
+        by_gid = gids.argsort(dim=1)
+        order = scores.gather(1, by_gid).sort(dim=1, descending=True, stable=True).indices[:, :K]
+        pos = by_gid.gather(1, order)                                       # [T, K] in [0, P K)
+        p_sel = scores.gather(1, pos)
+        gid_sel = gids.gather(1, pos)
+        own = (pos // K) == st.rank
+        lidx = torch.where(own, cand_lidx.gather(1, (pos - st.rank * K).clamp(0, K - 1)),
+                           torch.full_like(pos, -1))                        # -1: another rank's
+        n0 = fk.shape[0]
+        delta = 0.0 if layer.training else layer.delta      # the threshold is an eval-time rule
+        w, m = _gate(p_sel, norm, layer.tau, delta)
+        sc = torch.where(lidx >= n0, layer.scaling, 1.0).to(acc)
+        coef = torch.where(own, w * m * p_sel * sc, torch.zeros_like(p_sel))  # c_i * scale_i
+
+        # 4. each rank adds its own atoms' contributions; the all-reduce completes y
+        v1 = values1 if st.owns_trainable else values1[:0]
+        if n0 + v1.shape[0]:
+            y = torch.einsum("tk,tkd->td", coef, _rows(fv, v1.detach(), lidx.clamp(min=0)).to(acc))
+        else:
+            y = torch.zeros(t, d_out, dtype=acc, device=dev)
+        _all_reduce(y, st.group, "all-reduce of the sharded forward's output")
+        traffic["forward"] += y.numel() * y.element_size()
+
+        ctx.save_for_backward(x2, lidx, p_sel, norm, coef, sc, keys1, values1, fk, fv)
+        ctx.delta = delta
+        ctx.mark_non_differentiable(gid_sel)
+        return y.to(x2.dtype), gid_sel
+
+    @staticmethod
+    def backward(ctx, gy, _ggid):
+        layer = ctx.layer
+        need_x, need_k1, need_v1 = ctx.needs_input_grad[:3]
+        if ctx.empty:   # zero gradients, still part of the graph
+            return (torch.zeros_like(ctx.x2_like) if need_x else None,
+                    torch.zeros_like(layer.keys) if need_k1 else None,
+                    torch.zeros_like(layer.values) if need_v1 else None, None, None)
+        st: _Shard = layer._bank_shard
+        x2, lidx, p_sel, norm, coef, sc, keys1, values1, fk, fv = ctx.saved_tensors
+        acc = p_sel.dtype
+        owner = st.owns_trainable
+        k1 = keys1.detach() if owner else keys1.detach()[:0]
+        v1 = values1.detach() if owner else values1.detach()[:0]
+        n0, n_loc = fk.shape[0], fk.shape[0] + k1.shape[0]
+        xf, gyf = x2.detach().to(acc), gy.to(acc)
+        safe = lidx.clamp(min=0)
+
+        # gc_i = scale_i (b_i . gy) at each atom's owner; the sum over ranks completes it
+        if n_loc:
+            gc = sc * torch.einsum("tkd,td->tk", _rows(fv, v1, safe).to(acc), gyf)
+            gc = torch.where(lidx >= 0, gc, torch.zeros_like(gc))
+        else:
+            gc = torch.zeros_like(p_sel)
+        _all_reduce(gc, st.group, "all-reduce of the selected atoms' value gradients")
+        traffic["backward"] += gc.numel() * gc.element_size()
+        g_sel, alpha = gate_backward(gc, p_sel, norm, layer.tau, ctx.delta, layer.eps)
+
+        # one all-reduce for the rest: [gx (sparse at the owners + local dense term) | gk1 | gv1]
+        parts = []
+        if need_x:
+            gx = torch.zeros_like(xf)
+            if n_loc:
+                mine = torch.where(lidx >= 0, g_sel, torch.zeros_like(g_sel))
+                gx = torch.einsum("tk,tkd->td", mine, _rows(fk, k1, safe).to(acc))
+                gram0 = layer._frozen_gram() if layer.frozen_keys is fk else None
+                gx -= alpha[:, None] * gram_apply(xf, ((fk, gram0), (k1, None)))
+            parts.append(gx)
+        n1 = keys1.shape[0]
+        if need_k1 or need_v1:
+            if owner and n1:
+                gk1, gv1 = segment_grads(xf, gyf, k1.to(acc), v1.to(acc), n0, lidx, g_sel, alpha, coef)
+            else:
+                gk1 = torch.zeros(n1, layer.in_features, dtype=acc, device=xf.device)
+                gv1 = torch.zeros(n1, layer.out_features, dtype=acc, device=xf.device)
+            parts += [gk1, gv1]
+        flat = torch.cat([p.reshape(-1) for p in parts])
+        _all_reduce(flat, st.group, "all-reduce of the sharded backward's gradients")
+        traffic["backward"] += flat.numel() * flat.element_size()
+        out = list(flat.split([p.numel() for p in parts]))
+        gx = out.pop(0).view_as(xf).to(x2.dtype) if need_x else None
+        gk1 = gv1 = None
+        if need_k1 or need_v1:
+            gk1 = out[0].view(n1, -1).to(keys1.dtype) if need_k1 else None
+            gv1 = out[1].view(n1, -1).to(values1.dtype) if need_v1 else None
+        return gx, gk1, gv1, None, None
+
+
+def _local_candidates(layer, x2: Tensor, keys1: Tensor, values1: Tensor):
+    """This rank's top-K ``(score, global id, local id)`` per token, padded to the global
+    K, and its sum of squares of scores, from the ordinary backend run on its slice."""
+    st: _Shard = layer._bank_shard
+    fk, fv = layer.frozen_keys, layer.frozen_values
+    t, dev = x2.shape[0], fk.device
+    acc = torch.float64 if x2.dtype == torch.float64 else torch.float32
+    K = effective_k(layer.k, layer.num_atoms)
+    k1 = keys1.detach() if st.owns_trainable else keys1.detach()[:0]
+    v1 = values1.detach() if st.owns_trainable else values1.detach()[:0]
+    n_loc = fk.shape[0] + k1.shape[0]
+    kl = min(K, n_loc)
+    scores = torch.full((t, K), float("-inf"), dtype=acc, device=dev)
+    gids = torch.full((t, K), torch.iinfo(torch.int32).max, dtype=torch.int64, device=dev)
+    lidx = torch.zeros(t, K, dtype=torch.int64, device=dev)
+    sumsq = torch.zeros(t, dtype=acc, device=dev)
+    if kl and t:
+        b = select(layer.backend, Inputs(x2.device, x2.dtype, fk.dtype, fv.dtype, layer.in_features,
+                                         layer.out_features, n_loc, kl))
+        scale1 = None
+        if layer.scaling != 1.0 and k1.shape[0]:
+            scale1 = torch.full((k1.shape[0],), layer.scaling, dtype=acc, device=dev)
+        # eps = the tiniest float: the local norm is then the exact local sqrt(sum p^2)
+        # except for an all-zero row, whose square underflows to 0 anyway
+        with torch.no_grad():
+            _, idx, p_loc, norm_loc = b.impl().moram_fwd(
+                x2.detach(), fk, fv, None, k1, v1, scale1, kl, layer.tau, 0.0,
+                torch.finfo(acc).tiny)
+        gid_of = torch.cat([st.gids.to(dev), torch.arange(st.n_frozen, st.n_frozen + k1.shape[0],
+                                                  device=dev)])
+        scores[:, :kl] = p_loc.to(acc)
+        gids[:, :kl] = gid_of[idx]
+        lidx[:, :kl] = idx
+        sumsq = norm_loc.to(acc) ** 2
+    return K, acc, scores, gids, lidx, sumsq
+
+
+# ---- the entry points ------------------------------------------------------------------------
+
+def _layers_of(model: nn.Module) -> dict[str, MoRAMLinear]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, MoRAMLinear)}
+    if not layers:
+        raise ValueError("model has no MoRAM layers (inject() first, or pass a MoRAMLinear)")
+    return layers
+
+
+def _fingerprint(layer: MoRAMLinear) -> list[int]:
+    return [layer.frozen_keys.shape[0], layer.keys.shape[0]] + [
+        _checksum(t) for t in (layer.frozen_keys, layer.frozen_values, layer.keys, layer.values)]
+
+
+def _set_ddp_ignore(model: nn.Module, names: list[str], add: bool) -> None:
+    """Keep DistributedDataParallel from broadcasting the per-rank slices from rank 0."""
+    cur = [n for n in getattr(model, _IGNORE_ATTR, []) if n not in names]
+    if add:
+        cur += names
+    if cur:
+        setattr(model, _IGNORE_ATTR, cur)
+    elif _IGNORE_ATTR in model.__dict__:
+        delattr(model, _IGNORE_ATTR)
+
+
+@torch.no_grad()
+def shard_bank(model: nn.Module, group=None) -> nn.Module:
+    """Shard, in place, the frozen bank of every ``MoRAMLinear`` in ``model`` (or of
+    ``model`` itself) over the ranks of ``group`` (default: the world). Returns ``model``.
+
+    Every rank must call it, holding the same atoms (checked: a mismatch raises on every
+    rank). Rank ``r`` keeps a contiguous slice of each frozen bank, sizes balanced to within
+    one atom; the trainable atoms stay replicated. Afterwards every rank must call the model
+    with the same input; forward and backward equal the unsharded layer's, ``num_atoms``
+    is the global N, and ``add_task`` keeps the bank sharded. ``unshard_bank`` undoes it.
+    """
+    layers = _layers_of(model)
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("shard_bank needs an initialised torch.distributed process group "
+                           "(torch.distributed.init_process_group)")
+    already = [n or "<root>" for n, l in layers.items() if is_sharded(l)]
+    if already:
+        raise ValueError(f"layers {already[:5]} already have a sharded bank")
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    if rank < 0:
+        raise ValueError("this process is not a member of group")
+    dev = next(iter(layers.values())).frozen_keys.device
+    mine = torch.tensor([_fingerprint(l) for l in layers.values()], dtype=torch.int64, device=dev)
+    every = _all_gather(mine, group, "check that every rank holds the same bank")
+    differ = [n or "<root>" for i, n in enumerate(layers)
+              if not bool((every[:, i] == every[0, i]).all())]
+    if differ:
+        raise ValueError(f"the ranks hold different atoms in layers {differ[:5]}; shard_bank "
+                         "needs the same bank on every rank (e.g. load it on each, then shard)")
+    for layer in layers.values():
+        n_f = layer.frozen_keys.shape[0]
+        counts = _balanced(n_f, world)
+        lo = sum(counts[:rank])
+        hi = lo + counts[rank]
+        gids = torch.arange(lo, hi, device=layer.frozen_keys.device)
+        st = _Shard(group, rank, world, counts, gids, type(layer))
+        layer.frozen_keys = layer.frozen_keys[lo:hi].clone()     # the rest can be freed
+        layer.frozen_values = layer.frozen_values[lo:hi].clone()
+        layer._gram_cache = None
+        layer._bank_shard = st
+        layer.__class__ = _sharded_class(type(layer))
+    _set_ddp_ignore(model, [f"{n}.{b}" if n else b for n in layers for b in _FROZEN], True)
+    return model
+
+
+@torch.no_grad()
+def unshard_bank(model: nn.Module) -> nn.Module:
+    """Bring the full frozen bank back to every rank (every rank of the group must call it),
+    in the order it would have had without sharding. Returns ``model``."""
+    layers = {n: l for n, l in _layers_of(model).items() if is_sharded(l)}
+    if not layers:
+        raise ValueError("model has no sharded bank to unshard")
+    for layer in layers.values():
+        st = layer._bank_shard
+        width = max(st.counts)
+        full = []
+        for t in (layer.frozen_keys, layer.frozen_values, st.gids.to(layer.frozen_keys.device)):
+            pad = t.new_zeros(width, *t.shape[1:])
+            pad[:t.shape[0]] = t
+            full.append(_all_gather(pad, st.group, "gather of the sharded bank"))
+        keys_all, values_all, gids_all = full
+        n_f = st.n_frozen
+        keys = layer.frozen_keys.new_empty(n_f, layer.in_features)
+        values = layer.frozen_values.new_empty(n_f, layer.out_features)
+        for r, c in enumerate(st.counts):
+            keys[gids_all[r, :c]] = keys_all[r, :c]
+            values[gids_all[r, :c]] = values_all[r, :c]
+        layer.__class__ = st.orig_cls
+        del layer._bank_shard
+        layer.frozen_keys, layer.frozen_values = keys, values
+        layer._gram_cache = None
+    _set_ddp_ignore(model, [f"{n}.{b}" if n else b for n in layers for b in _FROZEN], False)
+    return model

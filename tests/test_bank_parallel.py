@@ -1,0 +1,393 @@
+"""A frozen bank sharded across processes (``mk.distributed``), gloo on CPU, against the same
+layer in one process.
+
+Every scenario runs inside each rank of a process group of 2 and of 3 ranks (uneven
+slices); each rank builds the same layer from the same seed, shards one copy and keeps the
+other whole, and compares. One group per size runs all scenarios, so the suite pays the
+process start-up once per size. Every wait is bounded: the process group's timeout inside,
+a join deadline outside, after which the processes are killed and the test fails.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import multiprocessing as mp
+import os
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import moram_kernels as mk
+from moram_kernels.backends.reference import _gate
+
+from helpers import REL_ATOL, make_inputs
+
+PG_TIMEOUT_S = 60          # a collective waits at most this long
+GROUP_DEADLINE_S = 420     # a whole group (start-up included, on a loaded 2-core machine)
+HANG_PG_TIMEOUT_S = 4
+
+
+# ---- building blocks, run inside a rank -----------------------------------------------------
+
+def _layer(d_in, d_out, n_frozen, r, *, k, tau=0.5, delta=0.2, alpha=None, seed=0,
+           t=7, dtype=torch.float32):
+    """A MoRAMLinear with ``n_frozen`` frozen atoms and ``r`` trainable ones (nonzero values),
+    and an input ``x [t, d_in]`` whose tokens have a clear top-K gap. Same on every rank."""
+    torch.manual_seed(seed)
+    base = nn.Linear(d_in, d_out)
+    layer = mk.MoRAMLinear(base, r=r, k=k, tau=tau, delta=delta, alpha=alpha)
+    x, keys, values = make_inputs(t, d_in, d_out, n_frozen + r, k=k, seed=seed)
+    with torch.no_grad():
+        layer.frozen_keys = keys[:n_frozen].clone()
+        layer.frozen_values = values[:n_frozen].clone()
+        layer.keys = nn.Parameter(keys[n_frozen:].clone())
+        layer.values = nn.Parameter(values[n_frozen:].clone())
+    return layer.to(dtype), x.to(dtype)
+
+
+def _run(model, x, g):
+    """Output, and gradients of ``(y * g).sum()`` for x, keys and values."""
+    layer = getattr(model, "module", model)
+    layer.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    y = model(x)
+    (y.float() * g).sum().backward()
+    return y.detach(), x.grad, layer.keys.grad, layer.values.grad
+
+
+def _close(out, ref, what, dtype=torch.float32, factor=1.0):
+    scale = ref.double().abs().max().clamp_min(1e-12)
+    err = ((out.double() - ref.double()).abs().max() / scale).item()
+    bound = factor * REL_ATOL[dtype]
+    assert err <= bound, f"{what}: relative error {err:.3e} > {bound:.3e}"
+
+
+def _compare(layer, x, dtype=torch.float32, factor=1.0, train=True):
+    """Shard a copy of ``layer`` and check forward and gradients against the original."""
+    ref = copy.deepcopy(layer)
+    sharded = mk.distributed.shard_bank(copy.deepcopy(layer))
+    ref.train(train)
+    sharded.train(train)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    n_f = layer.frozen_keys.shape[0]
+    assert sharded.num_atoms == layer.num_atoms, (sharded.num_atoms, layer.num_atoms)
+    mine = sharded.frozen_keys.shape[0]
+    assert mine == n_f // world + (rank < n_f % world), f"rank {rank} holds {mine} of {n_f}"
+    g = torch.randn(x.shape[0], layer.out_features, generator=torch.Generator().manual_seed(1))
+    if not train:
+        with torch.no_grad():
+            return ref(x), sharded(x)
+    want, got = _run(ref, x, g), _run(sharded, x, g)
+    for name, a, b in zip(("y", "grad x", "grad keys", "grad values"), got, want):
+        _close(a, b, name, dtype, factor)
+    return want, got
+
+
+# ---- the scenarios --------------------------------------------------------------------------
+
+def sc_forward_backward(rank, world):
+    layer, x = _layer(13, 11, 23, 4, k=4, alpha=8.0)     # alpha / r = 2 scales the trainable
+    _compare(layer, x)
+    sharded = mk.distributed.shard_bank(copy.deepcopy(layer))
+    x3 = x.reshape(7, 1, 13).transpose(0, 1)               # leading dims, not contiguous
+    with torch.no_grad():
+        _close(sharded(x3), layer(x3), "output for [1, 7, d_in] x")
+        assert sharded(x3[:, :0]).shape == (1, 0, 11)      # T = 0
+
+
+def sc_dropout_same_seed(rank, world):
+    """Dropout on the adapter path: equal to one process when every rank seeds alike, and
+    refused (not silently wrong) when the ranks' masks differ."""
+    layer, x = _layer(12, 6, 15, 3, k=3)
+    layer.adapter_dropout = nn.Dropout(0.3)
+    sharded = mk.distributed.shard_bank(copy.deepcopy(layer))
+    torch.manual_seed(11)
+    want = layer(x)
+    torch.manual_seed(11)
+    _close(sharded(x).detach(), want.detach(), "output with dropout")
+    torch.manual_seed(100 + rank)
+    with pytest.raises(RuntimeError, match="x differs across ranks"):
+        sharded(x)
+
+
+def sc_fewer_atoms_than_candidates(rank, world):
+    layer, x = _layer(9, 5, 3, 2, k=4)                   # N = 5 < P K
+    _compare(layer, x)
+
+
+def sc_empty_slice(rank, world):
+    layer, x = _layer(9, 5, 1, 3, k=2)                   # frozen: 1 atom, ranks >= 1 hold none
+    _compare(layer, x)
+    layer, x = _layer(9, 5, 0, 3, k=2)                   # no frozen atoms at all
+    _compare(layer, x)
+
+
+def sc_eval_threshold(rank, world):
+    layer, x = _layer(12, 6, 20, 4, k=5, delta=0.3)
+    ref, got = _compare(layer, x, train=False)
+    _close(got, ref, "eval output")
+    layer.delta = 0.0
+    ref_no_threshold, _ = _compare(layer, x, train=False)
+    assert not torch.allclose(ref, ref_no_threshold), "delta masked nothing: the case is hollow"
+
+
+def sc_bf16(rank, world):
+    layer, x = _layer(16, 8, 21, 4, k=4, dtype=torch.bfloat16)
+    # bf16 scores: the sharded norm sums rounded per-rank squares; allow 2x the table
+    _compare(layer, x, torch.bfloat16, factor=2.0)
+
+
+def _stable_oracle(x, keys, values, scale, k, tau):
+    """MoRAM delta in float64 with ties at the K-th place broken to the lower atom id."""
+    p = x.double() @ keys.double().t()
+    norm = p.norm(dim=-1).clamp_min(1e-12)
+    idx = p.sort(dim=-1, descending=True, stable=True).indices[:, :k]
+    p_sel = p.gather(1, idx)
+    w, _ = _gate(p_sel, norm, tau, 0.0)
+    return torch.einsum("tk,tkd->td", w * p_sel * scale[idx], values.double()[idx]), idx
+
+
+def sc_ties_across_ranks(rank, world):
+    """Exact ties (integer scores) at the K-th place between atoms on different ranks: for
+    token 0 the lower id is on rank 0; for token 1 it is on the last rank, because the tied
+    atom of rank 0 was appended while sharded (a higher id)."""
+    d_in, d_out, n_f, m = 6, 5, 4 * world, 2 * world
+    v0 = torch.tensor([1.0, 1, 1, 0, 0, 0])
+    v1 = torch.tensor([0.0, 0, 0, 1, 1, 1])
+    gen = torch.Generator().manual_seed(3)
+    keys = torch.randint(-1, 2, (n_f + m, d_in), generator=gen).float() * 0.5
+    values = torch.randn(n_f + m, d_out, generator=gen)
+    last_lo = n_f - n_f // world               # first atom of the last rank's initial slice
+    keys[0], keys[1], keys[last_lo] = 3 * v0, 2 * v0, 2 * v0       # token 0: {0, 1}
+    keys[2], keys[n_f], keys[last_lo + 1] = 3 * v1, 2 * v1, 2 * v1  # token 1: {2, last_lo + 1}
+    x = torch.stack([v0, v1, v0])
+    torch.manual_seed(0)
+    layer = mk.MoRAMLinear(nn.Linear(d_in, d_out), r=2, k=2, tau=1.0)
+    with torch.no_grad():
+        layer.frozen_keys, layer.frozen_values = keys[:n_f].clone(), values[:n_f].clone()
+    mk.distributed.shard_bank(layer)
+    layer._append_frozen(keys[n_f:], values[n_f:])   # the hook add_task uses: rank 0 gets n_f
+    assert layer.num_atoms == n_f + m
+    if rank == 0:
+        assert keys[n_f].tolist() in layer.frozen_keys.tolist(), "the setup is hollow"
+    want, want_idx = _stable_oracle(x, keys, values, torch.ones(n_f + m), 2, 1.0)
+    assert [sorted(r) for r in want_idx.tolist()] == [[0, 1], [2, last_lo + 1], [0, 1]]
+    layer.start_usage()
+    got = layer(x) - layer.base_layer(x)
+    _close(got.detach(), want, "tied output")
+    picked = sorted(torch.nonzero(layer.usage_counts).flatten().tolist())
+    assert picked == [0, 1, 2, last_lo + 1], f"selected {picked}"
+    mk.distributed.unshard_bank(layer)
+    assert torch.equal(layer.frozen_keys, keys) and torch.equal(layer.frozen_values, values)
+
+
+def sc_add_task_while_sharded(rank, world):
+    """Tasks added while sharded, then unshard: the same layer as one that never sharded."""
+    torch.manual_seed(5)
+    base = nn.Linear(10, 7)
+    plain = mk.MoRAMLinear(base, r=3, k=3, tau=0.5, alpha=6.0)
+    plain.add_task()
+    with torch.no_grad():
+        plain.values.normal_(generator=torch.Generator().manual_seed(6))
+    sharded = copy.deepcopy(plain)
+    mk.distributed.shard_bank(sharded)
+    x = torch.randn(5, 10, generator=torch.Generator().manual_seed(7))
+    for task in range(4):
+        state = torch.get_rng_state()
+        plain.add_task()
+        torch.set_rng_state(state)               # the same fresh atoms for both
+        mk.add_task(sharded)
+        with torch.no_grad():
+            for m in (plain, sharded):
+                m.values.normal_(generator=torch.Generator().manual_seed(10 + task))
+        n = sharded.num_atoms
+        assert n == plain.num_atoms == 3 * (task + 2), (n, plain.num_atoms)
+        held = sharded.frozen_keys.shape[0]
+        n_f = n - 3
+        assert n_f // world <= held <= n_f // world + 1, f"rank {rank} holds {held} of {n_f}"
+        _close(sharded(x).detach(), plain(x).detach(), f"output after task {task}")
+    with pytest.raises(RuntimeError, match="unshard_bank"):
+        mk.save_moram(sharded, "/nonexistent/never-written.safetensors")
+    mk.distributed.unshard_bank(sharded)
+    assert type(sharded) is mk.MoRAMLinear
+    for name in ("frozen_keys", "frozen_values", "keys", "values", "task_sizes"):
+        a, b = getattr(sharded, name), getattr(plain, name)
+        assert torch.equal(a, b), f"{name} differs after unshard_bank"
+
+
+def sc_bad_input_on_one_rank(rank, world):
+    """A rank that raises inside the forward makes every rank raise, at once, clearly; the
+    group stays usable."""
+    layer, x = _layer(8, 4, 9, 2, k=2)
+    mk.distributed.shard_bank(layer)
+    bad = world - 1
+    xin = torch.randn(3, 5) if rank == bad else x
+    with pytest.raises((ValueError, RuntimeError)) as info:
+        layer(xin)
+    if rank == bad:
+        assert info.type is ValueError and "d_in" in str(info.value), info.value
+    else:
+        assert f"rank(s) [{bad}]" in str(info.value), info.value
+    xin = x + 1 if rank == 0 else x
+    with pytest.raises(RuntimeError, match="x differs across ranks"):
+        layer(xin)
+    layer(x)                                     # the group still works
+
+
+def sc_ddp_wrapped(rank, world):
+    """Under DistributedDataParallel (which broadcasts buffers from rank 0 unless told not
+    to): the per-rank slices survive, and the gradients equal one process's."""
+    layer, x = _layer(10, 6, 17, 3, k=3)
+    ref = copy.deepcopy(layer)
+    sharded = mk.distributed.shard_bank(copy.deepcopy(layer))
+    slice_before = sharded.frozen_keys.clone()
+    ddp = nn.parallel.DistributedDataParallel(sharded)
+    g = torch.randn(x.shape[0], 6, generator=torch.Generator().manual_seed(2))
+    want = _run(ref, x, g)
+    got = _run(ddp, x, g)
+    assert torch.equal(sharded.frozen_keys, slice_before), "DDP overwrote this rank's slice"
+    for name, a, b in zip(("y", "grad x"), got[:2], want[:2]):
+        _close(a, b, name)
+    _close(sharded.keys.grad, ref.keys.grad, "grad keys")
+    _close(sharded.values.grad, ref.values.grad, "grad values")
+
+
+SCENARIOS = {f.__name__[3:]: f for f in (
+    sc_forward_backward, sc_fewer_atoms_than_candidates, sc_empty_slice, sc_eval_threshold,
+    sc_bf16, sc_dropout_same_seed, sc_ties_across_ranks, sc_add_task_while_sharded, sc_bad_input_on_one_rank,
+    sc_ddp_wrapped)}
+
+
+def sc_hang_rank_raises(rank, world):
+    """The last rank raises before the forward and stays alive: the others must not wait
+    forever, and must say why."""
+    layer, x = _layer(8, 4, 9, 2, k=2)
+    mk.distributed.shard_bank(layer)
+    if rank == world - 1:
+        try:
+            raise KeyError("this rank's data loader failed")
+        except KeyError:
+            time.sleep(GROUP_DEADLINE_S)       # alive, never reaches the collective
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="Another rank probably raised") as info:
+        layer(x)
+    waited = time.monotonic() - start
+    assert waited < 10 * HANG_PG_TIMEOUT_S, f"waited {waited:.0f} s"
+    raise _Expected(f"raised after {waited:.1f} s: {str(info.value)[:80]}")
+
+
+class _Expected(Exception):
+    pass
+
+
+# ---- running a group ------------------------------------------------------------------------
+
+def _worker(rank, world, store, out_dir, names, pg_timeout):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=pg_timeout))
+    table = dict(SCENARIOS, hang_rank_raises=sc_hang_rank_raises)
+    results = {}
+    for name in names:
+        try:
+            table[name](rank, world)
+            results[name] = "ok"
+        except _Expected as e:
+            results[name] = f"ok: {e}"
+        except BaseException:  # noqa: BLE001  (reported to the parent, which fails the test)
+            results[name] = traceback.format_exc()
+        with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
+            json.dump(results, f)
+    dist.destroy_process_group()
+
+
+def run_group(world, names, tmp, *, pg_timeout=PG_TIMEOUT_S, wait_for=None):
+    """Run ``names`` in a fresh gloo group of ``world`` processes; ``{rank: {name: result}}``.
+    ``wait_for``: ranks whose results are enough (the others are then killed)."""
+    ctx = mp.get_context("spawn")
+    store = os.path.join(tmp, "store")
+    procs = [ctx.Process(target=_worker, args=(r, world, store, tmp, names, pg_timeout), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    wait_for = range(world) if wait_for is None else wait_for
+    deadline = time.monotonic() + GROUP_DEADLINE_S
+    while time.monotonic() < deadline and any(procs[r].is_alive() for r in wait_for):
+        time.sleep(0.2)
+    hung = [r for r in wait_for if procs[r].is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+        p.join(5)
+    results = {}
+    for r in range(world):
+        path = os.path.join(tmp, f"{r}.json")
+        results[r] = json.load(open(path)) if os.path.exists(path) else {}
+    if hung:
+        results["hung"] = hung
+    return results
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["P2", "P3"])
+def group_results(request, tmp_path_factory):
+    world = request.param
+    res = run_group(world, list(SCENARIOS), str(tmp_path_factory.mktemp(f"group{world}")))
+    return world, res
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_sharded_bank(group_results, name):
+    world, res = group_results
+    assert "hung" not in res, f"ranks {res.get('hung')} did not finish within {GROUP_DEADLINE_S} s"
+    for r in range(world):
+        got = res[r].get(name, "never ran (an earlier scenario hung or the process died)")
+        assert got.startswith("ok"), f"rank {r} of {world}:\n{got}"
+
+
+def test_a_rank_that_raises_does_not_hang_the_others(tmp_path):
+    res = run_group(2, ["hang_rank_raises"], str(tmp_path), pg_timeout=HANG_PG_TIMEOUT_S,
+                    wait_for=[0])
+    assert "hung" not in res, "rank 0 waited past the deadline"
+    got = res[0].get("hang_rank_raises", "no result")
+    assert got.startswith("ok"), got
+
+
+def test_shard_bank_needs_a_process_group():
+    layer = mk.MoRAMLinear(nn.Linear(4, 3), r=2, k=2)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        mk.distributed.shard_bank(layer)
+    with pytest.raises(ValueError, match="no sharded bank"):
+        mk.distributed.unshard_bank(layer)
+    with pytest.raises(ValueError, match="no MoRAM layers"):
+        mk.distributed.shard_bank(nn.Linear(4, 3))
+
+
+def test_benchmark_model_of_bytes():
+    """The benchmark's model: the sharded call's bytes do not grow with N, the all-gathered
+    bank's grow linearly, and one process moves nothing."""
+    from benchmarks import bank_parallel as bp
+
+    a = bp.sharded_traffic(64, 256, 128, 16, 8, 4, train=False)
+    assert a[0] == 3 * (3 * 8 + 64 * 33 * 4) + 2 * 3 / 4 * 64 * 128 * 4
+    assert bp.sharded_traffic(64, 256, 128, 16, 8, 1, train=True)[0] == 0
+    b1 = bp.gather_bank_traffic(1000, 256, 128, 2, 4, train=False)[0]
+    b2 = bp.gather_bank_traffic(2000, 256, 128, 2, 4, train=False)[0]
+    assert b2 == 2 * b1 == 2 * 3 / 4 * 1000 * 384 * 2
+    assert bp.predict_s((12.5e9, 0), "100GbE") == 1.0
+
+
+def test_benchmark_smoke_runs(tmp_path, capsys):
+    """``python -m benchmarks.bank_parallel`` end to end at tiny sizes, two processes."""
+    from benchmarks import bank_parallel as bp
+
+    assert bp.main(["--smoke", "--procs", "2", "--no-plots", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| 2 | eval |" in out and "| 2 | train |" in out, out
+    rows = (tmp_path / "bank_parallel.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("timestamp_utc,P,mode"), rows
