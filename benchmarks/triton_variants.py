@@ -1,10 +1,21 @@
 """Compile every Triton kernel variant for sm_90 and sm_80 without a GPU; print the table
-(shared memory, registers and stack/spill bytes per thread, tensor-core and cp.async use).
+(shared memory, registers and stack/spill bytes per thread, tensor-core and cp.async use,
+programs per SM on H100/H200 and the modelled waves of the gpu_check shapes).
 
     python benchmarks/triton_variants.py [--arch 90 80] [--jobs 2] [--filter scan] [--csv out.csv]
 
-Exits non-zero if a variant fails to compile or needs more shared memory per block than
-the architecture allows. Needs TRITON_INTERPRET unset (the interpreter has nothing to compile).
+Exits non-zero if a variant fails to compile, needs more shared memory per block than
+the architecture allows, spills registers on sm_90 (stack > 0; the generic variant
+excepted, which no aligned launch picks; sm_80 spills are shown, not enforced: the block
+configs are tuned for Hopper), or fits fewer programs per SM than the grid plan assumes
+(``per_sm`` of its scan config). Needs TRITON_INTERPRET unset (the interpreter has
+nothing to compile).
+
+Programs per SM (sm_90: H100 and H200 alike, 132 SMs on the SXM parts): the minimum of
+65,536 registers / (registers per thread rounded up to 8 x threads), 228 KB shared memory
+/ (the program's + 1 KB reserved), 2,048 threads / threads, and 32. Waves: the grid the
+launcher builds for d_in = 4096, N = 16,384 (scan: ``plan_splits``; the others: token
+blocks x column chunks) over 132 x programs per SM.
 """
 
 from __future__ import annotations
@@ -65,6 +76,47 @@ def _res_usage(cubin):
     return (int(m.group(1)), int(m.group(2))) if m else (-1, -1)
 
 
+SMS_H100_H200 = 132
+GPU_CHECK = dict(d=4096, n=16384, t_prefill=4096, t_decode=(1, 16, 64))
+
+
+def per_sm(regs, shared, warps, arch=90):
+    """Resident programs per SM from the compiler's numbers (sm_90 / sm_80 limits)."""
+    if regs <= 0:
+        return -1
+    regs_file, smem = 65536, (233_472 if arch == 90 else 167_936)
+    threads = 32 * warps
+    by_regs = regs_file // (((regs + 7) // 8) * 8 * threads)
+    by_smem = smem // (shared + 1024)
+    return max(0, min(by_regs, by_smem, 2048 // threads, 32))
+
+
+def waves(v, blocks):
+    """``"T=..: waves"`` for the gpu_check shapes this variant serves."""
+    import triton
+
+    from moram_kernels.backends.triton.forward import plan_splits
+    if blocks <= 0:
+        return "-"
+    g = GPU_CHECK
+    c = v.constexprs
+    slots = SMS_H100_H200 * blocks
+    if v.kernel == "_moram_scan_kernel":
+        ts = {"prefill": (g["t_prefill"],), "decode16": (1, 16), "decode64": (64,)}.get(v.config, ())
+        out = []
+        for t in ts:
+            s, _ = plan_splits(t, g["n"], 0, c["BT"], c["BN"], None, v.per_sm, sms=SMS_H100_H200)
+            out.append(f"T{t}:{triton.cdiv(t, c['BT']) * s / slots:.2f}")
+        return " ".join(out)
+    t = g["t_prefill"]
+    progs = triton.cdiv(t, c.get("BT", 16))
+    if "BO" in c and v.kernel != "_moram_bwd_db_sorted_kernel":
+        progs *= triton.cdiv(g["d"], c["BO"])
+    elif v.kernel == "_moram_bwd_db_sorted_kernel":
+        progs = 16 * triton.cdiv(g["d"], c["BO"])         # 16 trainable atoms
+    return f"T{t}:{progs / slots:.2f}"
+
+
 def run(archs=(90, 80), jobs=2, filt=None):
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("unset TRITON_INTERPRET: the interpreter compiles nothing")
@@ -76,8 +128,23 @@ def run(archs=(90, 80), jobs=2, filt=None):
             rows = list(ex.map(_compile, todo))
     else:
         rows = [_compile(j) for j in todo]
-    for r in rows:
+    for r, (i, _) in zip(rows, todo):
+        v = vs[i]
         r["fits"] = r["ok"] and r["shared"] <= SMEM_LIMIT[r["arch"]]
+        if not r["ok"]:
+            continue
+        r["per_sm"] = per_sm(r["regs"], r["shared"], v.num_warps, r["arch"])
+        r["plan"] = v.per_sm
+        r["waves"] = waves(v, r["per_sm"]) if r["arch"] == 90 else "-"
+        problems = []
+        if r["stack"] > 0 and not v.label.endswith("-generic"):
+            if r["arch"] == 90:
+                problems.append(f"spills ({r['stack']} B stack)")
+            else:   # the configs are tuned for sm_90; Ampere's spills are shown, not enforced
+                r["note"] = f"spills {r['stack']} B on sm_{r['arch']}"
+        if r["arch"] == 90 and v.per_sm and 0 <= r["per_sm"] < v.per_sm:
+            problems.append(f"fits {r['per_sm']} per SM, the grid plan assumes {v.per_sm}")
+        r["problems"] = "; ".join(problems)
     return rows
 
 
@@ -91,16 +158,19 @@ def main():
     t0 = time.perf_counter()
     rows = run(tuple(a.arch), a.jobs, a.filter)
     print(f"{'variant':40s} {'arch':>4s} {'shared B':>9s} {'limit B':>8s} {'regs':>4s} {'stack':>5s} "
-          f"{'mma':>3s} {'cp.async':>8s} {'s':>5s}")
+          f"{'mma':>3s} {'cp.async':>8s} {'/SM':>3s} {'plan':>4s} {'waves (gpu_check shapes)':24s} {'s':>5s}")
     for r in rows:
         if r["ok"]:
             print(f"{r['label']:40s} {r['arch']:>4d} {r['shared']:>9d} {SMEM_LIMIT[r['arch']]:>8d} "
                   f"{r['regs']:>4d} {r['stack']:>5d} {'y' if r['mma'] else 'n':>3s} "
-                  f"{'y' if r['cp_async'] else 'n':>8s} {r['seconds']:5.1f}")
+                  f"{'y' if r['cp_async'] else 'n':>8s} {r['per_sm']:>3d} {r['plan'] or '-':>4} "
+                  f"{r['waves']:24s} {r['seconds']:5.1f}" + (f"  <- {r['problems']}" if r["problems"] else "")
+                  + (f"  ({r['note']})" if r.get("note") else ""))
         else:
             print(f"{r['label']:44s} {r['arch']:>4d} FAILED {r['error']}")
-    bad = [r for r in rows if not r["fits"]]
-    print(f"{len(rows)} compiles, {len(bad)} failed or over the shared-memory limit, "
+    bad = [r for r in rows if not r["fits"] or r.get("problems")]
+    print(f"{len(rows)} compiles, {len(bad)} failed, over the shared-memory limit, spilling or "
+          f"below the planned occupancy; /SM = programs per SM (H100 = H200 on sm_90), "
           f"{time.perf_counter() - t0:.0f} s")
     if a.csv:
         import csv

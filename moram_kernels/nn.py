@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ._precision import compute_dtype
 from .ops import _check_real, moram_segments
 
 __all__ = ["MoRAMLinear"]
@@ -134,6 +135,8 @@ class MoRAMLinear(nn.Module):
         self.adapter_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._gram_cache: tuple[tuple, Tensor] | None = None
         self._scale_cache: tuple[tuple, Tensor] | None = None
+        # the frozen bank in the compute dtype, cast once per task (see _frozen_bank)
+        self._bank_cache: tuple[tuple, Tensor, Tensor] | None = None
         # [N] int64 while usage counting is on (not a buffer: never saved); None = off
         self.usage_counts: Tensor | None = None
 
@@ -190,6 +193,7 @@ class MoRAMLinear(nn.Module):
                                        requires_grad=self.values.requires_grad)
         self.task_sizes = torch.cat([self.task_sizes, self.task_sizes.new_tensor([self.r])])
         self._gram_cache = None
+        self._bank_cache = None
 
     @torch.no_grad()
     def _append_frozen(self, keys: Tensor, values: Tensor) -> None:
@@ -198,9 +202,31 @@ class MoRAMLinear(nn.Module):
         self.frozen_keys = torch.cat([self.frozen_keys, keys.to(self.frozen_keys)])
         self.frozen_values = torch.cat([self.frozen_values, values.to(self.frozen_values)])
         self._gram_cache = None
+        self._bank_cache = None
 
-    def _frozen_gram(self) -> Tensor | None:
-        """``frozen_keys^T frozen_keys`` (fp32), cached, when it pays to use it.
+    def _frozen_bank(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``(frozen_keys, frozen_values)`` in ``dtype``, cast once and cached.
+
+        Under autocast or with low-precision activations the bank is read in the compute
+        dtype on every call; without this cache each call would first cast the whole bank
+        (134 MB of fp32 keys at d_in = 4096, N = 8192). The cache holds one dtype and is
+        rebuilt when either buffer is replaced or modified in place (tensor version).
+        """
+        fk, fv = self.frozen_keys, self.frozen_values
+        if fk.dtype == dtype and fv.dtype == dtype:
+            return fk, fv
+        if torch.compiler.is_compiling() or fk.is_inference() or fv.is_inference():
+            return fk.to(dtype), fv.to(dtype)   # no version counter to key a cache on
+        key = (fk.data_ptr(), fk._version, tuple(fk.shape), fk.device,
+               fv.data_ptr(), fv._version, tuple(fv.shape), dtype)
+        if self._bank_cache is None or self._bank_cache[0] != key:
+            self._bank_cache = None     # free the old copy before making the new one
+            self._bank_cache = (key, fk.detach().to(dtype), fv.detach().to(dtype))
+        return self._bank_cache[1], self._bank_cache[2]
+
+    def _frozen_gram(self, dtype: torch.dtype = torch.float32) -> Tensor | None:
+        """``frozen_keys^T frozen_keys`` (accumulated in fp32, stored in ``dtype``, the
+        compute dtype, so the backward never re-casts it), cached, when it pays to use it.
 
         The backward's dense normalisation term over the frozen atoms is either
         ``-alpha * P0 A0`` (recompute ``P0 = x A0^T``: 2·T·N_f·d_in) or ``-alpha * x G0``
@@ -211,10 +237,11 @@ class MoRAMLinear(nn.Module):
         fk = self.frozen_keys
         if fk.shape[0] < self.in_features or torch.compiler.is_compiling():
             return None
-        key = (fk.data_ptr(), fk._version, tuple(fk.shape), fk.dtype)
+        key = (fk.data_ptr(), fk._version, tuple(fk.shape), fk.dtype, fk.device, dtype)
         if self._gram_cache is None or self._gram_cache[0] != key:
+            self._gram_cache = None
             a = fk.detach().float()
-            self._gram_cache = (key, a.t() @ a)
+            self._gram_cache = (key, (a.t() @ a).to(dtype))
         return self._gram_cache[1]
 
     def _trainable_scale(self, n1: int, x: Tensor) -> Tensor | None:
@@ -245,10 +272,15 @@ class MoRAMLinear(nn.Module):
         need_grad = torch.is_grad_enabled() and keys.requires_grad
         delta = 0.0 if self.training else self.delta      # the threshold is an eval-time rule
         xd = self.adapter_dropout(x) if self.training else x   # dropout is the identity in eval
+        # autocast-aware like nn.Linear: the adapter computes in the autocast dtype (or the
+        # lowest of x's and the atoms'), reading a cached copy of the frozen bank
+        cd = compute_dtype(x.dtype, (self.frozen_keys.dtype, keys.dtype, self.frozen_values.dtype,
+                                     self.values.dtype), x.device.type)
+        fk, fv = self._frozen_bank(cd)
         d, idx = moram_segments(
-            xd, self.frozen_keys, self.frozen_values, None,
+            xd, fk, fv, None,
             keys, self.values, scale1, k=self.k, tau=self.tau, delta=delta, eps=self.eps,
-            gram0=self._frozen_gram() if need_grad else None, backend=self.backend)
+            gram0=self._frozen_gram(cd) if need_grad else None, backend=self.backend)
         if self.usage_counts is not None and idx is not None:
             self._count_usage(idx)
         return y + d.to(y.dtype)
@@ -289,6 +321,7 @@ class MoRAMLinear(nn.Module):
                     and t.shape != cur.shape:
                 setattr(self, name, nn.Parameter(cur.new_empty(t.shape), requires_grad=cur.requires_grad))
         self._gram_cache = None
+        self._bank_cache = None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

@@ -13,6 +13,7 @@ graph break. ``gram0`` (``keys0^T keys0``) is only read by the backward.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from typing import Optional
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor
 
 from . import backends as _dispatch
+from ._precision import autocast_dtype, compute_dtype
 from .backends.reference import effective_k
 
 __all__ = ["moram", "moram_segments"]
@@ -91,9 +93,12 @@ def _backward(ctx, gy, _gidx, _gpsel, _gnorm):
     need_x, need_seg0, need_seg1 = need[0], need[1] or need[2], need[4] or need[5]
     if not (need_x or need_seg0 or need_seg1):
         return (None,) * 13
-    gx, gk0, gv0, gk1, gv1 = moram_bwd_op(
-        gy.contiguous(), x, keys0, values0, scale0, keys1, values1, scale1, gram0,
-        idx, p_sel, norm, tau, delta, eps, need_x, need_seg0, need_seg1, backend)
+    # the forward's inputs already carry the compute dtype: a backward run inside an
+    # autocast region must not re-cast what the kernels' own GEMMs see
+    with _autocast_off(x.device.type):
+        gx, gk0, gv0, gk1, gv1 = moram_bwd_op(
+            gy.to(x.dtype).contiguous(), x, keys0, values0, scale0, keys1, values1, scale1, gram0,
+            idx, p_sel, norm, tau, delta, eps, need_x, need_seg0, need_seg1, backend)
     return (gx if need_x else None,
             gk0 if need[1] else None, gv0 if need[2] else None, None,
             gk1 if need[4] else None, gv1 if need[5] else None, None,
@@ -101,6 +106,13 @@ def _backward(ctx, gy, _gidx, _gpsel, _gnorm):
 
 
 moram_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _autocast_off(device_type: str):
+    """Autocast disabled for ``device_type`` when it is on (a no-op context otherwise)."""
+    if autocast_dtype(device_type) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
 
 
 # ---- validation: every error names the argument -------------------------------------------
@@ -182,9 +194,9 @@ def _eager_entry():
 def _eager_call(x, keys0, values0, scale0, keys1, values1, scale1, gram0, k, tau, delta, eps, backend):
     """``(y, idx)`` from the C++ entry point of the cpu/cuda kernels (validation and autograd
     in C++, a few µs of overhead), or None when this call must take the custom op instead:
-    under torch.compile, a tensor subclass, a torch function/dispatch mode or autocast, a
-    scale that requires grad, an empty bank or batch, arguments of other types than the
-    usual ones, or a backend other than cpu/cuda. ``keys1``/``values1`` None: no second
+    under torch.compile, a tensor subclass, a torch function/dispatch mode or autocast,
+    mixed dtypes, a scale that requires grad, an empty bank or batch, arguments of other
+    types than the usual ones, or a backend other than cpu/cuda. ``keys1``/``values1`` None: no second
     segment."""
     fn = _C_eager[0] if _C_eager else _eager_entry()
     if (fn is None or type(x) is not Tensor or type(keys0) not in _PLAIN or type(values0) not in _PLAIN
@@ -192,9 +204,13 @@ def _eager_call(x, keys0, values0, scale0, keys1, values1, scale1, gram0, k, tau
             or type(eps) is not float or (backend is not None and type(backend) is not str)
             or x.dim() < 1 or keys0.dim() != 2 or values0.dim() != 2):
         return None
+    dt = x.dtype    # one dtype throughout: mixed dtypes take the casts of the custom-op path
+    if keys0.dtype is not dt or values0.dtype is not dt:
+        return None
     n = keys0.shape[0]
     if keys1 is not None:
-        if type(keys1) not in _PLAIN or type(values1) not in _PLAIN or keys1.dim() != 2:
+        if (type(keys1) not in _PLAIN or type(values1) not in _PLAIN or keys1.dim() != 2
+                or keys1.dtype is not dt or values1.dtype is not dt):
             return None
         n += keys1.shape[0]
     for s in (scale0, scale1, gram0):
@@ -222,6 +238,11 @@ def moram_segments(x, keys0, values0, scale0, keys1, values1, scale1, *, k, tau,
 
     Inputs are assumed validated. ``keys0``/``values0`` is typically a frozen bank and
     ``keys1``/``values1`` the trainable atoms; neither is concatenated.
+
+    Dtypes follow :mod:`moram_kernels._precision`: every tensor is cast to the compute
+    dtype here, under autograd (a no-op for tensors already in it, such as
+    ``MoRAMLinear``'s cached frozen bank), so each gradient returns in its input's dtype.
+    The result has x's dtype, or the autocast dtype inside an autocast region.
     """
     out = _eager_call(x, keys0, values0, scale0, keys1, values1, scale1, gram0, k, tau, delta, eps,
                       backend)
@@ -229,17 +250,21 @@ def moram_segments(x, keys0, values0, scale0, keys1, values1, scale1, *, k, tau,
         return out
     lead, d_out = x.shape[:-1], values0.shape[1]
     n = keys0.shape[0] + keys1.shape[0]
+    dev = x.device.type
+    cd = compute_dtype(x.dtype, (keys0.dtype, keys1.dtype, values0.dtype, values1.dtype), dev)
+    out_dtype = x.dtype if autocast_dtype(dev) is None or x.dtype == torch.float64 else cd
     x2 = x.reshape(-1, x.shape[-1])
     t = x2.shape[0]
     if n == 0 or t == 0:
-        return x.new_zeros(*lead, d_out), None
+        return x.new_zeros(*lead, d_out, dtype=out_dtype), None
     kk = effective_k(k, n)
-    inp = _dispatch.Inputs(x.device, x.dtype, keys0.dtype, values0.dtype,
-                           x.shape[-1], d_out, n, kk)
+    inp = _dispatch.Inputs(x.device, cd, cd, cd, x.shape[-1], d_out, n, kk)
     b = _dispatch.select(backend, inp)
-    y, idx, _, _ = moram_fwd_op(x2, keys0, values0, scale0, keys1, values1, scale1, gram0,
-                                kk, tau, delta, eps, b.name)
-    return y.reshape(*lead, d_out), idx
+    with _autocast_off(dev):
+        y, idx, _, _ = moram_fwd_op(x2.to(cd), keys0.to(cd), values0.to(cd), scale0,
+                                    keys1.to(cd), values1.to(cd), scale1, gram0,
+                                    kk, tau, delta, eps, b.name)
+    return y.to(out_dtype).reshape(*lead, d_out), idx
 
 
 def moram(x: Tensor, keys: Tensor, values: Tensor, *, k: int, tau: float, delta: float = 0.0,
@@ -250,7 +275,9 @@ def moram(x: Tensor, keys: Tensor, values: Tensor, *, k: int, tau: float, delta:
     token (effective K = min(max(k, 2), N)), softmaxed at temperature ``tau``, and those
     whose normalised score is below ``delta`` dropped (0 disables it). ``value_scale`` is
     None, a float or a ``[N]`` tensor multiplying each value row. Differentiable with
-    respect to ``x``, ``keys`` and ``values``; returns the dtype of ``x``.
+    respect to ``x``, ``keys`` and ``values``; returns the dtype of ``x`` (the autocast
+    dtype inside ``torch.autocast``, as ``F.linear`` does). It computes in the lowest
+    precision of x and the atoms with fp32 accumulation (:mod:`moram_kernels._precision`).
     """
     if value_scale is None or type(value_scale) is Tensor:
         out = _eager_call(x, keys, values, value_scale, None, None, None, None, k, tau, delta, eps,

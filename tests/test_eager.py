@@ -102,6 +102,7 @@ def test_eager_path_taken_only_where_it_should(count_eager):
     assert len(count_eager) == 4
     mk.moram(x, keys, values, k=3, tau=0.1, backend="reference")        # another backend
     mk.moram(x.double(), keys.double(), values.double(), k=3, tau=0.1)   # float64: reference
+    mk.moram(x, keys.bfloat16(), values, k=3, tau=0.1, backend="cpu")    # mixed dtypes
     mk.moram(x[:0], keys, values, k=3, tau=0.1, backend="cpu")           # T = 0
     mk.moram(x, keys[:0], values[:0], k=3, tau=0.1, backend="cpu")       # N = 0
     ops.moram_segments(x, keys, values, torch.ones(6, requires_grad=True), keys[:0], values[:0], None,

@@ -6,6 +6,7 @@ check that the kernels would build on Hopper and Ampere."""
 from __future__ import annotations
 
 import csv
+import re
 import os
 import subprocess
 import sys
@@ -43,7 +44,42 @@ def test_every_variant_compiles_for_sm90_and_sm80(tmp_path):
     for kp in (8, 16, 32, 64):
         assert any(f"-K{kp}-" in lbl for lbl in labels), kp
         assert any(lbl.endswith(f"-K{kp}") for lbl in labels), kp
-    # the scoring GEMM must hit the tensor cores and the async copy pipeline in 16-bit
+    # the scoring GEMM must hit the tensor cores and the async copy pipeline in 16-bit, and
+    # in TF32 for fp32 (only float32_matmul_precision "highest" keeps IEEE fp32 FMAs)
     for r in rows:
-        if r["label"].startswith(("scan-bf16xbf16", "scan-fp16xfp16")) and "generic" not in r["label"]:
+        if r["label"].startswith(("scan-bf16xbf16", "scan-fp16xfp16", "scan-fp32xfp32")) \
+                and "generic" not in r["label"] and not r["label"].endswith("-ieee"):
             assert r["mma"] == "True" and r["cp_async"] == "True", r["label"]
+    # no variant the launchers pick spills, and every scan config fits the programs per SM
+    # its grid plan assumes (triton_variants.py exits non-zero otherwise; the rows say why)
+    assert not [r["label"] for r in rows if r.get("problems")]
+
+
+_TTIR_PROBE = r"""
+import re
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import triton
+from moram_kernels.backends.triton.variants import all_variants
+v = next(v for v in all_variants() if v.label.endswith("-generic"))
+k = triton.compile(ASTSource(v.fn(), v.signature, v.constexprs, v.attrs), target=GPUTarget("cuda", 90, 32),
+                   options=dict(num_warps=v.num_warps, num_stages=v.num_stages))
+print(k.asm["ttir"])
+"""
+
+
+def test_scan_column_offsets_are_int64():
+    """``column * stride`` of x and of the keys is formed in int64 (a transposed view has
+    stride T or N, and d * T passes 2^31 long before memory runs out). Checked on the
+    compiled IR of the generic scan variant, where the strides are runtime values: the
+    strides are widened to i64 and no [1, BD] i32 product remains."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", _TTIR_PROBE], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ttir = r.stdout
+    for stride in ("sxd", "s0d", "s1d"):
+        assert f"arith.extsi %{stride} : i32 to i64" in ttir, f"{stride} is not widened to int64"
+    narrow = [ln.strip() for ln in ttir.splitlines() if re.search(r"arith\.muli .*: tensor<1x\d+xi32>", ln)]
+    assert not narrow, f"int32 column-offset products: {narrow[:3]}"

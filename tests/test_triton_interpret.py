@@ -59,9 +59,18 @@ def _close(got, want, dt, what):
     assert err <= REL_ATOL[dt], f"{what}: relative error {err:.3e} > {REL_ATOL[dt]:.1e}"
 
 
+def _policy(x, segs):
+    """x and the atoms as the dtype policy computes them: all in the lowest of their
+    dtypes (the scale vectors stay fp32)."""
+    low = min((v.dtype for v in (x, *segs[0:2], *segs[3:5])), key=lambda d: torch.finfo(d).bits)
+    cast = tuple(v if v is None or i in (2, 5) else v.to(low) for i, v in enumerate(segs))
+    return x.to(low), cast
+
+
 def _check_fwd(x, segs, kk, delta=0.0):
     y, idx, p_sel, norm = tk.moram_fwd(x, *segs, kk, TAU, delta, EPS)
-    y64, idx64, p64, n64 = _ref64(x, segs, kk, delta)
+    assert y.dtype == x.dtype
+    y64, idx64, p64, n64 = _ref64(*_policy(x, segs), kk, delta)
     assert idx.dtype == torch.int64 and idx.shape == idx64.shape
     # make_inputs keeps the K-th and (K+1)-th scores apart: the selected sets must agree
     assert torch.equal(idx.sort(1).values.cpu(), idx64.sort(1).values), "top-K sets differ"
@@ -78,8 +87,9 @@ def _check_bwd(x, segs, kk, delta=0.0, gram=False, need=(True, True, True)):
     g0 = ref.gram(segs[0]) if gram and segs[0].shape[0] else None
     need = (need[0], need[1] and segs[0].shape[0] > 0, need[2] and segs[3].shape[0] > 0)
     got = tk.moram_bwd(gy, x, *segs, g0, idx, p_sel, norm, TAU, delta, EPS, *need)
-    _, idx64, p64, n64 = _ref64(x, segs, kk, delta)
-    want = ref.moram_bwd(_d(gy), _d(x), *map(_d, segs), None, idx64, p64, n64, TAU, delta, EPS,
+    xl, sl = _policy(x, segs)
+    _, idx64, p64, n64 = _ref64(xl, sl, kk, delta)
+    want = ref.moram_bwd(_d(gy), _d(xl), *map(_d, sl), None, idx64, p64, n64, TAU, delta, EPS,
                          *need)
     likes = (x, segs[0], segs[1], segs[3], segs[4])
     for nm, g, w, like in zip(("gx", "gk0", "gv0", "gk1", "gv1"), got, want, likes):
@@ -137,6 +147,8 @@ def test_delta_threshold_forward_backward():
 
 
 def test_mixed_dtypes_and_strided_inputs():
+    """bf16 x with fp32 atoms computes in bf16 (the policy), and every gradient comes back
+    in its own input's dtype (_check_bwd checks the dtypes)."""
     x, segs, kk = _case(10, 24, 12, 20, 12, 4, torch.bfloat16, keys_dt=torch.float32, seed=4)
     x_t = x.t().contiguous().t()              # column-major x: strides (1, T)
     assert not x_t.is_contiguous()
@@ -251,3 +263,35 @@ def test_gpu_check_table_ratios(capsys):
     out = {line.split()[1] + (" g" if "(graph)" in line else ""): line for line in capsys.readouterr().out.splitlines()[2:]}
     assert "2.00x" in out["triton"] and "1.50x" in out["triton"] and "50%" in out["triton"]
     assert "4.00x" in out["triton g"]          # graph rows compare with the authors' graph row
+
+
+def _gpu_check_module():
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import gpu_check
+    return gpu_check
+
+
+def test_gpu_check_survives_a_pytest_timeout(monkeypatch, capsys):
+    """A slow first compile must not kill the check: a pytest that times out is reported
+    as a failure and run_pytest returns, instead of raising TimeoutExpired."""
+    gc = _gpu_check_module()
+
+    def slow(cmd, **kw):
+        raise subprocess.TimeoutExpired(cmd, kw.get("timeout"))
+    monkeypatch.setattr(gc.subprocess, "run", slow)
+    assert gc.run_pytest(30) is False
+    assert "TIMED OUT" in capsys.readouterr().out
+    assert gc.run_pytest(5) is False               # too little budget left: skipped, said so
+    assert "skipped" in capsys.readouterr().out
+
+
+def test_gpu_check_model_never_beats_the_floor():
+    """The cost model's prediction of every row is at least the row's FLOP/byte floor
+    (a prediction under the floor would make the first GPU run unreadable)."""
+    gc = _gpu_check_module()
+    hw = gc.H200
+    for name, t, fl, by in gc.plan():
+        floor_ms = 1e3 * max(fl / hw["tc_blas"], by / hw["hbm"])
+        for impl in ("authors", "triton", "cuda"):
+            ms = gc.predict_ms(name, impl, t)
+            assert ms >= floor_ms * 0.999, (name, impl, ms, floor_ms)

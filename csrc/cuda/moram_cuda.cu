@@ -83,11 +83,18 @@ bool rows_vectorisable(const T* base, int64_t d) {
   return d % kVec == 0 && aligned(base, sizeof(T) * kVec);
 }
 
-// The dtype both GEMM operands take: theirs when they agree (fp32 out via mm.dtype),
-// else fp32, which holds every fp16 and bf16 value exactly.
+// The dtype both GEMM operands take, the package's policy (moram_kernels/_precision.py):
+// the lower precision of the two (fp16/bf16 below fp32; x's on an fp16/bf16 tie), so
+// bf16 activations with fp32 atoms stay on tensor cores. fp32 operands follow
+// torch.backends.cuda.matmul (TF32 when float32_matmul_precision is "high"). Products
+// are accumulated and returned in fp32 (mm.dtype); without it, a torch too old for
+// mm.dtype, every GEMM is fp32 (a build-time choice, stated here, not a runtime fallback).
 at::ScalarType gemm_dtype(const at::Tensor& x, const at::Tensor& keys) {
   if (!MORAM_HAVE_MM_OUT_DTYPE) return at::kFloat;
-  return x.scalar_type() == keys.scalar_type() ? x.scalar_type() : at::kFloat;
+  const auto xd = x.scalar_type(), kd = keys.scalar_type();
+  if (xd == kd || kd == at::kFloat) return xd;
+  if (xd == at::kFloat) return kd;
+  return xd;  // fp16 with bf16: x's dtype
 }
 
 // p = a @ b^T in fp32, [rows(a), rows(b)]; a and b share a dtype (see gemm_dtype).
@@ -105,6 +112,9 @@ at::Tensor scores_fp32(const at::Tensor& a, const at::Tensor& b) {
 // bits, far below the bf16 rounding of dx, at a fraction of an fp32 GEMM's time.
 at::Tensor x_times_gram(const at::Tensor& x, const at::Tensor& g32) {
 #if MORAM_HAVE_MM_OUT_DTYPE
+  // a gram already stored in x's 16-bit dtype (MoRAMLinear caches it so): one GEMM
+  if (g32.scalar_type() == x.scalar_type() && x.scalar_type() != at::kFloat)
+    return at::mm(x, g32, at::kFloat);
   if (x.scalar_type() == at::kBFloat16) {
     const at::Tensor hi = g32.to(at::kBFloat16);
     const at::Tensor lo = (g32 - hi.to(at::kFloat)).to(at::kBFloat16);
@@ -344,10 +354,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moram_bwd
     at::Tensor sparse = at::empty({T, s.d_in}, f32);
     const auto kdt = s.n0 ? s.keys0.scalar_type() : s.keys1.scalar_type();
     launch_gather(s.keys0.to(kdt), s.keys1.to(kdt), s.n0, idx, g_sel, sparse, stream);
-    at::Tensor g = (gram0.has_value() && gram0->defined()) ? gram0->to(at::kFloat)
-                                                           : gram_fp32(s.keys0);
-    if (s.n1) g = g + gram_fp32(s.keys1);
-    sparse.sub_(x_times_gram(x, g).mul_(alpha.unsqueeze(1)));
+    const bool given = gram0.has_value() && gram0->defined();
+    at::Tensor g = given ? *gram0 : gram_fp32(s.keys0);
+    if (s.n1) g = g.to(at::kFloat) + gram_fp32(s.keys1);
+    // x in the GEMM dtype of the policy (the lower of x's and the keys')
+    const at::Tensor xg = x.to(gemm_dtype(x, s.n0 ? s.keys0 : s.keys1));
+    sparse.sub_(x_times_gram(xg, g.scalar_type() == xg.scalar_type() ? g : g.to(at::kFloat))
+                    .mul_(alpha.unsqueeze(1)));
     gx = sparse.to(x.scalar_type());
   }
 
@@ -356,7 +369,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moram_bwd
     const auto sorted = at::sort(idx.reshape({-1}), /*stable=*/true, /*dim=*/0, /*descending=*/false);
     const at::Tensor sorted_ids = std::get<0>(sorted);
     const at::Tensor order = std::get<1>(sorted).contiguous();
-    const at::Tensor x32 = x.to(at::kFloat);
+    at::Tensor x32;  // fp32 copy of x, made only if an fp32 dA GEMM needs it
     for (int seg = 0; seg < 2; ++seg) {
       if (!(seg == 0 ? need_seg0 : need_seg1)) continue;
       const int64_t lo = seg == 0 ? 0 : s.n0;
@@ -405,6 +418,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moram_bwd
               gp.data_ptr<float>(), pairs, n_s, idx.data_ptr<int64_t>() + t0 * K,
               g_sel.data_ptr<float>() + t0 * K, static_cast<int>(K), lo);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
+#if MORAM_HAVE_MM_OUT_DTYPE
+          if (kg.scalar_type() != at::kFloat) {  // 16-bit policy: tensor cores, fp32 out
+            const auto low = kg.scalar_type();
+            gk32.add_(at::mm(gp.t().to(low), x.narrow(0, t0, tt).to(low), at::kFloat));
+            continue;
+          }
+#endif
+          if (!x32.defined()) x32 = x.to(at::kFloat);
           gk32.addmm_(gp.t(), x32.narrow(0, t0, tt));
         }
       }

@@ -21,10 +21,13 @@ Backend contract (every backend module exposes the same two functions):
     Returns ``y [T, d_out]`` (dtype of x), ``idx [T, K]`` int64 (global atom ids),
     ``p_sel [T, K]`` fp32 raw scores of the selected atoms and ``norm [T]`` fp32,
     the clamped L2 norm. The order of the K selected atoms is unspecified.
+    The public entry points cast x and the atoms to one compute dtype first
+    (:mod:`moram_kernels._precision`); a backend still accepts mixed dtypes.
 
 ``moram_bwd(gy, x, keys0, values0, scale0, keys1, values1, scale1, gram0, idx, p_sel,
 norm, tau, delta, eps, need_x, need_seg0, need_seg1)``
-    ``gram0`` is ``keys0^T keys0`` in fp32 ``[d_in, d_in]`` or None. Returns
+    ``gram0`` is ``keys0^T keys0`` ``[d_in, d_in]`` (accumulated in fp32, stored in fp32
+    or in x's dtype) or None. Returns
     ``(gx, gkeys0, gvalues0, gkeys1, gvalues1)``; an entry is None when not needed.
 
 Two segments exist so that :class:`~moram_kernels.MoRAMLinear` can pass its frozen

@@ -1,16 +1,15 @@
 """The ``triton`` backend: fused MoRAM forward and backward (contract in
 :mod:`moram_kernels.backends.reference`).
 
-Forward, two launches, no ``[T, N]`` tensor in device memory:
+Forward, three launches, no ``[T, N]`` tensor in device memory:
 
 1. ``_moram_scan_kernel``, grid (token blocks, N splits): each program streams its atom
    tiles (segment 0 first, then segment 1; global ids), computes the ``[BT, BN]`` scores
    with ``tl.dot`` (fp32 accumulation), adds their squares to a running sum, and merges
    the tile into a running top-K per token (``merge_topk``: only scores above the current
    K-th are considered, so warm tiles cost one compare). It writes a partial list
-   ``[T, splits, KP]`` and partial sums of squares ``[T, splits]``: O(T K) bytes. Splits are
-   chosen so the grid holds about two programs per SM: decode (T <= 64) and small T use
-   every SM instead of one or two.
+   ``[T, splits, KP]``, partial sums of squares and its K-th best score ``[T, splits]``:
+   O(T K) bytes.
 2. ``_moram_select_kernel``: merges the partial lists, then the epilogue (norm, s,
    softmax/tau, threshold, ``c = w m p scale``); saves idx/p_sel/norm and c.
 3. ``_moram_gather_kernel``, grid (token blocks, column chunks): ``y = sum_k c_k b_k`` in
@@ -24,6 +23,43 @@ under ``torch.use_deterministic_algorithms(True)``); the dense GEMMs (``x G``,
 ``P_s = x A_s^T`` and ``dA_s = gp_s^T x`` for the segments that need key gradients) are
 torch matmuls. ``G x`` uses ``gram0`` when given, or whichever of building G or
 recomputing ``P A`` costs fewer FLOPs.
+
+Design notes
+------------
+**Dtype policy** (:mod:`moram_kernels._precision`, shared by every backend). Both dot
+operands always have one dtype: the autocast dtype, else the lowest of x's and the atoms'
+(the launchers cast at entry; through the public op the inputs already arrive cast, and
+``MoRAMLinear`` caches its frozen bank in that dtype). So the scan is a bf16/fp16 MMA with
+fp32 accumulation, never a mixed bf16 x fp32 product on CUDA cores (the variant that
+existed before compiled without MMA instructions: an estimated 20-40x slower). fp32 runs as
+TF32 unless ``torch.get_float32_matmul_precision()`` is "highest" (then IEEE on CUDA cores,
+small tiles). The backward's torch GEMMs take the lower dtype of their operands with an
+fp32 output (``aten::mm.dtype``, probed once per device; if missing, one warning and fp32
+GEMMs); ``gram0`` is used in the dtype it comes in (MoRAMLinear caches it in the compute
+dtype: no 67 MB cast per backward at d = 4096). Gradients return in each input's dtype.
+In the interpreter (``UPCAST``) 16-bit operands are upcast exactly and fp32 ones rounded
+to TF32 as ``cvt.rna.tf32`` does, so parity tests see a GPU's operand rounding.
+
+**Grid plan.** ``plan_splits`` splits the atom tiles so that token blocks x splits fill
+the GPU in at most one wave: SM count x ``ScanConfig.per_sm`` programs, where ``per_sm``
+comes from the compiler's register and shared-memory counts (``triton_variants.py``
+recomputes it and fails when a config claims more, or when any variant the launcher can
+pick spills). Prefill at T = 4096, K <= 16: 128 x 64 tiles, 187 registers, one 8-warp
+program per SM, 32 token blocks x 4 splits = 128 programs on 132 SMs (0.97 wave; before:
+128 x 128 tiles, 255 registers with spills, 9 splits, 3 waves with the last 18 % full).
+Decode (T <= 64): up to one tile per program, every SM streaming its share of the keys.
+Integer sizes that only bound loops and masks are ``do_not_specialize`` (a new T or bank
+size never recompiles); D and the strides stay specialised, since their divisibility by
+16 decides vectorised, pipelined loads. Offsets that can pass 2^31 (column x stride of a
+transposed view, chunk x T) are int64.
+
+**Merge.** Inside a split, tiles are merged into the running top-K only above its current
+K-th. Across splits the select kernel prunes first: every split holds K scores at least
+its own K-th best, so a candidate below the largest split K-th cannot be in the global
+top-K and is dropped before the merge. Decode's 256 splits x K candidates per row then
+leave about K to 2K survivors, instead of up to ~200 dependent argmax rounds over 4096.
+Not done yet: seeding each split's threshold from a shared bound in the scan itself, and
+``tl.topk`` / packed-key merges (both want a GPU to measure).
 
 Floors, for d_in = d_out = d = 4096, N = 16384, k = 16, T = 4096, bf16 (H100/H200:
 ~990 TFLOP/s dense bf16 peak, ~790 reached by cuBLAS; HBM ~4.3 TB/s measured on H200):

@@ -36,7 +36,10 @@ def k_bucket(k: int) -> int:
 
 @dataclass(frozen=True)
 class ScanConfig:
-    """Block shape of the scoring kernel: BT tokens x BN atoms, d_in in chunks of BD."""
+    """Block shape of the scoring kernel: BT tokens x BN atoms, d_in in chunks of BD.
+    ``per_sm``: programs resident per SM on sm_90, which sizes the grid to one wave
+    (``benchmarks/triton_variants.py`` derives it from the compiled registers and
+    shared memory and flags a config whose value is wrong)."""
 
     name: str
     BT: int
@@ -44,14 +47,17 @@ class ScanConfig:
     BD: int
     num_warps: int
     num_stages: int
+    per_sm: int = 1
 
 
-def scan_config(t: int, kp: int, compute: str) -> ScanConfig:
-    """Config for T tokens, K bucket kp and dot dtype ``compute`` ("bf16"/"fp16"/"fp32")."""
-    if INTERPRET:
+def scan_config(t: int, kp: int, compute: str, prec: str = "tf32", *, gpu_tiles: bool = False) -> ScanConfig:
+    """Config for T tokens, K bucket kp, dot dtype ``compute`` ("bf16"/"fp16"/"fp32") and
+    fp32 dot precision ``prec`` ("tf32"/"ieee"). ``gpu_tiles`` makes the interpreter use
+    the GPU's shapes too."""
+    if INTERPRET and not gpu_tiles:
         # small tiles so that tiny test shapes still cross tiles, splits and d_in chunks
         return ScanConfig("interp", 16, 32, 32, 1, 1)
-    cfgs = scan_configs(compute, kp)
+    cfgs = scan_configs(compute, kp, prec)
     if t <= 16:
         return cfgs["decode16"]
     if t <= DECODE_T and "decode64" in cfgs:
@@ -59,19 +65,29 @@ def scan_config(t: int, kp: int, compute: str) -> ScanConfig:
     return cfgs["prefill"]
 
 
-def scan_configs(compute: str, kp: int) -> dict[str, ScanConfig]:
-    """Every GPU config the launcher can pick for one (dtype, K bucket)."""
-    if compute == "fp32":
-        # exact fp32 dot products (no TF32) run on CUDA cores: small tiles, two regimes
+def scan_configs(compute: str, kp: int, prec: str = "tf32") -> dict[str, ScanConfig]:
+    """Every GPU config the launcher can pick for one (dtype, K bucket, fp32 precision)."""
+    if compute == "fp32" and prec == "ieee":
+        # exact fp32 dot products (float32_matmul_precision "highest") run on CUDA cores:
+        # small tiles, two regimes
         return {
-            "decode16": ScanConfig("decode16", 16, 64, 32, 4, 3),
-            "prefill": ScanConfig("prefill", 32, 64, 32, 4, 2),   # 64 rows spill registers
+            # 4 warps were capped at 128 registers and spilled; 2 warps take ~200, no spills
+            "decode16": ScanConfig("decode16", 16, 64, 32, 2, 3, per_sm=4),
+            "prefill": ScanConfig("prefill", 32, 64, 32, 4, 2, per_sm=2),   # 64 rows spill registers
         }
-    big = 128 if kp <= 16 else 64   # the [BT, KP] running lists live in registers
+    # tensor cores; fp32 operands (TF32) take twice the shared memory per element: BD halves.
+    # Prefill tiles are sized by the registers the compiler reports (triton_variants.py):
+    # 128 x 128 used 255 per thread and spilled at K16; 128 x 64 holds the score tile, its
+    # masked copy for the merge and the running lists in ~190, no spills; K >= 32 lists
+    # take 64 x 64 tiles (<= ~240 registers, two 4-warp programs per SM).
+    bd = 32 if compute == "fp32" else 64
+    prefill = (ScanConfig("prefill", 128, 64, bd, 8, 3, per_sm=1) if kp <= 16
+               else ScanConfig("prefill", 64, 64, bd, 4, 3, per_sm=2))
     return {
-        "decode16": ScanConfig("decode16", 16, 64, 128, 4, 4),
-        "decode64": ScanConfig("decode64", 64, 64, 128, 4, 3),
-        "prefill": ScanConfig("prefill", big, 128, 64, 8, 3),
+        # K64 lists with 4 stages were capped at 128 registers and spilled 40 B
+        "decode16": ScanConfig("decode16", 16, 64, 2 * bd, 4, 4 if kp <= 32 else 3, per_sm=2),
+        "decode64": ScanConfig("decode64", 64, 64, 2 * bd, 4, 3, per_sm=2),
+        "prefill": prefill,
     }
 
 
@@ -161,14 +177,15 @@ def gather_rows(acc, idx_ptr, coef_ptr, K, rows, t_mask,
 
 @triton.jit
 def token_col_tile(T, DO, BT: tl.constexpr, BO: tl.constexpr):
-    """This program's tile of a (token blocks, column chunks) grid: token ids (int64, so
-    row offsets never overflow), their mask, column ids and their mask."""
-    rows = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)
-    o = tl.program_id(1) * BO + tl.arange(0, BO)
+    """This program's tile of a (token blocks, column chunks) grid: token ids and column
+    ids, both int64 (``t * stride`` and ``o * stride`` pass 2^31 for transposed views),
+    and their masks."""
+    rows = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
+    o = tl.program_id(1).to(tl.int64) * BO + tl.arange(0, BO)
     return rows, rows < T, o, o < DO
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "N0", "K"])
 def _moram_gather_kernel(idx_ptr, coef_ptr, alpha_ptr, r0_ptr, r1_ptr, dense_ptr, out_ptr,
                          T, N0, K, DO, has_dense,
                          s0n, s0d, s1n, s1d, sdt, sdd, sot, sod,

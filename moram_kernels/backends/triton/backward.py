@@ -10,13 +10,15 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._precision import lowest
+from ..._warnings import warn_once
 from ._common import GROUP, device_ctx, k_bucket, launch_gather, small_block, token_col_tile
 from .forward import load_scale
 
 __all__ = ["moram_bwd"]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "N0", "K"])
 def _moram_bwd_gc_kernel(gy_ptr, v0_ptr, v1_ptr, idx_ptr, part_ptr,
                          T, N0, K, DO, sgt, sgd, sv0n, sv0d, sv1n, sv1d,
                          BT: tl.constexpr, BO: tl.constexpr, KP: tl.constexpr, G: tl.constexpr):
@@ -39,11 +41,11 @@ def _moram_bwd_gc_kernel(gy_ptr, v0_ptr, v1_ptr, idx_ptr, part_ptr,
                          mask=(tm & (ik >= N0))[:, None] & om[None, :], other=0.0)
             dot = tl.sum((b0.to(tl.float32) + b1.to(tl.float32)) * g, 1)
             gc = tl.where(slot[None, :] == k, dot[:, None], gc)
-    at = (tl.program_id(1) * T + rows)[:, None] * KP + slot[None, :]
+    at = (tl.program_id(1).to(tl.int64) * T + rows)[:, None] * KP + slot[None, :]
     tl.store(part_ptr + at, gc, mask=t_mask[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_chunks", "T", "N0", "K"])
 def _moram_bwd_coef_kernel(part_ptr, n_chunks, sc0_ptr, sc1_ptr, idx_ptr, psel_ptr, norm_ptr,
                            gsel_ptr, alpha_ptr, cb_ptr,
                            T, N0, K, tau, delta, eps, has_s0, has_s1,
@@ -51,8 +53,7 @@ def _moram_bwd_coef_kernel(part_ptr, n_chunks, sc0_ptr, sc1_ptr, idx_ptr, psel_p
     """Per token: ``gc_k = scale_k * (b_k . gy)`` (sum of the chunk partials), then
     ``g_sel [T, K]`` (the sparse part of gp), ``alpha [T]`` and ``cb = c_k * scale_k [T, K]``
     (the dB coefficient)."""
-    pid = tl.program_id(0)
-    rows = (pid * BT + tl.arange(0, BT)).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
     t_mask = rows < T
     slot = tl.arange(0, KP)
     live = slot < K
@@ -62,8 +63,10 @@ def _moram_bwd_coef_kernel(part_ptr, n_chunks, sc0_ptr, sc1_ptr, idx_ptr, psel_p
     p = tl.load(psel_ptr + at, mask=m2, other=0.0)
     nrm = tl.load(norm_ptr + rows, mask=t_mask, other=1.0)
     gc = tl.zeros([BT, KP], dtype=tl.float32)
-    for c in range(n_chunks):
-        gc += tl.load(part_ptr + (c * T + rows)[:, None] * KP + slot[None, :], mask=m2, other=0.0)
+    at_c = rows   # int64: chunk c's rows start at c * T
+    for _ in range(n_chunks):
+        gc += tl.load(part_ptr + at_c[:, None] * KP + slot[None, :], mask=m2, other=0.0)
+        at_c += T
     sc = load_scale(sc0_ptr, sc1_ptr, has_s0, has_s1, ids, N0, m2)
     gc = gc * sc
     s = p / nrm[:, None]
@@ -82,7 +85,7 @@ def _moram_bwd_coef_kernel(part_ptr, n_chunks, sc0_ptr, sc1_ptr, idx_ptr, psel_p
     tl.store(alpha_ptr + rows, alpha, mask=t_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "K", "lo", "hi"])
 def _moram_bwd_db_atomic_kernel(idx_ptr, cb_ptr, gy_ptr, gv_ptr, T, K, lo, hi, DO, sgt, sgd,
                                 BT: tl.constexpr, BO: tl.constexpr):
     """``gv[idx - lo] += cb * gy`` for the selected atoms in ``[lo, hi)``; gv fp32 ``[hi - lo, d_out]``."""
@@ -98,13 +101,13 @@ def _moram_bwd_db_atomic_kernel(idx_ptr, cb_ptr, gy_ptr, gv_ptr, T, K, lo, hi, D
                       mask=inside[:, None] & om[None, :], sem="relaxed")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K"])
 def _moram_bwd_db_sorted_kernel(perm_ptr, off_ptr, cb_ptr, gy_ptr, gv_ptr, K, DO, sgt, sgd,
                                 svn, svd, BE: tl.constexpr, BO: tl.constexpr):
     """Deterministic dB: program per (atom, column chunk) reduces that atom's entries in
     the fixed order given by ``perm`` (flat ``t * K + k`` positions sorted by atom)."""
     row = tl.program_id(0)
-    o = tl.program_id(1) * BO + tl.arange(0, BO)
+    o = tl.program_id(1).to(tl.int64) * BO + tl.arange(0, BO)
     om = o < DO
     start = tl.load(off_ptr + row)
     end = tl.load(off_ptr + row + 1)
@@ -122,16 +125,40 @@ def _moram_bwd_db_sorted_kernel(perm_ptr, off_ptr, cb_ptr, gy_ptr, gv_ptr, K, DO
 
 # ---- dense parts (torch) -----------------------------------------------------------------------
 
-def _mm(a: torch.Tensor, b: torch.Tensor, low: torch.dtype) -> torch.Tensor:
-    """``a @ b`` with an fp32 result. On CUDA with 16-bit activations (``low``) the
-    operands are rounded to ``low`` and run on tensor cores with fp32 accumulation
-    (as the authors' bf16 autograd does); elsewhere, or when torch offers no fp32 output,
-    the product is formed in fp32."""
-    if a.is_cuda and low in (torch.float16, torch.bfloat16):
+_MM_FP32_OUT: dict[tuple, bool] = {}
+
+
+def _mm_fp32_out_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.mm(..., out_dtype=torch.float32)`` runs for 16-bit ``dtype`` operands
+    on ``device``: probed once per (device, dtype) on a 16 x 16 product; when it does not,
+    one warning says that the dense terms fall back to fp32 GEMMs (correct, slower)."""
+    key = (device, dtype)
+    if key not in _MM_FP32_OUT:
+        a = torch.zeros(16, 16, device=device, dtype=dtype)
         try:
-            return torch.mm(a.to(low), b.to(low), out_dtype=torch.float32)
-        except (RuntimeError, TypeError):
-            pass
+            torch.mm(a, a, out_dtype=torch.float32)
+            ok = True
+        except (RuntimeError, TypeError, NotImplementedError) as e:   # the probe only
+            ok = False
+            warn_once(f"mm-out-dtype-{device}-{dtype}",
+                      f"torch.mm(..., out_dtype=torch.float32) is not available for {dtype} on "
+                      f"{device} ({type(e).__name__}: {e}); the triton backward forms its dense "
+                      "terms with fp32 GEMMs instead, which is correct but several times slower")
+        _MM_FP32_OUT[key] = ok
+    return _MM_FP32_OUT[key]
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` with an fp32 result, computed in the lower of the two dtypes (fp32
+    intermediates such as P or gp are rounded to the activations' 16-bit dtype, as the
+    GEMMs of an autocast region are). 16-bit operands on CUDA run on tensor cores with
+    fp32 accumulation and output (``aten::mm.dtype``); fp32 operands follow torch's TF32
+    setting. Errors from the product itself (out of memory, say) propagate."""
+    low = lowest(a.dtype, b.dtype)
+    a, b = a.to(low), b.to(low)
+    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) \
+            and _mm_fp32_out_supported(a.device, a.dtype):
+        return torch.mm(a, b, out_dtype=torch.float32)
     return a.float() @ b.float()
 
 
@@ -150,6 +177,13 @@ def moram_bwd(gy, x, keys0, values0, scale0, keys1, values1, scale1, gram0,
     T, K = idx.shape
     D = x.shape[1]
     n0, n1 = keys0.shape[0], keys1.shape[0]
+    # compute in one dtype (the lowest of the inputs', as the forward); each gradient
+    # goes back in its own input's dtype
+    x_dtype = x.dtype
+    dts = [t.dtype for t in (keys0, values0, keys1, values1)]
+    cd = lowest(x.dtype, *dts)
+    x, gy, keys0, values0, keys1, values1 = (
+        v.to(cd) for v in (x, gy, keys0, values0, keys1, values1))
     segs = [(0, 0, n0, keys0, values0, need_seg0), (1, n0, n0 + n1, keys1, values1, need_seg1)]
     # an empty segment is never read; alias it so every pointer argument is a real tensor
     k0p, v0p, k1p, v1p = keys0, values0, keys1, values1
@@ -187,7 +221,7 @@ def moram_bwd(gy, x, keys0, values0, scale0, keys1, values1, scale1, gram0,
     p_seg: dict[int, torch.Tensor] = {}
     for seg, lo, hi, kseg, _, need in segs:
         if need and hi > lo:
-            p_seg[seg] = _mm(x, kseg.t(), x.dtype)
+            p_seg[seg] = _mm(x, kseg.t())
 
     gx = None
     if need_x:
@@ -198,14 +232,16 @@ def moram_bwd(gy, x, keys0, values0, scale0, keys1, values1, scale1, gram0,
                 continue
             given = gram0 if seg == 0 else None
             if _dense_plan(T, D, n_s, given is not None, seg in p_seg) == "gram":
-                g = given if given is not None else _mm(kseg.t(), kseg, kseg.dtype)
-                term = _mm(x, g, x.dtype)
+                # a given gram0 in x's dtype (MoRAMLinear caches it so) is used as is
+                g = given if given is not None else _mm(kseg.t(), kseg)
+                term = _mm(x, g)
             else:
-                pk = p_seg[seg] if seg in p_seg else _mm(x, kseg.t(), x.dtype)
-                term = _mm(pk, kseg, x.dtype)
+                pk = p_seg[seg] if seg in p_seg else _mm(x, kseg.t())
+                term = _mm(pk, kseg)
             dense = term if dense is None else dense + term
         gx = torch.empty(T, D, device=dev, dtype=x.dtype)
         launch_gather(idx, g_sel, k0p, k1p, n0, gx, kp, alpha=alpha, dense=dense)
+        gx = gx.to(x_dtype)
 
     grads = [None, None, None, None]
     for seg, lo, hi, kseg, vseg, need in segs:
@@ -218,10 +254,10 @@ def moram_bwd(gy, x, keys0, values0, scale0, keys1, values1, scale1, gram0,
             local = torch.where(inside, idx - lo, torch.zeros_like(idx))
             gp = p_seg[seg] * (-alpha)[:, None]                       # every atom gets -alpha p_j
             gp.scatter_add_(1, local, torch.where(inside, g_sel, torch.zeros_like(g_sel)))
-            gk = _mm(gp.t(), x, x.dtype).to(kseg.dtype)
+            gk = _mm(gp.t(), x)
         else:
             gk = torch.zeros_like(kseg)
-        grads[2 * seg], grads[2 * seg + 1] = gk, gv
+        grads[2 * seg], grads[2 * seg + 1] = gk.to(dts[2 * seg]), gv.to(dts[2 * seg + 1])
     return (gx, *grads)
 
 

@@ -8,10 +8,20 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._precision import fp32_uses_tf32, lowest
 from ._common import (INTERPRET, device_ctx, k_bucket, launch_gather, merge_topk, scan_config,
                       sm_count, small_block, tl_name)
 
 __all__ = ["moram_fwd", "plan_splits"]
+
+
+@triton.jit
+def round_tf32(v):
+    """fp32 -> the nearest TF32 value (ties away from zero, as ``cvt.rna.tf32.f32``), kept
+    in fp32: what a GPU's TF32 ``tl.dot`` does to its operands. NaN stays NaN."""
+    b = v.to(tl.uint32, bitcast=True)
+    r = ((b + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return tl.where(v == v, r, v)
 
 
 @triton.jit
@@ -22,31 +32,42 @@ def _score_tile(x_ptr, sxt, sxd, rows, t_mask, k_ptr, skn, skd, n_loc, n_mask, D
     acc = tl.zeros([BT, BN], dtype=tl.float32)
     xb = x_ptr + rows[:, None] * sxt
     kb = k_ptr + n_loc.to(tl.int64)[:, None] * skn
+    # int64 column offsets: a transposed view has sxd = T (or skd = N), and d * T passes
+    # 2^31 long before the tensors stop fitting in memory
+    dk = tl.arange(0, BD).to(tl.int64)
     for d0 in range(0, D, BD):
-        dd = d0 + tl.arange(0, BD)
+        dd = d0 + dk
         dm = dd < D
         xa = tl.load(xb + dd[None, :] * sxd, mask=t_mask[:, None] & dm[None, :], other=0.0)
         ka = tl.load(kb + dd[None, :] * skd, mask=n_mask[:, None] & dm[None, :], other=0.0)
         if UPCAST:
-            # mixed dtypes, or the interpreter (whose 16-bit dot multiplies raw bits)
+            # the interpreter only (its 16-bit dot multiplies raw bits): 16-bit operands
+            # upcast exactly, fp32 ones rounded as a GPU's TF32 dot rounds them
             xa = xa.to(tl.float32)
             ka = ka.to(tl.float32)
+            if PREC == "tf32":
+                xa = round_tf32(xa)
+                ka = round_tf32(ka)
         acc = tl.dot(xa, tl.trans(ka), acc, input_precision=PREC)
     return acc
 
 
-@triton.jit
-def _moram_scan_kernel(x_ptr, k0_ptr, k1_ptr, pv_ptr, pi_ptr, pss_ptr,
+# sizes that only bound loops and masks are not specialised (== 1, % 16): a new T or bank
+# size must not compile again (inside a CUDA-graph capture, say); D and the strides are,
+# since their divisibility decides vectorised, pipelined loads
+@triton.jit(do_not_specialize=["T", "N0", "N1", "K", "tiles_per_split", "n_split"])
+def _moram_scan_kernel(x_ptr, k0_ptr, k1_ptr, pv_ptr, pi_ptr, pss_ptr, pk_ptr,
                        T, D, N0, N1, K, tiles_per_split, n_split,
                        sxt, sxd, s0n, s0d, s1n, s1d,
                        BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr,
                        UPCAST: tl.constexpr, PREC: tl.constexpr):
     """Program (token block, split): scores of its tiles (segment 0 tiles first, then
     segment 1), running sum of squares and running top-K; writes the split's partial
-    list ``[BT, KP]`` and partial sum of squares."""
-    pid_t = tl.program_id(0)
+    list ``[BT, KP]``, partial sum of squares and its K-th best score (the select
+    kernel's pruning bound)."""
+    pid_t = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1)
-    rows = (pid_t * BT + tl.arange(0, BT)).to(tl.int64)
+    rows = pid_t * BT + tl.arange(0, BT)
     t_mask = rows < T
     slot = tl.arange(0, KP)
     pinned = (slot >= K)[None, :]
@@ -79,6 +100,7 @@ def _moram_scan_kernel(x_ptr, k0_ptr, k1_ptr, pv_ptr, pi_ptr, pss_ptr,
     tl.store(pv_ptr + part[:, None] * KP + slot[None, :], run_v, mask=m2)
     tl.store(pi_ptr + part[:, None] * KP + slot[None, :], run_i, mask=m2)
     tl.store(pss_ptr + part, ss, mask=t_mask)
+    tl.store(pk_ptr + part, tl.min(run_v, 1), mask=t_mask)   # pinned slots hold +inf
 
 
 @triton.jit
@@ -90,32 +112,41 @@ def load_scale(sc0_ptr, sc1_ptr, has_s0, has_s1, ids, N0, mask):
     return tl.where(in0, s0, s1)
 
 
-@triton.jit
-def _moram_select_kernel(pv_ptr, pi_ptr, pss_ptr, sc0_ptr, sc1_ptr,
+@triton.jit(do_not_specialize=["T", "N0", "K", "n_split"])
+def _moram_select_kernel(pv_ptr, pi_ptr, pss_ptr, pk_ptr, sc0_ptr, sc1_ptr,
                          idx_ptr, psel_ptr, norm_ptr, coef_ptr,
                          T, N0, K, n_split, tau, delta, eps, has_s0, has_s1,
                          BT: tl.constexpr, BC: tl.constexpr, KP: tl.constexpr):
     """Program per token block: merge the split lists, then norm, softmax/tau, threshold
-    and ``c = w * m * p * scale``; stores idx, p_sel, norm and c ``[T, K]``."""
-    pid = tl.program_id(0)
-    rows = (pid * BT + tl.arange(0, BT)).to(tl.int64)
+    and ``c = w * m * p * scale``; stores idx, p_sel, norm and c ``[T, K]``.
+
+    Pruned merge: each split holds K scores >= its own K-th best, so nothing below the
+    largest split K-th (``bound``) can make the global top-K. Candidates under it are
+    dropped before the merge, which then sees about K to 2K survivors per row however
+    many splits there are (decode: 256 splits, 4096 candidates, would otherwise take up
+    to ~200 dependent argmax rounds)."""
+    rows = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
     t_mask = rows < T
     slot = tl.arange(0, KP)
     live = slot < K
     run_v = tl.where(live[None, :], float("-inf"), float("inf")) + tl.zeros([BT, KP], tl.float32)
     run_i = slot[None, :] + tl.zeros([BT, KP], tl.int32)
+    bound = tl.full([BT], float("-inf"), tl.float32)
+    ss = tl.zeros([BT], dtype=tl.float32)
+    for c0 in range(0, n_split, BC):
+        col = c0 + tl.arange(0, BC)
+        m = t_mask[:, None] & (col < n_split)[None, :]
+        kth = tl.load(pk_ptr + rows[:, None] * n_split + col[None, :], mask=m, other=float("-inf"))
+        bound = tl.maximum(bound, tl.max(kth, 1))
+        ss += tl.sum(tl.load(pss_ptr + rows[:, None] * n_split + col[None, :], mask=m, other=0.0), 1)
     W = n_split * KP
     for c0 in range(0, W, BC):
         col = c0 + tl.arange(0, BC)
         m = t_mask[:, None] & ((col < W) & ((col % KP) < K))[None, :]
         cv = tl.load(pv_ptr + rows[:, None] * W + col[None, :], mask=m, other=float("-inf"))
+        cv = tl.where(cv >= bound[:, None], cv, float("-inf"))
         ci = tl.load(pi_ptr + rows[:, None] * W + col[None, :], mask=m, other=0)
         run_v, run_i = merge_topk(run_v, run_i, cv, ci, KP, BC)
-    ss = tl.zeros([BT], dtype=tl.float32)
-    for c0 in range(0, n_split, BC):
-        col = c0 + tl.arange(0, BC)
-        m = t_mask[:, None] & (col < n_split)[None, :]
-        ss += tl.sum(tl.load(pss_ptr + rows[:, None] * n_split + col[None, :], mask=m, other=0.0), 1)
     norm = tl.maximum(tl.sqrt(ss), eps, propagate_nan=tl.PropagateNan.ALL)
     m2 = t_mask[:, None] & live[None, :]
     # zero the pinned slots and the rows past T so no inf - inf appears below
@@ -135,32 +166,44 @@ def _moram_select_kernel(pv_ptr, pi_ptr, pss_ptr, sc0_ptr, sc1_ptr,
     tl.store(norm_ptr + rows, norm, mask=t_mask)
 
 
-def plan_splits(t: int, n0: int, n1: int, bt: int, bn: int, device: torch.device) -> tuple[int, int]:
-    """``(n_split, tiles_per_split)``: split the atom tiles across programs until the grid
-    holds about two programs per SM (decode and small T would otherwise leave most SMs idle)."""
+def plan_splits(t: int, n0: int, n1: int, bt: int, bn: int, device: torch.device | None,
+                per_sm: int = 1, sms: int | None = None) -> tuple[int, int]:
+    """``(n_split, tiles_per_split)``: split the atom tiles across programs so that the grid
+    fills the GPU in at most one wave (``per_sm`` resident programs per SM, from the
+    variant's registers and shared memory). Two or three waves of long programs leave the
+    last one mostly idle (9 splits x 32 token blocks on 132 SMs ran 3 waves, the last 18 %
+    full); decode and small T get every SM instead of one or two. ``sms`` overrides the
+    device's SM count (the cost model plans for a GPU that is not here)."""
     tiles = triton.cdiv(n0, bn) + triton.cdiv(n1, bn)
     t_blocks = triton.cdiv(t, bt)
-    want = max(1, triton.cdiv(2 * sm_count(device), t_blocks))
+    want = max(1, ((sms or sm_count(device)) * per_sm) // t_blocks)
     per = triton.cdiv(tiles, min(tiles, want))
     return triton.cdiv(tiles, per), per
 
 
-def compute_dtype(x, keys0, keys1) -> tuple[str, bool]:
-    """(dot dtype, upcast): the inputs' own dtype when x and both key segments agree,
-    otherwise fp32 (operands upcast in registers). The interpreter always upcasts."""
-    same = x.dtype == keys0.dtype == keys1.dtype
-    compute = tl_name(x.dtype) if same else "fp32"
-    return compute, (INTERPRET or not same)
+def dot_precision(compute: str) -> str:
+    """``input_precision`` of the scoring ``tl.dot``: TF32 for fp32 operands unless
+    ``torch.get_float32_matmul_precision()`` is "highest" (16-bit dots ignore it)."""
+    return "tf32" if compute != "fp32" or fp32_uses_tf32() else "ieee"
 
 
-def moram_fwd(x, keys0, values0, scale0, keys1, values1, scale1, K, tau, delta, eps):
+def moram_fwd(x, keys0, values0, scale0, keys1, values1, scale1, K, tau, delta, eps, *,
+              gpu_tiles=False):
     """Triton forward (contract in :mod:`moram_kernels.backends.reference`).
+
+    ``gpu_tiles``: in the interpreter, use the GPU's block shapes (64/128-wide tiles)
+    instead of the small ones that make tiny test shapes cross many tiles.
 
     x ``[T, d_in]``; returns ``y [T, d_out]``, ``idx [T, K]`` int64, ``p_sel [T, K]`` fp32,
     ``norm [T]`` fp32.
     """
     T, D = x.shape
     n0, n1 = keys0.shape[0], keys1.shape[0]
+    # one dtype for both GEMM operands (the package's policy: the lowest of the inputs'),
+    # so the scoring dot always runs on tensor cores; a no-op when called through the op
+    cd = lowest(x.dtype, keys0.dtype, keys1.dtype, values0.dtype, values1.dtype)
+    out_dtype = x.dtype
+    x, keys0, keys1, values0, values1 = (v.to(cd) for v in (x, keys0, keys1, values0, values1))
     if n1 == 0:
         # an empty segment 1 is never read; reuse segment 0 so every pointer has one dtype
         keys1, values1, scale1 = keys0, values0, None
@@ -169,15 +212,16 @@ def moram_fwd(x, keys0, values0, scale0, keys1, values1, scale1, K, tau, delta, 
     DO = values0.shape[1]
     dev = x.device
     kp = k_bucket(K)
-    compute, upcast = compute_dtype(x, keys0, keys1)
-    prec = "ieee" if (upcast or compute == "fp32") else "tf32"
-    cfg = scan_config(T, kp, compute)
-    n_split, per = plan_splits(T, n0, n1, cfg.BT, cfg.BN, dev)
+    compute = tl_name(cd)
+    prec = dot_precision(compute)
+    cfg = scan_config(T, kp, compute, prec, gpu_tiles=gpu_tiles)
+    n_split, per = plan_splits(T, n0, n1, cfg.BT, cfg.BN, dev, cfg.per_sm)
     f32 = dict(device=dev, dtype=torch.float32)
     pv = torch.empty(T, n_split * kp, **f32)
     pi = torch.empty(T, n_split * kp, device=dev, dtype=torch.int32)
     pss = torch.empty(T, n_split, **f32)
-    y = torch.empty(T, DO, device=dev, dtype=x.dtype)
+    pk = torch.empty(T, n_split, **f32)
+    y = torch.empty(T, DO, device=dev, dtype=cd)
     idx = torch.empty(T, K, device=dev, dtype=torch.int64)
     p_sel = torch.empty(T, K, **f32)
     norm = torch.empty(T, **f32)
@@ -185,19 +229,19 @@ def moram_fwd(x, keys0, values0, scale0, keys1, values1, scale1, K, tau, delta, 
     dummy = p_sel   # pointer for an absent scale vector, never read
     with device_ctx(dev):
         _moram_scan_kernel[(triton.cdiv(T, cfg.BT), n_split)](
-            x, keys0, keys1, pv, pi, pss,
+            x, keys0, keys1, pv, pi, pss, pk,
             T, D, n0, n1, K, per, n_split,
             x.stride(0), x.stride(1), keys0.stride(0), keys0.stride(1),
             keys1.stride(0), keys1.stride(1),
-            BT=cfg.BT, BN=cfg.BN, BD=cfg.BD, KP=kp, UPCAST=upcast, PREC=prec,
+            BT=cfg.BT, BN=cfg.BN, BD=cfg.BD, KP=kp, UPCAST=INTERPRET, PREC=prec,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         bt, _, bc = small_block(kp)
         _moram_select_kernel[(triton.cdiv(T, bt),)](
-            pv, pi, pss, scale0 if scale0 is not None else dummy,
+            pv, pi, pss, pk, scale0 if scale0 is not None else dummy,
             scale1 if scale1 is not None else dummy,
             idx, p_sel, norm, coef,
             T, n0, K, n_split, float(tau), float(delta), float(eps),
             int(scale0 is not None), int(scale1 is not None),
             BT=bt, BC=bc, KP=kp, num_warps=4)
     launch_gather(idx, coef, values0, values1, n0, y, kp)
-    return y, idx, p_sel, norm
+    return y.to(out_dtype), idx, p_sel, norm

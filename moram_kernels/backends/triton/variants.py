@@ -27,6 +27,8 @@ class Variant:
     attrs: dict = field(hash=False)
     num_warps: int = 4
     num_stages: int = 3
+    per_sm: int = 0          # programs per SM the grid plan assumes (scan kernel); 0: not planned
+    config: str = ""         # the scan config's regime: decode16 / decode64 / prefill
 
     def fn(self):
         return _kernel(self.kernel)
@@ -40,7 +42,7 @@ def _kernel(name):
     raise KeyError(name)
 
 
-def _spec(kernel, label, ptrs, floats, consts, unit, div, aligned, warps, stages):
+def _spec(kernel, label, ptrs, floats, consts, unit, div, aligned, warps, stages, per_sm=0, config=""):
     fn = _kernel(kernel)
     names = fn.arg_names
     consts = dict(consts)
@@ -62,35 +64,34 @@ def _spec(kernel, label, ptrs, floats, consts, unit, div, aligned, warps, stages
                  for n in list(ptrs) + list(div) if n not in consts}
     unknown = set(ptrs) | set(floats) | set(unit) | set(div) | set(consts)
     assert unknown <= set(names), f"{kernel}: {sorted(unknown - set(names))} are not arguments"
-    return Variant(kernel, label + ("" if aligned else "-generic"), sig, consts, attrs, warps, stages)
+    return Variant(kernel, label + ("" if aligned else "-generic"), sig, consts, attrs, warps, stages,
+                   per_sm, config)
 
 
-def _scan(xd, kd, kp, cfg, aligned):
-    same = xd == kd
-    compute = xd if same else "fp32"
-    prec = "ieee" if (not same or compute == "fp32") else "tf32"
+def _scan(xd, kd, kp, cfg, aligned, prec="tf32"):
     return _spec(
-        "_moram_scan_kernel", f"scan-{xd}x{kd}-K{kp}-{cfg.name}",
+        "_moram_scan_kernel", f"scan-{xd}x{kd}-K{kp}-{cfg.name}" + ("-ieee" if prec == "ieee" and xd == "fp32" else ""),
         ptrs={"x_ptr": xd, "k0_ptr": kd, "k1_ptr": kd, "pv_ptr": "fp32", "pi_ptr": "i32",
-              "pss_ptr": "fp32"},
-        floats=(), consts=dict(BT=cfg.BT, BN=cfg.BN, BD=cfg.BD, KP=kp, UPCAST=not same, PREC=prec),
+              "pss_ptr": "fp32", "pk_ptr": "fp32"},
+        floats=(), consts=dict(BT=cfg.BT, BN=cfg.BN, BD=cfg.BD, KP=kp, UPCAST=False, PREC=prec),
         unit=("sxd", "s0d", "s1d"), div=("D", "sxt", "s0n", "s1n"), aligned=aligned,
-        warps=cfg.num_warps, stages=cfg.num_stages)
+        warps=cfg.num_warps, stages=cfg.num_stages, per_sm=cfg.per_sm, config=cfg.name)
 
 
 def all_variants() -> list[Variant]:
     out = []
-    for xd, kd in (("bf16", "bf16"), ("fp16", "fp16"), ("fp32", "fp32"), ("bf16", "fp32")):
-        compute = xd if xd == kd else "fp32"
+    # the dtype policy gives both dot operands one dtype: no mixed variant exists; fp32 runs
+    # as TF32 unless float32_matmul_precision is "highest" (IEEE, CUDA cores)
+    for dt, prec in (("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "tf32"), ("fp32", "ieee")):
         for kp in K_BUCKETS:
-            for cfg in scan_configs(compute, kp).values():
-                out.append(_scan(xd, kd, kp, cfg, True))
+            for cfg in scan_configs(dt, kp, prec).values():
+                out.append(_scan(dt, dt, kp, cfg, True, prec))
     out.append(_scan("bf16", "bf16", 16, scan_configs("bf16", 16)["prefill"], False))
     for kp in K_BUCKETS:
         bt, bo, bc = small_block(kp, interpret=False)
         out.append(_spec(
             "_moram_select_kernel", f"select-K{kp}",
-            ptrs={"pv_ptr": "fp32", "pi_ptr": "i32", "pss_ptr": "fp32", "sc0_ptr": "fp32",
+            ptrs={"pv_ptr": "fp32", "pi_ptr": "i32", "pss_ptr": "fp32", "pk_ptr": "fp32", "sc0_ptr": "fp32",
                   "sc1_ptr": "fp32", "idx_ptr": "i64", "psel_ptr": "fp32", "norm_ptr": "fp32",
                   "coef_ptr": "fp32"},
             floats=("tau", "delta", "eps"), consts=dict(BT=bt, BC=bc, KP=kp),
