@@ -50,12 +50,19 @@ def _llama(t: int) -> Case:
     return Case("paper:LLaMA", 4096, 4096, 64, 8, t, r=8, tau=0.03, delta=0.2, eps=1e-8, alpha=16.0)
 
 
+def decode() -> list[Case]:
+    """One token per call (generation): the paper's banks, a bank large enough to be
+    memory-bound, and N = 1, whose time is the per-call overhead."""
+    return [_clip(1), _llama(1), Case("decode", 4096, 4096, 1024, 8, 1, r=8, tau=0.03, eps=1e-8, alpha=16.0),
+            Case("overhead", 768, 768, 1, 1, 1, r=1)]
+
+
 def full() -> list[Case]:
     d, t, n, k = 768, 256, 4096, 16
     cases = [Case("N", d, d, nn, k, t) for nn in (64, 256, 1024, 4096, 16384, 65536)]
     cases += [Case("k", d, d, n, kk, t) for kk in (8, 16, 64)]
     cases += [Case("T", d, d, n, k, tt) for tt in (1, 16, 256, 2048)]
-    cases += [_clip(197), _clip(197 * 8), _llama(1), _llama(512)]
+    cases += [_clip(197), _clip(197 * 8), _llama(512)] + decode()
     return merge(cases)
 
 

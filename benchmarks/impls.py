@@ -18,6 +18,7 @@ from .baselines import AuthorsMoRAMLinear, LoRALinear, compiled_dense, lora_delt
 from .grid import Case
 
 AUTHORS, COMPILED, FLOOR = "authors", "authors+compile", "floor:x@keys.T"
+BASE = "base:layer"          # train mode: the frozen base layer's own step (forward + gx)
 LORA_N, LORA_R = "lora:R=N", "lora:R=r"
 
 
@@ -156,6 +157,8 @@ def train_impls(s: Setup, backends: list[str], compile: bool) -> list[Impl]:
             return x_nograd[0] @ keys.t()
 
     impls = [Impl(FLOOR, "floor", floor, floor_out, dense_tn=1)]
+    # the base layer alone: each layer step minus this is the adapter's share of the step
+    impls.append(Impl(BASE, "base", **step_fn(s.base)))
     impls.append(Impl(AUTHORS, "moram", **step_fn(AuthorsMoRAMLinear(layer).train()), dense_tn=8))
     if compile:
         impls.append(Impl(COMPILED, "moram", **step_fn(AuthorsMoRAMLinear(layer, compile=True).train()),
@@ -204,6 +207,8 @@ def work(case: Case, mode: str, impl: Impl, elem_bytes: int) -> tuple[float, flo
     base_f, base_b = 2 * t * di * do, e * di * do
     if impl.kind == "floor":
         return 2 * t * n * di, e * (t * di + n * di + t * n)
+    if impl.kind == "base":
+        return 2 * base_f, 2 * base_b
     if impl.kind == "lora":
         rk = impl.rank
         f = 2 * t * rk * (di + do)

@@ -6,7 +6,7 @@ import csv
 import math
 import os
 
-from .impls import AUTHORS, COMPILED, FLOOR, LORA_N, LORA_R
+from .impls import AUTHORS, BASE, COMPILED, FLOOR, LORA_N, LORA_R
 
 COLUMNS = [
     "timestamp_utc", "mode", "sweep", "d_in", "d_out", "N", "k", "K", "T", "r", "tau", "delta", "dtype",
@@ -17,7 +17,8 @@ COLUMNS = [
     "numpy", "moram_kernels", "git_commit", "backends",
 ]
 
-DISPLAY = {AUTHORS: "authors", COMPILED: "compiled", LORA_N: "LoRA R=N", LORA_R: "LoRA R=r", FLOOR: "x@keys.T"}
+DISPLAY = {AUTHORS: "authors", COMPILED: "compiled", LORA_N: "LoRA R=N", LORA_R: "LoRA R=r", FLOOR: "x@keys.T",
+           BASE: "base layer"}
 
 
 def _display(impl: str) -> str:
@@ -57,7 +58,7 @@ def markdown(rows: list[dict], hw: dict, notes: list[str], mem_note: str, elapse
             impls.append(r["impl"])
     backends = [i for i in impls if i.startswith("moram:")]
     order = [i for i in (AUTHORS, COMPILED) if i in impls] + backends + \
-            [i for i in (LORA_N, LORA_R, FLOOR) if i in impls]
+            [i for i in (LORA_N, LORA_R, FLOOR, BASE) if i in impls]
     footnotes: list[str] = []
 
     def note(text: str) -> str:
@@ -97,7 +98,7 @@ def markdown(rows: list[dict], hw: dict, notes: list[str], mem_note: str, elapse
         head = ["sweep", "d", "N", "k", "T"] + [_display(i) for i in order] + \
                ["best/floor", "GFLOP/s", "GB/s", "peak MB (authors→best)"]
         if mode == "train":
-            head.append("saved MB (authors→best)")
+            head += ["saved MB (authors→best)", "adapter share ms: best / LoRA R=N"]
         out += [f"### {titles[mode]}", "", "| " + " | ".join(head) + " |",
                 "|" + "|".join("---" if i < 1 else "---:" for i in range(len(head))) + "|"]
         for key, by in cases.items():
@@ -124,8 +125,9 @@ def markdown(rows: list[dict], hw: dict, notes: list[str], mem_note: str, elapse
                 cells.append(f"{_mb(auth.get('peak_mem_mb') if auth else None)} → {_mb(best.get('peak_mem_mb'))}")
                 if mode == "train":
                     cells.append(f"{_mb(auth.get('saved_bwd_mb') if auth else None)} → {_mb(best.get('saved_bwd_mb'))}")
+                    cells.append(_share(best, by.get(LORA_N), by.get(BASE)))
             else:
-                cells += ["-"] * (5 if mode == "train" else 4)
+                cells += ["-"] * (6 if mode == "train" else 4)
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     out += ["Cells: median ms over repeats after warm-up, ± the interquartile range as % of the median, "
@@ -133,7 +135,9 @@ def markdown(rows: list[dict], hw: dict, notes: list[str], mem_note: str, elapse
             "best/floor = its time over the bare `x @ keys.T` GEMM; GFLOP/s and GB/s are its nominal useful "
             "work (the sparse algorithm's FLOPs, each tensor touched once) over its time. "
             f"Peak memory: {mem_note}. saved MB: bytes autograd keeps for backward, not counting inputs, "
-            "parameters, buffers and the cached Gram matrix. LoRA R=N is a dense adapter as wide as the bank, R=r one task's adapter.",
+            "parameters, buffers and the cached Gram matrix. LoRA R=N is a dense adapter as wide as the bank, R=r one task's adapter. "
+            "Adapter share (train): a layer step minus the base layer's own step (forward + gx), for the best "
+            "backend and for LoRA R=N, which does about twice MoRAM's dense work; (ratio) best over LoRA.",
             ""]
     errs = [r["max_rel_err"] for r in rows if r.get("max_rel_err") is not None]
     if errs:
@@ -142,6 +146,15 @@ def markdown(rows: list[dict], hw: dict, notes: list[str], mem_note: str, elapse
     if footnotes:
         out += ["Not measured:"] + [f"{i + 1}. {t}" for i, t in enumerate(footnotes)] + [""]
     return "\n".join(out)
+
+
+def _share(best: dict, lora: dict | None, base: dict | None) -> str:
+    ok = lambda r: r is not None and r.get("status") == "ok"  # noqa: E731
+    if not (ok(lora) and ok(base)):
+        return "-"
+    b, lo = best["median_ms"] - base["median_ms"], lora["median_ms"] - base["median_ms"]
+    ratio = f" ({_x(b / lo)})" if lo > 0 and b > 0 else ""
+    return f"{_ms(max(b, 0.0))} / {_ms(max(lo, 0.0))}{ratio}"
 
 
 def write_csv(rows: list[dict], path: str) -> None:

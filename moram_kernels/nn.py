@@ -143,6 +143,7 @@ class MoRAMLinear(nn.Module):
         self.register_buffer("task_sizes", torch.zeros(0, dtype=torch.long, device=w.device))
         self.adapter_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._gram_cache: tuple[tuple, Tensor, weakref.ref] | None = None
+        self._scale_cache: tuple[tuple, Tensor] | None = None
         # the frozen bank in the compute dtype, cast once per task (see _frozen_bank)
         self._bank_cache: tuple[tuple, Tensor, Tensor] | None = None
         # [N] int64 while usage counting is on (not a buffer: never saved); None = off
@@ -276,29 +277,48 @@ class MoRAMLinear(nn.Module):
             self._gram_cache = cache = (key, (a.t() @ a).to(dtype), weakref.ref(fk))
         return cache[1]
 
+    def _trainable_scale(self, n1: int, x: Tensor) -> Tensor | None:
+        """The ``[r]`` scale of the trainable values (``alpha / r``), or None when it is 1;
+        made once per (size, value, device, dtype), not on every call."""
+        scaling = self.scaling
+        if scaling == 1.0 or not n1:
+            return None
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        if torch.compiler.is_compiling():
+            return torch.full((n1,), scaling, device=x.device, dtype=dtype)
+        key = (n1, scaling, x.device, dtype)
+        cached = self._scale_cache
+        if cached is None or cached[0] != key:
+            self._scale_cache = cached = (key, torch.full((n1,), scaling, device=x.device, dtype=dtype))
+        return cached[1]
+
     # ---- forward -------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:      # before the base layer's own, less clear error
             raise ValueError(f"x has d_in = {x.shape[-1]}, this layer takes {self.in_features}")
         y = self.base_layer(x)
-        if self.num_atoms == 0:
+        # each module attribute read once: nn.Module's lookups cost about a µs apiece
+        fk, fv, keys, values = self.frozen_keys, self.frozen_values, self.keys, self.values
+        if fk.shape[0] + keys.shape[0] == 0:
             return y
-        n1 = self.keys.shape[0]
-        scale1 = None
-        if self.scaling != 1.0 and n1:
-            scale1 = torch.full((n1,), self.scaling, device=x.device,
-                                dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-        need_grad = torch.is_grad_enabled() and self.keys.requires_grad
-        delta = 0.0 if self.training else self.delta      # the threshold is an eval-time rule
+        scale1 = self._trainable_scale(keys.shape[0], x)
+        need_grad = torch.is_grad_enabled() and keys.requires_grad
+        training = self.training
+        delta = 0.0 if training else self.delta      # the threshold is an eval-time rule
+        xd = self.adapter_dropout(x) if training else x   # dropout is the identity in eval
         # autocast-aware like nn.Linear: the adapter computes in the autocast dtype (or the
         # lowest of x's and the atoms'), reading a cached copy of the frozen bank
-        cd = compute_dtype(x.dtype, (self.frozen_keys.dtype, self.keys.dtype, self.frozen_values.dtype,
-                                     self.values.dtype), x.device.type)
-        fk, fv = self._frozen_bank(cd)
+        dt = x.dtype
+        if (fk.dtype is dt and fv.dtype is dt and keys.dtype is dt and values.dtype is dt
+                and not torch._C._is_any_autocast_enabled()):
+            cd = dt                      # the common case, without the dtype policy's lookups
+        else:
+            cd = compute_dtype(dt, (fk.dtype, keys.dtype, fv.dtype, values.dtype), x.device.type)
+            fk, fv = self._frozen_bank(cd)
         d, idx = moram_segments(
-            self.adapter_dropout(x), fk, fv, None,
-            self.keys, self.values, scale1, k=self.k, tau=self.tau, delta=delta, eps=self.eps,
+            xd, fk, fv, None,
+            keys, values, scale1, k=self.k, tau=self.tau, delta=delta, eps=self.eps,
             gram0=self._frozen_gram(cd) if need_grad else None, backend=self.backend)
         if self.usage_counts is not None and idx is not None:
             self._count_usage(idx)

@@ -220,6 +220,63 @@ def _empty_delta(x2, segments, dtype) -> Tensor:
 
 # ---- the functional API ---------------------------------------------------------------------
 
+# ---- the eager path to the compiled kernels ---------------------------------------------------
+
+_EAGER_BACKENDS = ("cpu", "cuda")
+_PLAIN = (Tensor, torch.nn.Parameter)
+_C_eager: list = []          # [the extension's eager function, or None], filled on first use
+
+
+def _eager_entry():
+    if not _C_eager:
+        from .backends import compiled
+        fn = compiled.eager()
+        if fn is not None and all(_dispatch.why_unavailable(n) is not None for n in _EAGER_BACKENDS):
+            fn = None
+        _C_eager.append(fn)
+    return _C_eager[0]
+
+
+def _eager_call(x, keys0, values0, scale0, keys1, values1, scale1, gram0, k, tau, delta, eps, backend):
+    """``(y, idx)`` from the C++ entry point of the cpu/cuda kernels (validation and autograd
+    in C++, a few µs of overhead), or None when this call must take the custom op instead:
+    under torch.compile, a tensor subclass, a torch function/dispatch mode or autocast,
+    mixed dtypes, a scale that requires grad, an empty bank or batch, arguments of other
+    types than the usual ones, or a backend other than cpu/cuda. ``keys1``/``values1`` None: no second
+    segment."""
+    fn = _C_eager[0] if _C_eager else _eager_entry()
+    if (fn is None or type(x) is not Tensor or type(keys0) not in _PLAIN or type(values0) not in _PLAIN
+            or type(k) is not int or type(tau) is not float or type(delta) is not float
+            or type(eps) is not float or (backend is not None and type(backend) is not str)
+            or x.dim() < 1 or keys0.dim() != 2 or values0.dim() != 2):
+        return None
+    dt = x.dtype    # one dtype throughout: mixed dtypes take the casts of the custom-op path
+    if keys0.dtype is not dt or values0.dtype is not dt:
+        return None
+    n = keys0.shape[0]
+    if keys1 is not None:
+        if (type(keys1) not in _PLAIN or type(values1) not in _PLAIN or keys1.dim() != 2
+                or keys1.dtype is not dt or values1.dtype is not dt):
+            return None
+        n += keys1.shape[0]
+    for s in (scale0, scale1, gram0):
+        if s is not None and (type(s) is not Tensor or s.requires_grad):
+            return None
+    if (n == 0 or x.numel() == 0 or torch.compiler.is_compiling()
+            or torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack()
+            or torch._C._is_any_autocast_enabled()):
+        return None
+    kk = k if 2 <= k <= n else effective_k(k, n)
+    try:
+        b = _dispatch.select_cached(backend, x.device, x.dtype, keys0.dtype, values0.dtype,
+                                    x.shape[-1], values0.shape[1], n, kk)
+    except (TypeError, ValueError, RuntimeError):
+        return None   # the custom-op path validates first, then raises this error again
+    if b.name not in _EAGER_BACKENDS:
+        return None
+    return fn(x, keys0, values0, scale0, keys1, values1, scale1, gram0, k, tau, delta, eps)
+
+
 def moram_segments(x, keys0, values0, scale0, keys1, values1, scale1, *, k, tau, delta, eps,
                    gram0=None, backend=None) -> tuple[Tensor, Tensor | None]:
     """MoRAM delta over two atom segments, ``[..., d_in] -> [..., d_out]``, plus the
@@ -233,6 +290,10 @@ def moram_segments(x, keys0, values0, scale0, keys1, values1, scale1, *, k, tau,
     ``MoRAMLinear``'s cached frozen bank), so each gradient returns in its input's dtype.
     The result has x's dtype, or the autocast dtype inside an autocast region.
     """
+    out = _eager_call(x, keys0, values0, scale0, keys1, values1, scale1, gram0, k, tau, delta, eps,
+                      backend)
+    if out is not None:
+        return out
     lead, d_out = x.shape[:-1], values0.shape[1]
     n = keys0.shape[0] + keys1.shape[0]
     dev = x.device.type
@@ -270,6 +331,11 @@ def moram(x: Tensor, keys: Tensor, values: Tensor, *, k: int, tau: float, delta:
     the atoms with fp32 accumulation (:mod:`moram_kernels._precision`). With no atoms or no
     tokens the output is zeros that still take part in autograd (zero gradients).
     """
+    if value_scale is None or type(value_scale) is Tensor:
+        out = _eager_call(x, keys, values, value_scale, None, None, None, None, k, tau, delta, eps,
+                          backend)
+        if out is not None:
+            return out[0]
     k, tau, delta, eps, scale = _validate(x, keys, values, k, tau, delta, eps, value_scale, backend)
     empty_k = keys.new_empty(0, keys.shape[1])
     empty_v = values.new_empty(0, values.shape[1])

@@ -19,7 +19,7 @@ import torch
 import moram_kernels as mk
 from benchmarks import report, run
 from benchmarks.grid import Case, merge
-from benchmarks.impls import AUTHORS, COMPILED, FLOOR, LORA_N, LORA_R, Impl, work
+from benchmarks.impls import AUTHORS, BASE, COMPILED, FLOOR, LORA_N, LORA_R, Impl, work
 from benchmarks.timing import saved_for_backward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,7 +48,8 @@ def test_smoke_run_writes_table_csv_and_plots(tmp_path):
     assert set(report.COLUMNS) <= set(rows[0])
     impls = {r["impl"] for r in rows}
     timed = [b for b in mk.available_backends() if b != "triton"]      # CPU run: no interpreter
-    assert {AUTHORS, LORA_N, LORA_R, FLOOR} | {f"moram:{b}" for b in timed} == impls
+    assert {AUTHORS, LORA_N, LORA_R, FLOOR, BASE} | {f"moram:{b}" for b in timed} == impls
+    assert {r["mode"] for r in rows if r["impl"] == BASE} == {"train"}
     assert COMPILED not in impls
     assert {r["mode"] for r in rows} == {"eval", "train"}
     for r in rows:
@@ -64,6 +65,18 @@ def test_smoke_run_writes_table_csv_and_plots(tmp_path):
     md = open(os.path.join(folder, "results.md")).read()
     assert "| sweep | d | N | k | T | authors | " + " | ".join(timed) + " | LoRA R=N |" in md
     assert md.strip() in out.stdout
+    # train rows: the adapter's share (layer step minus the base layer's step), best vs LoRA R=N
+    by = {(r["mode"], r["N"], r["T"], r["impl"]): float(r["median_ms"]) for r in rows}
+    train_lines = [ln for ln in md.split("### Train step")[1].splitlines() if ln.startswith("| N ")]
+    assert train_lines
+    for ln in train_lines:
+        n, t = ln.split(" | ")[2], ln.split(" | ")[4]
+        share = ln.rstrip(" |").rsplit(" | ", 1)[1]
+        base = by[("train", n, t, BASE)]
+        best = min(v - base for (m, nn, tt, i), v in by.items()
+                   if (m, nn, tt) == ("train", n, t) and i.startswith("moram:"))
+        lora = by[("train", n, t, LORA_N)] - base
+        assert share.startswith(report._ms(max(best, 0.0)) + " / " + report._ms(max(lora, 0.0))), (ln, best, lora)
     for name in ("time_vs_N.png", "speedup_vs_N.png"):
         with open(os.path.join(folder, name), "rb") as f:
             data = f.read()

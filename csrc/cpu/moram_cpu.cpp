@@ -42,6 +42,17 @@ int64_t env_int(const char* name, int64_t dflt) {
 int64_t block_tokens() { return env_int("MORAM_CPU_BT", 512); }
 int64_t tile_atoms() { return env_int("MORAM_CPU_BN", 1024); }
 
+// Threads worth waking for `work` multiply-adds: one per MORAM_CPU_GRAIN (2^17, some tens
+// of µs of work), at most torch's intra-op count. Waking a thread costs µs on an idle
+// machine and a whole scheduler slice on a busy one, so one decoded token stays on the
+// calling thread. Parallel loops below pass `if (nth > 1)`: with one thread the region is
+// inactive, runs inline, and BLAS/ATen calls inside it keep their own threading.
+int threads_for(double work) {
+  const double grain = static_cast<double>(env_int("MORAM_CPU_GRAIN", int64_t{1} << 17));
+  const int nth = std::max(1, at::get_num_threads());
+  return static_cast<int>(std::max(1.0, std::min<double>(nth, std::floor(work / grain))));
+}
+
 // Exceptions must not cross an OpenMP region boundary: keep the first, rethrow after.
 struct FirstError {
   std::exception_ptr err;
@@ -109,9 +120,11 @@ Atoms make_atoms(const Tensor& x, const Tensor& keys0, const Tensor& values0,
     TORCH_CHECK(v.dim() == 2 && v.size(0) == k.size(0), "moram cpu: ", vn[s], " must be [N, d_out] with N = ",
                 k.size(0), " (from ", kn[s], "), got ", v.sizes());
     a.n[s] = k.size(0);
-    a.keys[s] = k.detach();
-    a.keys_f[s] = a.keys[s].to(at::kFloat).contiguous();
-    a.values[s] = v.detach().contiguous();
+    // detached: ATen calls on OpenMP worker threads do not see this thread's below-autograd guard
+    a.keys[s] = k.requires_grad() ? k.detach() : k;
+    a.keys_f[s] = k.scalar_type() == at::kFloat ? a.keys[s] : a.keys[s].to(at::kFloat);
+    if (!a.keys_f[s].is_contiguous()) a.keys_f[s] = a.keys_f[s].contiguous();
+    a.values[s] = v.is_contiguous() ? v : v.contiguous();
     if (ss[s]->has_value() && (*ss[s])->defined()) {
       const Tensor& sc = **ss[s];
       TORCH_CHECK(sc.device().is_cpu(), "moram cpu: ", sn[s], " must be a CPU tensor, got ", sc.device());
@@ -150,12 +163,21 @@ inline void axpy_body(float c, const V* __restrict__ src, float* __restrict__ ac
   for (int64_t j = 0; j < n; ++j) acc[j] += c * static_cast<float>(src[j]);
 }
 
+// Four quarters summed side by side: four independent accumulators, so that the FMA
+// latency does not bound the loop as one reduction chain does.
 template <typename V>
 inline float dot_body(const V* __restrict__ a, const float* __restrict__ b, int64_t n) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < n; ++j) s += static_cast<float>(a[j]) * b[j];
-  return s;
+  const int64_t q = n / 4;
+  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+  for (int64_t j = 0; j < q; ++j) {
+    s0 += static_cast<float>(a[j]) * b[j];
+    s1 += static_cast<float>(a[j + q]) * b[j + q];
+    s2 += static_cast<float>(a[j + 2 * q]) * b[j + 2 * q];
+    s3 += static_cast<float>(a[j + 3 * q]) * b[j + 3 * q];
+  }
+  for (int64_t j = 4 * q; j < n; ++j) s0 += static_cast<float>(a[j]) * b[j];
+  return (s0 + s1) + (s2 + s3);
 }
 
 template <typename T>
@@ -173,6 +195,25 @@ MORAM_CLONES float dot_row(const at::BFloat16* a, const float* b, int64_t n) { r
 MORAM_CLONES void store_row(const float* src, float* dst, int64_t n) { store_body(src, dst, n); }
 MORAM_CLONES void store_row(const float* src, at::Half* dst, int64_t n) { store_body(src, dst, n); }
 MORAM_CLONES void store_row(const float* src, at::BFloat16* dst, int64_t n) { store_body(src, dst, n); }
+
+// Four dot products against one vector: four independent accumulators hide the FMA latency
+// that bounds a single reduction, and each load of b serves four rows.
+MORAM_CLONES void dot4_rows(const float* __restrict__ a0, const float* __restrict__ a1, const float* __restrict__ a2,
+                            const float* __restrict__ a3, const float* __restrict__ b, int64_t n, float* out) {
+  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+  for (int64_t j = 0; j < n; ++j) {
+    const float bj = b[j];
+    s0 += a0[j] * bj;
+    s1 += a1[j] * bj;
+    s2 += a2[j] * bj;
+    s3 += a3[j] * bj;
+  }
+  out[0] = s0;
+  out[1] = s1;
+  out[2] = s2;
+  out[3] = s3;
+}
 
 // acc += c * values[id] for any value dtype.
 inline void axpy_value(const Atoms& a, int64_t id, float c, float* acc) {
@@ -395,8 +436,46 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moram_fwd_cpu(const Tensor& x_in, con
   Tensor p_sel = at::empty({T, K}, x.options().dtype(at::kFloat));
   Tensor norm = at::empty({T}, x.options().dtype(at::kFloat));
   if (T == 0) return {y, idx, p_sel, norm};
+  static const ScanFn scan = pick_scan();
+  const float ftau = static_cast<float>(tau), fdelta = static_cast<float>(delta),
+              feps = static_cast<float>(eps);
 
-  const int nth = std::max(1, at::get_num_threads());
+  if (T == 1) {
+    // One token (decoding): the scores are N dot products, which one loop over the key rows
+    // computes without the GEMM's buffers and views; threads only for a bank large enough.
+    const int64_t d_in = a.d_in, N = a.n_total;
+    std::vector<float> xr(d_in), sc(N), c(K), yrow(d_out);
+    {
+      const Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+      const float* xp = xf.data_ptr<float>();
+      const int64_t st = xf.stride(1);
+      for (int64_t i = 0; i < d_in; ++i) xr[i] = xp[i * st];
+    }
+    // threads only for a bank that streams from memory (16 MiB of fp32 keys at the default grain)
+    const int nth = threads_for(static_cast<double>(N) * static_cast<double>(d_in) / 32.0);
+    for (int sg = 0; sg < 2; ++sg) {
+      const float* kp = a.keys_f[sg].data_ptr<float>();
+      float* out = sc.data() + a.lo[sg];
+      const int64_t n_s = a.n[sg], n4 = n_s / 4;
+#pragma omp parallel for schedule(static) num_threads(nth) if (nth > 1)
+      for (int64_t q = 0; q < n4; ++q) {
+        const float* r = kp + 4 * q * d_in;
+        dot4_rows(r, r + d_in, r + 2 * d_in, r + 3 * d_in, xr.data(), d_in, out + 4 * q);
+      }
+      for (int64_t j = 4 * n4; j < n_s; ++j) out[j] = dot_row(kp + j * d_in, xr.data(), d_in);
+    }
+    float* hv = p_sel.data_ptr<float>();
+    int64_t* hid = idx.data_ptr<int64_t>();
+    heap_init(hv, hid, K);
+    float ss = 0.f;
+    scan(sc.data(), N, 0, hv, hid, K, &ss, kth_floor(sc.data(), N, K));
+    epilogue(a, hv, hid, K, ss, ftau, fdelta, feps, c.data(), yrow.data(), norm.data_ptr<float>());
+    store_row_any(yrow.data(), y, 0);
+    return {y, idx, p_sel, norm};
+  }
+
+  const int nth = threads_for(static_cast<double>(T) * static_cast<double>(a.n_total) *
+                              static_cast<double>(a.d_in + K));
   std::vector<Tile> tiles;
   const int64_t BN = tile_atoms();
   for (int s = 0; s < 2; ++s)
@@ -423,13 +502,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moram_fwd_cpu(const Tensor& x_in, con
     part_i = at::empty({n_splits, T, K}, idx.options());
     part_ss = at::empty({n_splits, T}, p_sel.options());
   }
-  const float ftau = static_cast<float>(tau), fdelta = static_cast<float>(delta),
-              feps = static_cast<float>(eps);
   const bool x_f32 = x.scalar_type() == at::kFloat;
-  static const ScanFn scan = pick_scan();
 
   FirstError fe;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nth)
+  // One item (a decoded token, a small bank): no parallel region; its GEMM threads itself.
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nth) if (nth > 1 && n_blocks * n_splits > 1)
   for (int64_t item = 0; item < n_blocks * n_splits; ++item) {
     try {
       const int64_t b = item / n_splits, sp = item % n_splits;
@@ -482,7 +559,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moram_fwd_cpu(const Tensor& x_in, con
 
   if (n_splits > 1) {
     // merge the partial top-Ks in split order (deterministic), then the epilogue
-#pragma omp parallel for schedule(static) num_threads(nth)
+#pragma omp parallel for schedule(static) num_threads(nth) if (nth > 1)
     for (int64_t t = 0; t < T; ++t) {
       float* hv = p_sel.data_ptr<float>() + t * K;
       int64_t* hid = idx.data_ptr<int64_t>() + t * K;
@@ -551,16 +628,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
     return {empty(need_x, x), empty(need_seg0, keys0), empty(need_seg0, values0), empty(need_seg1, keys1),
             empty(need_seg1, values1)};
   }
-  if (T * K > 0) {  // no index set may send a gather or a scatter out of bounds
-    const auto mm = at::aminmax(idx);
-    const int64_t lo = std::get<0>(mm).item<int64_t>(), hi = std::get<1>(mm).item<int64_t>();
+  {  // no index set may send a gather or a scatter out of bounds
+    const int64_t* I = idx.data_ptr<int64_t>();
+    int64_t lo = 0, hi = 0;
+    if (T * K > 0) lo = hi = I[0];
+    for (int64_t e = 1; e < T * K; ++e) {
+      lo = std::min(lo, I[e]);
+      hi = std::max(hi, I[e]);
+    }
     TORCH_CHECK(lo >= 0 && hi < a.n_total, "moram cpu: idx holds atom ids in [", lo, ", ", hi,
                 "], outside [0, N = ", a.n_total, ")");
   }
 
   const Tensor gyf = gy.to(at::kFloat).contiguous();
   const Tensor xf = x.to(at::kFloat);  // any strides: BLAS takes it as it is
-  const int nth = std::max(1, at::get_num_threads());
+  const double dT = static_cast<double>(T), dK = static_cast<double>(K);
   const float ftau = static_cast<float>(tau), fdelta = static_cast<float>(delta), feps = static_cast<float>(eps);
 
   // Per token, on the K selected atoms only: g_sel = w·m·gc + gs/n, alpha, and the value
@@ -576,12 +658,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
     float* GS = g_sel.data_ptr<float>();
     float* CV = coef_v.data_ptr<float>();
     float* AL = alpha.data_ptr<float>();
-#pragma omp parallel for schedule(static) num_threads(nth)
+    const int nth = threads_for(dT * dK * static_cast<double>(d_out));
+#pragma omp parallel num_threads(nth) if (nth > 1)
+    {
+    std::vector<float> w(K), gw(K), gc(K);  // per thread
+#pragma omp for schedule(static)
     for (int64_t t = 0; t < T; ++t) {
       const float* p = P + t * K;
       const int64_t* ids = I + t * K;
       const float n = Nn[t];
-      std::vector<float> w(K), gw(K), gc(K);
       float mx = -std::numeric_limits<float>::infinity();
       for (int64_t i = 0; i < K; ++i) mx = std::max(mx, p[i] / n / ftau);
       float den = 0.f;
@@ -609,6 +694,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
       // n = max(||p||, eps) is constant where it was clamped: no gradient through the norm there
       AL[t] = n > feps ? al / (n * n * n) : 0.f;
     }
+    }
   }
 
   if (need_x) {
@@ -633,15 +719,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
       }
       dense = at::mm(xf, G).mul_(neg_alpha);
     } else {
-      dense = at::zeros({T, d_in}, xf.options().dtype(at::kFloat));
+      dense = at::empty({T, d_in}, xf.options().dtype(at::kFloat));  // the first product writes it
       const int64_t BT = 1024, BN = 4096;  // bounds the [BT, BN] score buffer to 16 MiB
       for (int64_t t0 = 0; t0 < T; t0 += BT) {
         const int64_t bt = std::min(BT, T - t0);
         Tensor xb = xf.narrow(0, t0, bt), db = dense.narrow(0, t0, bt), nab = neg_alpha.narrow(0, t0, bt);
+        bool first = true;
         for (int s = 0; s < 2; ++s)
           for (int64_t lo = 0; lo < a.n[s]; lo += BN) {
             Tensor ak = a.keys_f[s].narrow(0, lo, std::min(BN, a.n[s] - lo));
-            db.addmm_(at::mm(xb, ak.t()).mul_(nab), ak);
+            Tensor sc = at::mm(xb, ak.t()).mul_(nab);
+            if (first) at::mm_out(db, sc, ak);
+            else db.addmm_(sc, ak);
+            first = false;
           }
       }
     }
@@ -650,7 +740,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
     const float* GS = g_sel.data_ptr<float>();
     const int64_t* I = idx.data_ptr<int64_t>();
     float* D = dense.data_ptr<float>();
-#pragma omp parallel for schedule(static) num_threads(nth)
+    const int nth = threads_for(dT * dK * static_cast<double>(d_in));
+#pragma omp parallel for schedule(static) num_threads(nth) if (nth > 1)
     for (int64_t t = 0; t < T; ++t) {
       float* row = D + t * d_in;
       for (int64_t i = 0; i < K; ++i) {
@@ -672,7 +763,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
     }
     // dA_s = gp_sᵀ x with gp_s = -alpha∘(x A_sᵀ) + the selected g_sel: dense over this
     // segment's atoms only, in [BT, BN] tiles; the addmm_ chain runs in a fixed order.
-    Tensor gkf = at::zeros({ns, d_in}, xf.options().dtype(at::kFloat));
+    Tensor gkf = at::empty({ns, d_in}, xf.options().dtype(at::kFloat));  // the first block writes it
     const int64_t BT = 1024, BN = 4096;
     const float* GS = g_sel.data_ptr<float>();
     const int64_t* I = idx.data_ptr<int64_t>();
@@ -685,7 +776,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
         Tensor ak = a.keys_f[s].narrow(0, lo, bn);
         Tensor gp = at::mm(xb, ak.t()).contiguous();  // [bt, bn]
         float* GP = gp.data_ptr<float>();
-#pragma omp parallel for schedule(static) num_threads(nth)
+        const int nth = threads_for(static_cast<double>(bt) * static_cast<double>(bn + K));
+#pragma omp parallel for schedule(static) num_threads(nth) if (nth > 1)
         for (int64_t r = 0; r < bt; ++r) {
           const int64_t t = t0 + r;
           const float na = -AL[t];
@@ -696,7 +788,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
             if (j >= 0 && j < bn) row[j] += GS[t * K + i];
           }
         }
-        gkf.narrow(0, lo, bn).addmm_(gp.t(), xb);
+        Tensor gkb = gkf.narrow(0, lo, bn);
+        if (t0 == 0) at::mm_out(gkb, gp.t(), xb);
+        else gkb.addmm_(gp.t(), xb);
       }
     }
     gk[s] = gkf.to(a.keys[s].scalar_type());
@@ -721,7 +815,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
     gv[s] = at::empty({ns, d_out}, a.values[s].options());
     const float* CV = coef_v.data_ptr<float>();
     const float* G = gyf.data_ptr<float>();
-#pragma omp parallel for schedule(dynamic, 16) num_threads(nth)
+    const int nth = threads_for(static_cast<double>(start[ns]) * static_cast<double>(d_out));
+#pragma omp parallel for schedule(dynamic, 16) num_threads(nth) if (nth > 1)
     for (int64_t j = 0; j < ns; ++j) {
       std::vector<float> acc(d_out, 0.f);
       for (int64_t q = start[j]; q < start[j + 1]; ++q) {

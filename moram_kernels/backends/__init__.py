@@ -203,6 +203,26 @@ def requested(explicit: str | None) -> str | None:
     return None
 
 
+# select() per (forced name, device, dtypes, K > 64): every refusal in the table depends on
+# those fields of Inputs only (and on TRITON_INTERPRET, which is fixed before Triton is
+# imported). A backend whose refusal comes to depend on another field must add that field
+# to the key below.
+_select_cache: dict[tuple, Backend] = {}
+
+
+def select_cached(explicit: str | None, device, x_dtype, keys_dtype, values_dtype,
+                  d_in: int, d_out: int, n_atoms: int, k: int) -> Backend:
+    """:func:`select`, remembered (errors are raised again on every call, never cached);
+    ``Inputs`` is built only on a miss."""
+    name = requested(explicit)
+    key = (name, device, x_dtype, keys_dtype, values_dtype, k > 64)
+    b = _select_cache.get(key)
+    if b is None:
+        b = select(name, Inputs(device, x_dtype, keys_dtype, values_dtype, d_in, d_out, n_atoms, k))
+        _select_cache[key] = b
+    return b
+
+
 def select(explicit: str | None, inp: Inputs) -> Backend:
     """Pick the backend for one call: the forced one, or the first that can run."""
     name = requested(explicit)

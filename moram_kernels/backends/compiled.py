@@ -119,6 +119,16 @@ def moram_bwd(gy, x, keys0, values0, scale0, keys1, values1, scale1, gram0,
     return tuple(g if n else None for g, n in zip(out, needed))
 
 
+def eager():
+    """The extension's eager entry point (``csrc/ops.cpp``): ``eager(x, keys0, values0, scale0,
+    keys1, values1, scale1, gram0, k, tau, delta, eps) -> (y [..., d_out], idx [T, K])``,
+    validation and autograd in C++; None without the extension."""
+    if "eager" not in _state:
+        mod = load()
+        _state["eager"] = getattr(mod, "eager", None) if mod is not None else None
+    return _state["eager"]
+
+
 def _ops():
     import torch
     load()
