@@ -371,7 +371,7 @@ def test_shard_bank_needs_a_process_group():
 def test_benchmark_model_of_bytes():
     """The benchmark's model: the sharded call's bytes do not grow with N, the all-gathered
     bank's grow linearly, and one process moves nothing."""
-    from benchmarks import bank_parallel as bp
+    from benchmarks.presets import bank_parallel as bp
 
     a = bp.sharded_traffic(64, 256, 128, 16, 8, 4, train=False)
     assert a[0] == 3 * (3 * 8 + 64 * 33 * 4) + 2 * 3 / 4 * 64 * 128 * 4
@@ -383,8 +383,8 @@ def test_benchmark_model_of_bytes():
 
 
 def test_benchmark_smoke_runs(tmp_path, capsys):
-    """``python -m benchmarks.bank_parallel`` end to end at tiny sizes, two processes."""
-    from benchmarks import bank_parallel as bp
+    """``python -m benchmarks --preset bank-parallel`` end to end at tiny sizes, two processes."""
+    from benchmarks.presets import bank_parallel as bp
 
     assert bp.main(["--smoke", "--procs", "2", "--no-plots", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out

@@ -22,6 +22,9 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "cpu-goals": Preset("cpu_goals", "the C++ cpu backend against its goals (forward, train step, memory, "
                                      "saved for backward) at T=2048, d=1024, N=4096, k=16"),
+    "bank-parallel": Preset("bank_parallel", "the frozen bank sharded over P = 1, 2, 4 gloo processes: per-rank "
+                                             "compute, bytes per call, and the NVLink / Ethernet model "
+                                             "against all-gathering the bank"),
 }
 
 

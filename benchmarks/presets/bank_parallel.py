@@ -1,7 +1,7 @@
 """A frozen bank sharded over P processes (``mk.distributed``): measured per-rank time and
 bytes per call, and a model of the communication time against all-gathering the bank.
 
-``python -m benchmarks.bank_parallel`` runs P = 1, 2, 4 gloo processes on this machine. On a
+``python -m benchmarks --preset bank-parallel`` runs P = 1, 2, 4 gloo processes on this machine. On a
 2-core machine P processes share the cores, so wall time per rank is contended; the table
 reports each rank's time outside collectives (its compute) and the payload bytes it put into
 collectives per call, measured by ``mk.distributed``'s counters.
@@ -150,8 +150,8 @@ def _fmt_s(s: float) -> str:
     return f"{s * 1e3:.3g} ms" if s >= 1e-3 else f"{s * 1e6:.3g} µs"
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bank_parallel", description=__doc__,
+def parse_args(argv=None, prog: str = "python -m benchmarks --preset bank-parallel"):
+    p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--procs", default="1,2,4", help="process counts, comma list (default 1,2,4)")
     p.add_argument("--d", type=int, default=512, help="d_in = d_out (default 512)")
@@ -163,22 +163,22 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--model-d", type=int, default=4096, help="width for the model's N sweep")
     p.add_argument("--model-T", type=int, default=4096, help="tokens for the model's N sweep")
-    p.add_argument("--out", default="bench_results/bank_parallel", help="folder for CSV and plot")
+    p.add_argument("--out", default="benchmarks/results/bank_parallel", help="folder for CSV and plot")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, checks the harness runs")
     p.add_argument("--timeout", type=float, default=600, help="seconds per process group")
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def main(argv=None, prog: str = "python -m benchmarks --preset bank-parallel") -> int:
+    args = parse_args(argv, prog)
     if args.smoke:
         args.d, args.N, args.T, args.reps, args.warmup = 32, 200, 8, 2, 1
     procs = [int(v) for v in args.procs.split(",") if v.strip()]
     cfg = dict(d=args.d, N=args.N, k=args.k, r=args.r, T=args.T, reps=args.reps,
                warmup=args.warmup, timeout=args.timeout)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    command = "python -m benchmarks.bank_parallel " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m benchmarks --preset bank-parallel " + " ".join(sys.argv[1:] if argv is None else argv)
     print(f"## Sharded bank, {stamp}\n\n`{command.strip()}`: d_in = d_out = {args.d}, N = {args.N} "
           f"frozen + {args.r} trainable atoms, k = {args.k}, T = {args.T}, fp32, gloo on "
           f"{os.cpu_count()} CPU cores (torch {torch.__version__}), 1 thread per rank. Per rank, slowest "
