@@ -241,10 +241,17 @@ def test_cpu_goals_preset_table_matches_its_ratios(tmp_path, capsys):
         limit, higher_is_better = thresholds[goal]
         assert met == ("yes" if (r >= limit if higher_is_better else r <= limit) else "NO"), cells
     # each ratio is the quotient of the two figures it stands for
+    # (at the test's tiny shape a memory figure can round to "0 MiB" on screen; its quotient
+    # cannot be checked from the printed figures, but the three timing rows always can)
+    checked = 0
     for cells in rows:
         a, b = [float(v.split()[0]) for v in cells[1].split(" vs ")]
+        if a == 0 or b == 0:
+            continue
         want = a / b if "GEMM" in cells[4] else b / a
         assert float(cells[2].rstrip("x")) == pytest.approx(want, rel=0.015, abs=0.006), cells
+        checked += 1
+    assert checked >= 3, rows
     errs = re.search(r"forward rel\. err vs authors (\S+); train-step gx rel\. err (\S+), keys\.grad (\S+)", text)
     assert errs and all(float(e) < 1e-4 for e in errs.groups())
     with open(out_csv) as f:
