@@ -84,6 +84,13 @@ def _assign_full(param: Tensor, full: Tensor) -> None:
         param.copy_(full)
 
 
+def _tensor_key(t: Tensor) -> tuple:
+    """What a cache derived from ``t`` is keyed on: its storage, version (in-place edits),
+    shape, dtype and device. Callers also keep a weak reference to ``t`` itself, since a
+    replaced tensor (e.g. after ``.to()``) may reuse the old memory address."""
+    return (t.data_ptr(), t._version, tuple(t.shape), t.dtype, t.device)
+
+
 class MoRAMLinear(nn.Module):
     """``y = base_layer(x) + moram(dropout(x), atoms)``, ``[..., d_in] -> [..., d_out]``.
 
@@ -145,7 +152,7 @@ class MoRAMLinear(nn.Module):
         self._gram_cache: tuple[tuple, Tensor, weakref.ref] | None = None
         self._scale_cache: tuple[tuple, Tensor] | None = None
         # the frozen bank in the compute dtype, cast once per task (see _frozen_bank)
-        self._bank_cache: tuple[tuple, Tensor, Tensor] | None = None
+        self._bank_cache: tuple | None = None
         # [N] int64 while usage counting is on (not a buffer: never saved); None = off
         self.usage_counts: Tensor | None = None
 
@@ -247,12 +254,13 @@ class MoRAMLinear(nn.Module):
             return fk, fv
         if torch.compiler.is_compiling() or fk.is_inference() or fv.is_inference():
             return fk.to(dtype), fv.to(dtype)   # no version counter to key a cache on
-        key = (fk.data_ptr(), fk._version, tuple(fk.shape), fk.device,
-               fv.data_ptr(), fv._version, tuple(fv.shape), dtype)
-        if self._bank_cache is None or self._bank_cache[0] != key:
+        key = (_tensor_key(fk), _tensor_key(fv), dtype)
+        cache = self._bank_cache
+        if cache is None or cache[0] != key or cache[3]() is not fk or cache[4]() is not fv:
             self._bank_cache = None     # free the old copy before making the new one
-            self._bank_cache = (key, fk.detach().to(dtype), fv.detach().to(dtype))
-        return self._bank_cache[1], self._bank_cache[2]
+            self._bank_cache = cache = (key, fk.detach().to(dtype), fv.detach().to(dtype),
+                                        weakref.ref(fk), weakref.ref(fv))
+        return cache[1], cache[2]
 
     def _frozen_gram(self, dtype: torch.dtype = torch.float32) -> Tensor | None:
         """``frozen_keys^T frozen_keys`` (accumulated in fp32, stored in ``dtype``, the
@@ -267,9 +275,7 @@ class MoRAMLinear(nn.Module):
         fk = self.frozen_keys
         if fk.shape[0] < self.in_features or torch.compiler.is_compiling():
             return None
-        # the tensor itself (a weak reference: a replaced bank, e.g. by .to(), may reuse the
-        # old memory address), its version (in-place edits) and the dtype asked for
-        key = (fk.data_ptr(), fk._version, tuple(fk.shape), fk.dtype, fk.device, dtype)
+        key = (_tensor_key(fk), dtype)
         cache = self._gram_cache
         if cache is None or cache[0] != key or cache[2]() is not fk:
             self._gram_cache = None
