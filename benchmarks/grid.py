@@ -41,7 +41,7 @@ class Case:
 
 
 def _clip(t: int) -> Case:
-    # ViT-B/16 width 768, 160 atoms per layer after 10 tasks of r = 16 (MORAM_OP.md defaults)
+    # ViT-B/16 width 768, 160 atoms per layer after 10 tasks of r = 16 (docs/op.md, defaults)
     return Case("paper:CLIP", 768, 768, 160, 16, t, r=16, tau=0.01, delta=0.2, eps=1e-12)
 
 

@@ -1,6 +1,6 @@
 """moram_kernels: fused kernels for MoRAM layers (Mixture of Rank-1 Associative Memory).
 
-The public API (``../shared/spec/API.md``) and nothing else.
+The public API (``docs/api.md``) and nothing else.
 """
 
 __version__ = "0.1.0"

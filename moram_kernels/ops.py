@@ -319,7 +319,7 @@ def moram_segments(x, keys0, values0, scale0, keys1, values1, scale1, *, k, tau,
 
 def moram(x: Tensor, keys: Tensor, values: Tensor, *, k: int, tau: float, delta: float = 0.0,
           eps: float = 1e-12, value_scale=None, backend: str | None = None) -> Tensor:
-    """MoRAM adapter delta (MORAM_OP.md section 2), ``[..., d_in] -> [..., d_out]``.
+    """MoRAM adapter delta (docs/op.md, "Forward"), ``[..., d_in] -> [..., d_out]``.
 
     ``keys [N, d_in]`` and ``values [N, d_out]`` hold the atoms; ``k`` atoms are kept per
     token (effective K = min(max(k, 2), N)), softmaxed at temperature ``tau``, and those

@@ -1,5 +1,5 @@
 """Shared test tools: an independent float64 oracle of the authors' layer, input makers
-that keep the K-th/(K+1)-th scores apart, and the tolerance rule of STYLE.md."""
+that keep the K-th/(K+1)-th scores apart, and the tolerance rule of docs/testing.md."""
 
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def max_rel_err(out, ref):
 
 
 def assert_close(out, ref64, *, dtype, pytorch_lowp=None, what="output"):
-    """STYLE.md rule 5: error against the float64 reference at most 2x PyTorch's own error
+    """docs/testing.md, "Tolerances": error against the float64 reference at most 2x PyTorch's own error
     in the same precision (``pytorch_lowp``), with the per-dtype table as a second line."""
     err = max_rel_err(out, ref64)
     bound = REL_ATOL[dtype]

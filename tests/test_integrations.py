@@ -212,7 +212,7 @@ def test_gpt2_conv1d_matches_an_equivalent_linear():
 
 def test_a_later_fresh_task_changes_routing_not_the_values():
     """Only the first fresh task leaves outputs bit-identical. A later one adds zero-valued
-    atoms whose random keys join every token's norm and top-K (MORAM_OP.md section 2), so
+    atoms whose random keys join every token's norm and top-K (docs/op.md, "Forward"), so
     the output moves; it must still equal the method applied to the grown bank."""
     torch.manual_seed(0)
     layer = mk.MoRAMLinear(nn.Linear(16, 8), r=4, k=3, tau=0.1, delta=0.0)
@@ -455,7 +455,7 @@ def test_save_load_minilm(minilm, tmp_path):
 # ---- the authors' checkpoint layouts ----------------------------------------------------------
 
 def authors_moram(x, keys, values_t, *, k, tau, delta, eps, training):
-    """The authors' dense MoRAM forward, re-stated from MORAM_OP.md sections 2 and 5:
+    """The authors' dense MoRAM forward, re-stated from docs/op.md ("Forward") and docs/training.md ("Importing the authors' checkpoints"):
     ``keys [N, d_in]``, ``values_t [d_out, N]`` already concatenated (frozen first) with
     the scaling applied. Written independently of the package on purpose."""
     proj = x @ keys.t()                                            # [..., N]

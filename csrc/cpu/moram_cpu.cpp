@@ -9,7 +9,7 @@
 //            score so far and a min-heap insertion for the few that pass
 //   epilogue on K values: norm, softmax/tau, threshold mask, c = w·m·p·scale
 //   y_t = Σ_k c_k · values[idx_k]   (contiguous rows, fp32 accumulator)
-// Backward: MORAM_OP.md section 3, the dense normalisation term included.
+// Backward: docs/op.md, "Backward", the dense normalisation term included.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>

@@ -8,7 +8,7 @@
 //      norm, softmax / tau and the delta mask, giving the coefficient c = w * m * p * scale,
 // then gather_rows_kernel: y[t] = sum_k c[t, k] * values[idx[t, k]] (vector loads, fp32 sums).
 //
-// Backward (MORAM_OP.md section 3, delta mask as in reference.moram_bwd):
+// Backward (docs/op.md, "Backward", delta mask as in reference.moram_bwd):
 //   bwd_token_kernel: one warp per token, gc = scale * (values[idx] . gy), then the softmax and
 //     norm terms, giving g_sel [T, K], the dB coefficient c [T, K] and alpha [T];
 //   dx = sum_k g_sel * keys[idx] (gather_rows_kernel) - alpha * (x @ G), G = A^T A (cuBLAS);

@@ -1,6 +1,6 @@
 """Pure-PyTorch MoRAM: readable first, fast never.
 
-Three things live here (MORAM_OP.md sections 2 and 3):
+Three things live here (docs/op.md, "Forward" and "Backward"):
 
 * :func:`moram_dense`: the authors' dense formulation, step by step (score,
   normalise, top-k, scatter to -inf, softmax/tau, threshold, dense matmul). It is
@@ -196,7 +196,7 @@ def segment_grads(xf: Tensor, gyf: Tensor, kseg: Tensor, vseg: Tensor, lo: int, 
 @torch.no_grad()
 def moram_bwd(gy, x, keys0, values0, scale0, keys1, values1, scale1, gram0,
               idx, p_sel, norm, tau, delta, eps, need_x, need_seg0, need_seg1):
-    """Exact sparse backward, MORAM_OP.md section 3, with the threshold mask if delta > 0."""
+    """Exact sparse backward, docs/op.md, "Backward", with the threshold mask if delta > 0."""
     n0, n1 = keys0.shape[0], keys1.shape[0]
     acc = _acc(x)
     keys = _cat_segments(keys0, keys1).to(acc)

@@ -1,4 +1,4 @@
-"""Import the MoRAM authors' checkpoints (MORAM_OP.md section 5) into injected models.
+"""Import the MoRAM authors' checkpoints (docs/training.md, "Importing the authors' checkpoints") into injected models.
 
 Two layouts exist, both storing keys as rows ``[N, d_in]`` and values transposed
 ``[d_out, N]``:

@@ -1,4 +1,4 @@
-"""Backward (MORAM_OP.md section 3): a gather-dot kernel for ``gc`` (split over column
+"""Backward (docs/op.md, "Backward"): a gather-dot kernel for ``gc`` (split over column
 chunks), a kernel for the softmax / norm terms, the shared gather kernel for the sparse
 part of ``dx`` fused with the dense ``-alpha * (G x)`` term, and a scatter-add kernel for ``dB`` (atomics, or a
 deterministic sorted reduction). The dense GEMMs (``x G``, ``P_s = x A_s^T``,
