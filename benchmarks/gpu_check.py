@@ -15,7 +15,7 @@
    Baselines: the authors' dense path (``reference.moram_dense``), ``torch.compile`` of it,
    and a bare cuBLAS ``x @ keys.T``. Every backend of ``mk.available_backends()`` is timed,
    each row printed as soon as it is measured, beside the cost model's prediction.
-3. ``tests/test_triton_interpret.py`` with the interpreter off (its cases then run on CUDA
+3. ``tests/backends/triton/test_triton_interpret.py`` with the interpreter off (its cases then run on CUDA
    tensors), in whatever time is left.
 
 Every phase has a time budget inside ``--budget`` seconds (default 230). A phase that runs
@@ -161,7 +161,7 @@ def run_pytest(timeout_s):
         print(f"pytest skipped: {timeout_s:.0f} s left in the budget", flush=True)
         return False
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", os.path.join(ROOT, "tests", "test_triton_interpret.py"),
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", os.path.join(ROOT, "tests", "backends", "triton", "test_triton_interpret.py"),
            "-p", "no:cacheprovider"]
     print("$", " ".join(cmd), f"(timeout {timeout_s:.0f} s)", flush=True)
     t0 = time.perf_counter()

@@ -233,7 +233,7 @@ def test_no_launch_without_gpu_or_interpreter():
             "    raise SystemExit('forcing triton without a GPU did not raise')\n"
             "y = mk.moram(x, torch.randn(5, 8), torch.randn(5, 4), k=2, tau=0.1)\n"
             "assert y.shape == (3, 4)\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=120)
@@ -242,7 +242,7 @@ def test_no_launch_without_gpu_or_interpreter():
 
 def test_gpu_check_script_plan_and_smoke():
     """benchmarks/gpu_check.py cannot run here; its plan and its inline parity check can."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     script = os.path.join(root, "benchmarks", "gpu_check.py")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run([sys.executable, script, "--dry-run"], env=env, capture_output=True, text=True, timeout=120)
@@ -254,7 +254,7 @@ def test_gpu_check_script_plan_and_smoke():
 
 
 def test_gpu_check_table_ratios(capsys):
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))), "benchmarks"))
     import gpu_check
     rows = [dict(case="c", impl=name, ms=ms, tflops=400.0, gbs=1000.0)
             for name, ms in (("cuBLAS x@keys.T", 1.0), ("authors", 3.0), ("triton", 1.5),
@@ -266,7 +266,7 @@ def test_gpu_check_table_ratios(capsys):
 
 
 def _gpu_check_module():
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))), "benchmarks"))
     import gpu_check
     return gpu_check
 

@@ -1,8 +1,8 @@
 """pytest-benchmark tests: each times one thing the benchmark compares, and checks it
 computes what it should. CI runs them once with ``--benchmark-disable``.
 
-    pytest tests/test_benchmarks.py                      # timed, for tracking over time
-    pytest tests/test_benchmarks.py --benchmark-disable  # run once, correctness only
+    pytest tests/bench/test_benchmarks.py                      # timed, for tracking over time
+    pytest tests/bench/test_benchmarks.py --benchmark-disable  # run once, correctness only
 """
 
 from __future__ import annotations

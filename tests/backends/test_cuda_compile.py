@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / ".ci" / "cuda_compile_check.py"
 KERNELS = ("select_topk_kernel", "gather_rows_kernel", "bwd_token_kernel",
            "scatter_rows_kernel", "add_selected_kernel")

@@ -18,7 +18,7 @@ peft = pytest.importorskip("peft", reason="needs peft (pip install peft==0.21.2)
 tf = pytest.importorskip("transformers", reason="needs transformers")
 from moram_kernels.integrations.peft import MoRAMPeftConfig, MoRAMPeftLayer  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CFG = dict(target_modules=["query", "value"], r=3, k=2, tau=0.3, alpha=6.0)
 
 

@@ -22,7 +22,7 @@ from benchmarks.grid import Case, merge
 from benchmarks.impls import AUTHORS, BASE, COMPILED, FLOOR, LORA_N, LORA_R, Impl, work
 from benchmarks.timing import saved_for_backward
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _env() -> dict:
