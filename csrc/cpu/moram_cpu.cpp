@@ -1,6 +1,6 @@
 // CPU kernels of moram_kernels_C::moram_fwd / moram_bwd (schemas in csrc/ops.cpp).
 //
-// Contract: moram_kernels/reference.py (two atom segments, global ids, segment 0 first).
+// Contract: moram_kernels/backends/reference.py and docs/op.md (two atom segments, global ids, segment 0 first).
 // Scores, norms, softmax and every accumulation are fp32 whatever the input dtypes.
 //
 // Forward, per (block of tokens x group of atom tiles):
