@@ -1,8 +1,9 @@
 """One prepared check for a machine with a CUDA GPU (about 4 minutes on an H100/H200).
 
-    python benchmarks/gpu_check.py            # warm-up, parity, timings, pytest; table last
-    python benchmarks/gpu_check.py --dry-run  # the plan, the FLOP/byte model and the predictions
-    python benchmarks/gpu_check.py --no-pytest --csv out.csv --budget 200
+    python -m benchmarks --preset gpu-check            # warm-up, parity, timings, pytest; table last
+    python -m benchmarks --preset gpu-check --dry-run  # the plan, the FLOP/byte model, the predictions
+    python -m benchmarks --preset gpu-check --no-pytest --csv out.csv --budget 200
+    python benchmarks/gpu_check.py [same options]      # the same check, as a script
 
 0. Warm-up: every backend runs once at every shape class (prefill forward, forward +
    backward, decode T in {1, 16, 64}), so first-time Triton compiles (about 70 variants
@@ -14,11 +15,13 @@
    trainable atoms, gram of the bank cached in bf16), and decode T in {1, 16, 64}.
    Baselines: the authors' dense path (``reference.moram_dense``), ``torch.compile`` of it,
    and a bare cuBLAS ``x @ keys.T``. Every backend of ``mk.available_backends()`` is timed,
-   each row printed as soon as it is measured, beside the cost model's prediction.
+   each row printed as soon as it is measured, beside the prediction of the cost model
+   (``benchmarks/cost_model.py``: FLOPs, bytes, floors and predicted times).
 3. ``tests/backends/triton/test_triton_interpret.py`` with the interpreter off (its cases then run on CUDA
    tensors), in whatever time is left.
 
-Every phase has a time budget inside ``--budget`` seconds (default 230). A phase that runs
+Every phase has a time budget inside ``--budget`` seconds (default 230; one
+``benchmarks.timing.Budget`` shared out between the phases). A phase that runs
 out, a timing that raises or a pytest that times out is reported and the check goes on,
 so one slow compile cannot cost the timings; the exit code is non-zero if anything failed
 or was skipped.
@@ -34,102 +37,23 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from ..cost_model import (GPU_CHECK, H200, MERGE_FRAC, SCAN_EFF, floor_s, forward_bytes, forward_flops, plan,
+                          predict_ms)
+from ..timing import Budget
 
-D_IN = D_OUT = 4096
-N_ATOMS = 16384
-R_TRAIN = 16
-K = 16
-TAU = 0.03
-T_PREFILL = 4096
-T_DECODE = (1, 16, 64)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-# ---- the FLOP / byte model (also in moram_kernels/backends/triton/__init__.py) -------------------------
-
-def fwd_flops(t, d_in, d_out, n, k):
-    """Scoring GEMM 2 T N d_in plus the K-row gather 2 T K d_out."""
-    return 2 * t * n * d_in + 2 * t * k * d_out
+S = GPU_CHECK
+D_IN, D_OUT, N_ATOMS, R_TRAIN, K, TAU = S.d_in, S.d_out, S.n, S.r, S.k, S.tau
+T_PREFILL, T_DECODE = S.t_prefill, S.t_decode
 
 
-def fwd_bytes(t, d_in, d_out, n, k, elt=2):
-    """Compulsory traffic: keys once, x in, y out, the distinct value rows (at most N)."""
-    return elt * (n * d_in + t * d_in + t * d_out + min(t * k, n) * d_out)
+def fwd_flops(t: int) -> float:
+    return forward_flops(t, D_IN, D_OUT, N_ATOMS, K)
 
 
-def bwd_flops(t, d_in, d_out, n_train, k):
-    """Training backward with a cached gram of the frozen bank: gather-dot and dx gather
-    (2 T K d each), the dense term x G (2 T d_in^2), and P, dA of the trainable atoms."""
-    return 2 * t * k * (d_out + d_in) + 2 * t * d_in * d_in + 4 * t * n_train * d_in
-
-
-# ---- the cost model: what each row should take on an H200 (the first run checks it) ------
-
-H200 = dict(sms=132, tc_peak=990e12, tc_blas=790e12, hbm=4.3e12, launch_s=4e-6)
-SCAN_EFF = 0.70      # assumed share of the tensor-core peak a Triton scan tile sustains
-MERGE_FRAC = 0.15    # assumed running top-K merge cost on top of a scan tile's MMA time
-
-
-def _triton_fwd_s(t, d, d_out, n, k, hw=H200):
-    """Scan (one wave: time = FLOPs / (busy SMs x per-SM peak x SCAN_EFF), at least the
-    keys read once from HBM), select (partial lists) and gather (K value rows), plus
-    three launches."""
-    from moram_kernels.backends.triton._common import k_bucket, scan_configs
-    from moram_kernels.backends.triton.forward import plan_splits
-    kp = k_bucket(k)
-    cfgs = scan_configs("bf16", kp)
-    cfg = cfgs["decode16"] if t <= 16 else cfgs["decode64"] if t <= 64 else cfgs["prefill"]
-    splits, per = plan_splits(t, n, 0, cfg.BT, cfg.BN, None, cfg.per_sm, sms=hw["sms"])
-    t_blocks = -(-t // cfg.BT)
-    busy = min(1.0, t_blocks * splits / (hw["sms"] * cfg.per_sm)) if t > 64 else 1.0
-    mma = 2 * (t_blocks * cfg.BT) * n * d / (hw["tc_peak"] * SCAN_EFF * busy) * (1 + MERGE_FRAC)
-    scan = max(mma, 2 * n * d / hw["hbm"])
-    select = (t * splits * kp * 12 + t * k * 24) / hw["hbm"]
-    gather = 2 * (min(t * k, n) * d_out + t * d_out) / hw["hbm"]
-    return scan + select + gather + 3 * hw["launch_s"]
-
-
-def predict_ms(case, impl, t, hw=H200):
-    """Predicted milliseconds for one table row (eager launches), or None if not modelled."""
-    d, d_out, n, k = D_IN, D_OUT, N_ATOMS, K
-    gemm = max(2 * t * n * d / hw["tc_blas"], 2 * (n * d + t * d + t * n) / hw["hbm"])
-    if impl.startswith("cuBLAS"):
-        return 1e3 * gemm
-    fwd_only = "bwd" not in case
-    if impl.startswith("authors"):
-        # score GEMM, dense value GEMM, ~10 passes over [T, N] fp32 (norm, s, topk, scatter,
-        # softmax, threshold, c), reading all of B
-        value = max(2 * t * n * d_out / hw["tc_blas"], 2 * n * d_out / hw["hbm"])
-        tn = 10 * 4 * t * n / hw["hbm"]
-        f = gemm + value + tn + 12 * hw["launch_s"]
-        return 1e3 * (f if fwd_only else 3 * f)   # autograd: two more [T, N] GEMMs and passes
-    if impl == "triton":
-        f = _triton_fwd_s(t, d, d_out, n, k, hw)
-    elif impl == "cuda":
-        # cuBLAS scores in fp32 chunks written and read back, a select kernel, the gather
-        f = gemm + 2 * 4 * t * n / hw["hbm"] + 2 * min(t * k, n) * d_out / hw["hbm"] + 4 * hw["launch_s"]
-    else:
-        return None
-    if fwd_only:
-        return 1e3 * f
-    # backward: x G (2 T d^2) on tensor cores, P and dA of the 16 trainable atoms, the
-    # gathers (K rows of A and B per token, mostly L2) and about ten launches
-    b = (2 * t * d * d + 4 * t * R_TRAIN * d) / hw["tc_blas"] + 3 * 2 * t * d / hw["hbm"] \
-        + 2 * 2 * t * k * d / hw["hbm"] + 10 * hw["launch_s"]
-    return 1e3 * (f + b)
-
-
-def plan():
-    rows = [("prefill fwd", T_PREFILL, fwd_flops(T_PREFILL, D_IN, D_OUT, N_ATOMS, K),
-             fwd_bytes(T_PREFILL, D_IN, D_OUT, N_ATOMS, K)),
-            ("prefill fwd+bwd", T_PREFILL,
-             fwd_flops(T_PREFILL, D_IN, D_OUT, N_ATOMS, K) + bwd_flops(T_PREFILL, D_IN, D_OUT, R_TRAIN, K),
-             fwd_bytes(T_PREFILL, D_IN, D_OUT, N_ATOMS, K) * 2)]
-    for t in T_DECODE:
-        rows.append((f"decode T={t} fwd", t, fwd_flops(t, D_IN, D_OUT, N_ATOMS, K),
-                     fwd_bytes(t, D_IN, D_OUT, N_ATOMS, K)))
-    return rows
+def fwd_bytes(t: int) -> float:
+    return forward_bytes(t, D_IN, D_OUT, N_ATOMS, K, S.elt)
 
 
 def print_plan(backends):
@@ -138,12 +62,12 @@ def print_plan(backends):
     print(f"backends timed: {', '.join(backends)}; baselines: authors (moram_dense), "
           f"torch.compile(moram_dense), cuBLAS x @ keys.T")
     hw = H200
-    print(f"cost model (H200): {hw['tc_blas'] / 1e12:.0f} TFLOP/s cuBLAS bf16, {hw['tc_peak'] / 1e12:.0f} peak, "
-          f"Triton scan at {SCAN_EFF:.0%} of peak + {MERGE_FRAC:.0%} merge, {hw['hbm'] / 1e12:.1f} TB/s HBM, "
-          f"{hw['launch_s'] * 1e6:.0f} us per eager launch")
+    print(f"cost model (benchmarks/cost_model.py, H200): {hw['tc_blas'] / 1e12:.0f} TFLOP/s cuBLAS bf16, "
+          f"{hw['tc_peak'] / 1e12:.0f} peak, Triton scan at {SCAN_EFF:.0%} of peak + {MERGE_FRAC:.0%} merge, "
+          f"{hw['hbm'] / 1e12:.1f} TB/s HBM, {hw['launch_s'] * 1e6:.0f} us per eager launch")
     print(f"{'case':22s} {'T':>5s} {'GFLOP':>9s} {'MB':>8s} {'FLOP/B':>7s} {'floor ms':>9s}  predicted ms")
     for name, t, fl, by in plan():
-        floor = 1e3 * max(fl / hw["tc_blas"], by / hw["hbm"])
+        floor = 1e3 * floor_s(fl, by, hw)
         pred = []
         for impl in ("cuBLAS x@keys.T", "authors", *[b.split()[0] for b in backends]):
             ms = predict_ms(name, impl, t)
@@ -172,20 +96,6 @@ def run_pytest(timeout_s):
         return False
     print(f"pytest exit {r.returncode} in {time.perf_counter() - t0:.0f} s", flush=True)
     return r.returncode == 0
-
-
-class Budget:
-    """Wall-clock budget of the whole check, shared out between phases."""
-
-    def __init__(self, total_s):
-        self.t0 = time.perf_counter()
-        self.end = self.t0 + total_s
-
-    def left(self):
-        return self.end - time.perf_counter()
-
-    def elapsed(self):
-        return time.perf_counter() - self.t0
 
 
 PARITY_CASES = (  # T, d_in, N0, N1, k, dtype name
@@ -273,7 +183,7 @@ def bench(args):
     from moram_kernels.backends import reference as ref
     from moram_kernels.ops import moram_segments
 
-    budget = Budget(args.budget)
+    budget = Budget(total_s=args.budget)
     backends = gpu_backends(mk, torch)
     print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
           f"backends {mk.available_backends()}, budget {args.budget:.0f} s", flush=True)
@@ -379,7 +289,7 @@ def bench(args):
         for t in T_DECODE:
             x = xs[t]
             case = f"decode T={t} fwd"
-            fl, by = fwd_flops(t, D_IN, D_OUT, N_ATOMS, K), fwd_bytes(t, D_IN, D_OUT, N_ATOMS, K)
+            fl, by = fwd_flops(t), fwd_bytes(t)
             impls = [("cuBLAS x@keys.T", lambda x=x: x @ keys.t(), 2 * t * N_ATOMS * D_IN),
                      ("authors", lambda x=x: ref.moram_dense(x, keys, values, k=K, tau=TAU), fl)]
             impls += [(b, (lambda b=b, x=x: mk.moram(x, keys, values, k=K, tau=TAU, backend=b)), fl)
@@ -392,7 +302,7 @@ def bench(args):
     # 2b. prefill forward
     t = T_PREFILL
     x = xs[t]
-    fl, by = fwd_flops(t, D_IN, D_OUT, N_ATOMS, K), fwd_bytes(t, D_IN, D_OUT, N_ATOMS, K)
+    fl, by = fwd_flops(t), fwd_bytes(t)
     with torch.no_grad():
         record("prefill fwd", "cuBLAS x@keys.T", lambda: x @ keys.t(), 2 * t * N_ATOMS * D_IN, by)
         for b in backends:
@@ -401,8 +311,7 @@ def bench(args):
         record("prefill fwd", "authors+compile", lambda: dense_c(x, keys, values, k=K, tau=TAU), fl, by)
 
     # 2c. prefill forward + backward, training layout: frozen bank + R_TRAIN trainable atoms
-    fl = fwd_flops(t, D_IN, D_OUT, N_ATOMS, K) + bwd_flops(t, D_IN, D_OUT, R_TRAIN, K)
-    by = 2 * fwd_bytes(t, D_IN, D_OUT, N_ATOMS, K)
+    _, _, fl, by = next(row for row in plan() if row[0] == "prefill fwd+bwd")
     scale_all = torch.cat([torch.ones(n0, device=dev), sc1])
 
     def authors_step(fn):
@@ -442,8 +351,8 @@ def bench(args):
     return 0 if ok else 1
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     ap.add_argument("--dry-run", action="store_true", help="print the plan and the FLOP/byte model, run nothing")
     ap.add_argument("--no-pytest", action="store_true", help="skip the pytest part of the parity check")
     ap.add_argument("--csv", default=None)
@@ -451,7 +360,7 @@ def main():
                     help="wall-clock seconds for the whole check (default 230: a lent GPU gives a few minutes)")
     ap.add_argument("--smoke", action="store_true",
                     help="no GPU: run the inline parity check on tiny CPU cases under TRITON_INTERPRET=1")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         import torch
@@ -472,6 +381,3 @@ def main():
         return 2
     return bench(args)
 
-
-if __name__ == "__main__":
-    sys.exit(main())
