@@ -6,7 +6,7 @@ import csv
 import math
 import os
 
-from .impls import AUTHORS, BASE, COMPILED, FLOOR, LORA_N, LORA_R
+from .competitors import AUTHORS, BASE, LORA_N, display_order, lookup
 
 COLUMNS = [
     "timestamp_utc", "mode", "sweep", "d_in", "d_out", "N", "k", "K", "T", "r", "tau", "delta", "dtype",
@@ -17,12 +17,9 @@ COLUMNS = [
     "numpy", "moram_kernels", "git_commit", "backends",
 ]
 
-DISPLAY = {AUTHORS: "authors", COMPILED: "compiled", LORA_N: "LoRA R=N", LORA_R: "LoRA R=r", FLOOR: "x@keys.T",
-           BASE: "base layer"}
-
 
 def _display(impl: str) -> str:
-    return DISPLAY.get(impl, impl.split(":", 1)[-1])
+    return lookup(impl).label
 
 
 def _ms(v: float) -> str:
@@ -56,9 +53,8 @@ def markdown(rows: list[dict], hw: dict, notes: list[str], mem_note: str, elapse
     for r in rows:
         if r["impl"] not in impls:
             impls.append(r["impl"])
-    backends = [i for i in impls if i.startswith("moram:")]
-    order = [i for i in (AUTHORS, COMPILED) if i in impls] + backends + \
-            [i for i in (LORA_N, LORA_R, FLOOR, BASE) if i in impls]
+    backends = [i for i in impls if lookup(i).per_backend]
+    order = display_order(impls)
     footnotes: list[str] = []
 
     def note(text: str) -> str:
@@ -176,7 +172,7 @@ def plots(rows: list[dict], folder: str) -> list[str]:
     import matplotlib.pyplot as plt
 
     # one colour per implementation, the same in every panel and both figures
-    all_impls = list(dict.fromkeys(r["impl"] for r in nrows))
+    all_impls = display_order(list(dict.fromkeys(r["impl"] for r in nrows)))
     colour = {impl: f"C{i % 10}" for i, impl in enumerate(all_impls)}
     paths = []
     for what, fname, ylabel in (("median_ms", "time_vs_N.png", "median time per call (ms)"),
@@ -184,17 +180,13 @@ def plots(rows: list[dict], folder: str) -> list[str]:
         fig, axes = plt.subplots(1, len(modes), figsize=(6.5 * len(modes), 4.5), squeeze=False)
         for ax, mode in zip(axes[0], modes):
             mr = [r for r in nrows if r["mode"] == mode]
-            impls = []
-            for r in mr:
-                if r["impl"] not in impls:
-                    impls.append(r["impl"])
+            impls = display_order(list(dict.fromkeys(r["impl"] for r in mr)))
             for impl in impls:
                 if what == "speedup_vs_authors" and impl == AUTHORS:
                     continue
                 pts = sorted((r["N"], r[what]) for r in mr if r["impl"] == impl and r.get(what))
                 if pts:
-                    style = "--" if impl in (LORA_N, LORA_R, FLOOR) else "-"
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o",
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], lookup(impl).style, marker="o",
                             color=colour[impl], label=_display(impl))
             if what == "speedup_vs_authors":
                 ax.axhline(1.0, color="grey", lw=0.8)

@@ -1,5 +1,7 @@
-"""``python -m benchmarks``: every available backend against the authors' layer,
-``torch.compile`` of it, LoRA and the bare scoring GEMM, on this machine."""
+"""``python -m benchmarks``: every competitor of ``benchmarks/competitors.py`` (each
+available moram backend, the authors' layer, ``torch.compile`` of it, LoRA and the bare
+scoring GEMM) on this machine, in eval and train mode; ``--preset NAME`` runs one of the
+focused presets of ``benchmarks/presets/`` instead."""
 
 from __future__ import annotations
 
@@ -15,9 +17,10 @@ import torch
 import moram_kernels as mk
 
 from . import grid, presets, report
+from .competitors import AUTHORS, FLOOR, Competitor, Setup, entries, rel_err
+from .cost_model import dense_flops, work
 from .hardware import detect
-from .impls import (AUTHORS, FLOOR, Impl, Setup, dense_flops, estimated_gb, eval_impls, refusal,
-                    rel_err, train_impls, work)
+from .presets import split_preset
 from .timing import Budget, PeakMemory, TooSlow, time_cpu, time_cuda
 
 BUDGETS = {
@@ -34,9 +37,7 @@ def _ints(s: str) -> list[int]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="presets (python -m benchmarks --preset NAME [its options], "
-                                       "--preset NAME --help for them):\n"
-                                       + "\n".join(f"  {n:14s} {pr.summary}" for n, pr in presets.PRESETS.items()))
+                                epilog=presets.listing())
     p.add_argument("--preset", choices=list(presets.PRESETS), default=None,
                    help="run a preset instead of the grid; the options after it are the preset's own")
     size = p.add_mutually_exclusive_group()
@@ -119,37 +120,51 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def refusal(case, s: Setup, backend: str) -> str | None:
+    """Why the dispatch table would refuse this backend for these inputs, if it would."""
+    from moram_kernels import backends as _dispatch
+    inp = _dispatch.Inputs(s.device, s.dtype, s.dtype, s.dtype, case.d_in, case.d_out, case.n, case.kk)
+    reasons = _dispatch._BY_NAME[backend].refuses(inp, True)
+    return "; ".join(reasons) if reasons else None
+
+
+def timed_in(mode: str, backends: list[str], compile: bool) -> list[Competitor]:
+    """The competitors of ``mode`` in timing order: the floor first (its rate predicts the
+    others' time), then the table's order (the authors' layer before the backends it checks)."""
+    return sorted(entries(backends, compile, mode), key=lambda c: c.kind != "floor")
+
+
 def bench_case(case, mode, setup: Setup, backends, args, device, dtype, timer, budget, pbar) -> list[dict]:
-    impls: list[Impl] = (eval_impls if mode == "eval" else train_impls)(setup, backends, args.compile != "none")
     rows: list[dict] = []
     floor_rate = None           # FLOP/s of the bare GEMM, to predict slow implementations
     ref_out = None
     elem = torch.empty(0, dtype=dtype).element_size()
-    for impl in impls:
-        pbar.set_postfix_str(f"{mode} {case.label()} {impl.name}", refresh=True)
-        flops, nbytes = work(case, mode, impl, elem)
+    for comp in timed_in(mode, backends, args.compile != "none"):
+        impl = comp.build(mode, setup)
+        pbar.set_postfix_str(f"{mode} {case.label()} {comp.name}", refresh=True)
+        flops, nbytes = work(case, mode, comp.kind, elem, comp.lora_rank(case))
         row = dict(mode=mode, sweep=case.sweep, d_in=case.d_in, d_out=case.d_out, N=case.n, k=case.k,
                    K=case.kk, T=case.t, r=case.r, tau=case.tau, delta=case.delta if mode == "eval" else 0.0,
-                   dtype=str(dtype).replace("torch.", ""), impl=impl.name, status="ok", reason="",
+                   dtype=str(dtype).replace("torch.", ""), impl=comp.name, status="ok", reason="",
                    flops=flops, bytes=nbytes)
         rows.append(row)
-        if impl.compiled and args.compile not in ("all", mode):
+        if comp.compiled and args.compile not in ("all", mode):
             row.update(status="skipped", reason=f"torch.compile not timed in {mode} mode (--compile {args.compile}; "
                                                 "a cold compile of the train step takes tens of seconds on 2 cores)")
             pbar.update(1)
             continue
-        why = refusal(case, setup, impl.backend) if impl.backend else None
+        why = refusal(case, setup, comp.backend) if comp.backend else None
         if why:
-            row.update(status="skipped", reason=f"{impl.backend} refuses these inputs: {why}")
+            row.update(status="skipped", reason=f"{comp.backend} refuses these inputs: {why}")
             pbar.update(1)
             continue
-        gb = estimated_gb(case, impl)
+        gb = impl.dense_tn * case.t * case.n * 4 / 1e9
         if gb > args.max_dense_gb:
             row.update(status="skipped", reason=f"would hold ~{gb:.1f} GB of [T, N] fp32 tensors "
                                                 f"(> --max-dense-gb {args.max_dense_gb:g})")
             pbar.update(1)
             continue
-        if floor_rate and impl.kind != "floor":
+        if floor_rate and comp.kind != "floor":
             est = max(flops, dense_flops(case, mode) if impl.dense_tn >= 2 else 0) / floor_rate
             if est > args.max_call_s:
                 row.update(status="skipped", reason=f"estimated {est:.0f} s per call at the GEMM floor's "
@@ -157,15 +172,15 @@ def bench_case(case, mode, setup: Setup, backends, args, device, dtype, timer, b
                 pbar.update(1)
                 continue
         try:
-            if impl.compiled:       # compile (and recompile for this shape) outside the timing
+            if comp.compiled:       # compile (and recompile for this shape) outside the timing
                 t0 = time.perf_counter()
                 impl.run()
                 _sync(device)
                 row["compile_s"] = round(time.perf_counter() - t0, 2)
             out = impl.output()
-            if impl.name == AUTHORS:
+            if comp.name == AUTHORS:
                 ref_out = out
-            elif impl.kind == "moram" and ref_out is not None:
+            elif comp.kind == "moram" and ref_out is not None:
                 row["max_rel_err"] = rel_err(out, ref_out)
             del out
             timing = timer(impl.run, budget, args.max_call_s)
@@ -180,7 +195,7 @@ def bench_case(case, mode, setup: Setup, backends, args, device, dtype, timer, b
             row.update(median_ms=med, q25_ms=timing.quantile(0.25), q75_ms=timing.quantile(0.75),
                        min_ms=min(timing.times_ms), max_ms=max(timing.times_ms), reps=len(timing.times_ms),
                        gflops=flops / med / 1e6, gbs=nbytes / med / 1e6)
-            if impl.kind == "floor":
+            if comp.kind == "floor":
                 floor_rate = flops / (med / 1e3)
         pbar.update(1)
     by = {r["impl"]: r for r in rows if r["status"] == "ok"}
@@ -218,30 +233,18 @@ def _measure_all(mem, cases, args, backends, device, dtype, rows, pbar) -> None:
     for case in cases:
         setup = Setup(case, device, dtype, seed=args.seed)
         for mode in args.modes:
-            impls = (eval_impls if mode == "eval" else train_impls)(setup, backends, args.compile != "none")
-            for impl in impls:
-                r = ok.get((mode, case.d_in, case.n, case.k, case.t, case.r, case.tau, impl.name))
+            for comp in timed_in(mode, backends, args.compile != "none"):
+                r = ok.get((mode, case.d_in, case.n, case.k, case.t, case.r, case.tau, comp.name))
                 if r is None:
                     continue
-                pbar.set_postfix_str(f"memory {mode} {case.label()} {impl.name}", refresh=True)
+                pbar.set_postfix_str(f"memory {mode} {case.label()} {comp.name}", refresh=True)
                 try:
-                    r["peak_mem_mb"] = mem.measure(impl.run) / 2**20
+                    r["peak_mem_mb"] = mem.measure(comp.build(mode, setup).run) / 2**20
                 except Exception as e:
                     r["peak_mem_note"] = _short(e)
                 pbar.update(1)
-            del impls
         del setup
         gc.collect()
-
-
-def split_preset(argv: list[str]) -> tuple[str | None, list[str]]:
-    """(preset name or None, the other arguments) from ``--preset NAME`` / ``--preset=NAME``."""
-    for i, a in enumerate(argv):
-        if a == "--preset" and i + 1 < len(argv):
-            return argv[i + 1], argv[:i] + argv[i + 2:]
-        if a.startswith("--preset="):
-            return a.split("=", 1)[1], argv[:i] + argv[i + 1:]
-    return None, argv
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,8 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*TF32.*")
 
     from tqdm.auto import tqdm
-    n_impls = 4 + len(backends) + (args.compile != "none")
-    total = len(cases) * len(args.modes) * n_impls
+    total = len(cases) * sum(len(timed_in(m, backends, args.compile != "none")) for m in args.modes)
     rows: list[dict] = []
     t_start = time.perf_counter()
     with tqdm(total=total, desc="timing", unit="run", file=sys.stderr, disable=args.no_progress) as pbar:

@@ -12,7 +12,7 @@ import gc
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -39,12 +39,29 @@ class Timing:
 
 @dataclass(frozen=True)
 class Budget:
-    """How long to time one implementation on one shape."""
+    """The time a run may spend, the one budget of every benchmark.
+
+    Per measurement (:func:`time_cpu`, :func:`time_cuda`): ``warmup`` calls, then
+    ``min_reps`` to ``max_reps`` timed calls, stopping after ``seconds`` of timed work once
+    ``min_reps`` are done. For the whole run (the ``gpu-check`` preset shares it out between
+    its phases): ``total_s`` wall-clock seconds from the budget's creation, with
+    :meth:`left` and :meth:`elapsed`; unlimited by default.
+    """
 
     warmup: int = 2
     min_reps: int = 5
     max_reps: int = 50
-    seconds: float = 0.5      # stop after this much timed work once min_reps are done
+    seconds: float = 0.5
+    total_s: float = float("inf")
+    t0: float = field(default_factory=time.perf_counter, repr=False, compare=False)
+
+    def elapsed(self) -> float:
+        """Seconds since the budget was created."""
+        return time.perf_counter() - self.t0
+
+    def left(self) -> float:
+        """Seconds left of ``total_s``."""
+        return self.total_s - self.elapsed()
 
 
 class TooSlow(Exception):

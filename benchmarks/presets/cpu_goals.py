@@ -3,11 +3,14 @@ one run, at T = 2048, d_in = d_out = 1024, N = 4096, k = 16, tau = 0.01, fp32.
 
     python -m benchmarks --preset cpu-goals [--reps 5] [--csv out.csv]
 
-Measures (wall time, best of ``--reps`` interleaved repetitions, so every path sees the
-same machine noise; the median and the process CPU time are printed too):
+The three paths are rows of the competitor table (``benchmarks/competitors.py``), built on
+the main job's inputs for this shape: ``moram:cpu``, ``authors`` and the floor
+``x @ keys.T``. Measures (wall time, best of ``--reps`` interleaved repetitions, so every
+path sees the same machine noise; the median and the process CPU time are printed too):
 
-* forward (eval, no grad): ``mk.moram(..., backend="cpu")`` vs ``reference.moram_dense``
-  (the authors' formulation) vs the bare ``x @ keys.T`` GEMM, the floor of exact top-k;
+* forward (eval, no grad, delta = 0): ``mk.moram(..., backend="cpu")`` vs
+  ``reference.moram_dense`` (the authors' formulation) vs the bare ``x @ keys.T`` GEMM,
+  the floor of exact top-k;
 * a MoRAMLinear train step (forward + backward, x requires grad as in a hidden layer; also
   printed without it; N - r frozen + r trainable atoms) vs the authors' layer (concatenate
   frozen + trainable every call, dense autograd through ``moram_dense``);
@@ -26,7 +29,6 @@ the default shape; ``--T/--d/--N/--k`` change it (the tests use a small one).
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import datetime
 import os
@@ -38,12 +40,11 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from torch import nn
 
 import moram_kernels as mk
-from moram_kernels.backends import reference as ref
 
-from ..baselines import AuthorsMoRAMLinear
+from ..competitors import AUTHORS, FLOOR, Impl, Setup, entries, rel_err
+from ..grid import Case
 from ..timing import saved_for_backward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -59,27 +60,23 @@ class Shape:
     R: int = 16
 
 
-def make_data(s: Shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(s.T, s.D, generator=g)
-    keys = torch.randn(s.N, s.D, generator=g) / s.D**0.5
-    values = torch.randn(s.N, s.D, generator=g) / s.D**0.5
-    return x, keys, values
+#: what is timed, by short name: rows of the competitor table (benchmarks/competitors.py)
+FORWARD = {"gemm": FLOOR, "cpu": "moram:cpu", "authors": AUTHORS}
+TRAIN = {"cpu": "moram:cpu", "authors": AUTHORS}
 
 
-def make_layers(s: Shape, seed=0):
-    x, keys, values = make_data(s, seed)
-    base = nn.Linear(s.D, s.D)
-    ours = mk.MoRAMLinear(base, r=s.R, k=s.K, tau=s.TAU, delta=0.2, backend="cpu")
-    ours.add_task()
-    with torch.no_grad():
-        ours.frozen_keys = keys[: s.N - s.R].clone()
-        ours.frozen_values = values[: s.N - s.R].clone()
-        ours.keys.copy_(keys[s.N - s.R:])
-        ours.values.copy_(values[s.N - s.R:])   # nonzero, so every gradient path does real work
-    # the authors' layer over its own copy of the same atoms, so the gradients stay apart
-    theirs = AuthorsMoRAMLinear(copy.deepcopy(ours))
-    return x, ours.train(), theirs.train()
+def setup(s: Shape, seed: int = 0) -> Setup:
+    """The competitors' inputs at this shape: N - R frozen + R trainable atoms, fp32, and
+    delta = 0: with random atoms every normalised score of a large bank is below the
+    default 0.2, which would make every output zero and the forward check empty."""
+    return Setup(Case("cpu-goals", s.D, s.D, s.N, s.K, s.T, r=s.R, tau=s.TAU, delta=0.0), torch.device("cpu"),
+                 torch.float32, seed=seed)
+
+
+def build(st: Setup, mode: str, names: dict[str, str]) -> dict[str, Impl]:
+    """``{short name: Impl}`` of the named competitors, built on ``st``."""
+    rows = {c.name: c for c in entries(["cpu"], compile=False, mode=mode)}
+    return {short: rows[name].build(mode, st) for short, name in names.items()}
 
 
 def _g(v: float) -> str:
@@ -109,26 +106,19 @@ _CHILD = r"""
 import sys, torch
 sys.path.insert(0, {root!r})
 torch.set_num_threads({threads})
-import moram_kernels as mk
-from moram_kernels.backends import reference as ref
-from benchmarks.presets.cpu_goals import Shape, make_data
+import dataclasses
+from benchmarks.presets.cpu_goals import FORWARD, Shape, build, setup
 from benchmarks.timing import PeakMemory
 s = Shape(**{shape!r})
-x, keys, values = make_data(s)
-path = {path!r}
-def run(x, keys, values):
-    if path == "cpu":
-        return mk.moram(x, keys, values, k=s.K, tau=s.TAU, delta=0.2, backend="cpu")
-    if path == "authors":
-        return ref.moram_dense(x, keys, values, k=s.K, tau=s.TAU, delta=0.2)
-    return x @ keys.T
+names = {{"p": FORWARD[{path!r}]}}
+tiny = build(setup(dataclasses.replace(s, T=min(s.T, 64), N=min(s.N, 256))), "eval", names)["p"]
+run = build(setup(s), "eval", names)["p"].run
 pm = PeakMemory(torch.device("cpu"))
 pm.prepare_cpu()
 if pm.why_not:
     raise SystemExit(pm.why_not)
-with torch.no_grad():
-    run(x[:64].clone(), keys[:256].clone(), values[:256].clone())   # libraries' lazy init
-    print(pm.measure(lambda: run(x, keys, values)))
+tiny.run()                  # the libraries' lazy initialisation
+print(pm.measure(run))
 """
 
 
@@ -167,41 +157,42 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
           f"{threads} threads; T={T} d_in=d_out={D} N={N} k={K} tau={TAU} fp32"
           + ("" if s == d else " (not the shape the goals are set for)") + "\n")
 
-    x, keys, values = make_data(s)
-    with torch.no_grad():
-        y_ours = mk.moram(x, keys, values, k=K, tau=TAU, backend="cpu")
-        y_auth = ref.moram_dense(x, keys, values, k=K, tau=TAU)
-        err = ((y_ours - y_auth).abs().max() / y_auth.abs().max()).item()
-        fwd = bench({
-            "gemm": lambda: x @ keys.T,
-            "cpu": lambda: mk.moram(x, keys, values, k=K, tau=TAU, backend="cpu"),
-            "authors": lambda: ref.moram_dense(x, keys, values, k=K, tau=TAU),
-        }, args.reps)
+    st = setup(s)
+    fwd_impls = build(st, "eval", FORWARD)
+    err = rel_err(fwd_impls["cpu"].output(), fwd_impls["authors"].output())
+    fwd = bench({k: v.run for k, v in fwd_impls.items()}, args.reps)
 
-    xt, ours, theirs = make_layers(s)
-    gy = torch.randn(T, D, generator=torch.Generator().manual_seed(1))
+    steps = build(st, "train", TRAIN)
+    layer, x0, gy = st.moram_layer(), st.train_xs[0], st.gy
 
-    def step(layer, x_grad=True):
+    def grads(impl: Impl) -> tuple:
+        """(gx, keys.grad) of one step (the two modules share the layer's atoms)."""
+        impl.prepare()
+        impl.module(x0).backward(gy)
+        out = (x0.grad.clone(), layer.keys.grad.clone())
+        x0.grad = None
+        impl.module.zero_grad(set_to_none=True)
+        return out
+
+    (gx_o, gk_o), (gx_t, gk_t) = grads(steps["cpu"]), grads(steps["authors"])
+    gerr, kerr = rel_err(gx_o, gx_t), rel_err(gk_o, gk_t)
+    train = bench({k: v.run for k, v in steps.items()}, max(2, args.reps - 2))
+
+    def no_x_grad(impl: Impl):
         def f():
-            layer.zero_grad(set_to_none=True)
-            xx = xt.detach().requires_grad_(x_grad)
-            layer(xx).backward(gy)
-            return xx.grad
+            impl.prepare()
+            impl.module(st.xs[0]).backward(gy)
+            impl.module.zero_grad(set_to_none=True)
         return f
+    train_nx = bench({k: no_x_grad(v) for k, v in steps.items()}, max(2, args.reps - 2))
 
-    gx_o, gx_t = step(ours)(), step(theirs)()
-    gerr = ((gx_o - gx_t).abs().max() / gx_t.abs().max()).item()
-    kerr = ((ours.keys.grad - theirs.layer.keys.grad).abs().max() / theirs.layer.keys.grad.abs().max()).item()
-    train = bench({"cpu": step(ours), "authors": step(theirs)}, max(2, args.reps - 2))
-    train_nx = bench({"cpu": step(ours, False), "authors": step(theirs, False)}, max(2, args.reps - 2))
+    # saved for backward: new storages only (not x, parameters, buffers, the Gram cache), and all
+    sb_o, sb_t = steps["cpu"].saved(), steps["authors"].saved()
 
-    xs = xt.detach().requires_grad_()
-    pre_o = list(ours.parameters()) + list(ours.buffers()) + [xs, ours._frozen_gram()]
-    pre_t = list(theirs.parameters()) + list(theirs.buffers()) + [xs]
-    sb_o = saved_for_backward(lambda: ours(xs), lambda: pre_o)[1]
-    sb_t = saved_for_backward(lambda: theirs(xs), lambda: pre_t)[1]
-    sball_o = saved_for_backward(lambda: ours(xs), list)[1]
-    sball_t = saved_for_backward(lambda: theirs(xs), list)[1]
+    def saved_all(impl: Impl) -> int:
+        impl.prepare()
+        return saved_for_backward(lambda: impl.module(x0), list)[1]
+    sball_o, sball_t = saved_all(steps["cpu"]), saved_all(steps["authors"])
 
     mem = {p: min(peak_growth(p, threads, s) for _ in range(args.mem_runs)) for p in ("cpu", "authors", "gemm")}
 

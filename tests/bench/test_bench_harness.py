@@ -17,10 +17,10 @@ import pytest
 import torch
 
 import moram_kernels as mk
-from benchmarks import report, run
+from benchmarks import competitors, cost_model, presets, report, run
+from benchmarks.competitors import AUTHORS, BASE, COMPILED, FLOOR, LORA_N, LORA_R
 from benchmarks.grid import Case, merge
-from benchmarks.impls import AUTHORS, BASE, COMPILED, FLOOR, LORA_N, LORA_R, Impl, work
-from benchmarks.timing import saved_for_backward
+from benchmarks.timing import Budget, saved_for_backward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -115,7 +115,7 @@ def test_skips_and_failures_are_reported(tmp_path, monkeypatch, capsys):
         def fn(*args):
             raise RuntimeError("inductor exploded")
         return fn
-    monkeypatch.setattr("benchmarks.impls.compiled_dense", broken)
+    monkeypatch.setattr("benchmarks.competitors.compiled_dense", broken)
     rc = run.main(["--smoke", "--modes", "eval", "--no-memory", "--no-plots", "--no-progress",
                    "--max-dense-gb", "1e-9", "--out", str(tmp_path)])
     assert rc == 0
@@ -174,11 +174,10 @@ def test_grid_merges_shared_shapes_and_work_counts():
     b = Case("k", 768, 768, 4096, 16, 256)
     (m,) = merge([a, b, a])
     assert m.sweep == "N,k"
-    floor = Impl(FLOOR, "floor", lambda: None, None)
-    assert work(a, "eval", floor, 4)[0] == 2 * 256 * 4096 * 768
-    moram = Impl(AUTHORS, "moram", lambda: None, None)
-    f_eval, _ = work(a, "eval", moram, 4)
-    f_train, _ = work(a, "train", moram, 4)
+    work = cost_model.work
+    assert work(a, "eval", "floor", 4)[0] == 2 * 256 * 4096 * 768
+    f_eval, _ = work(a, "eval", "moram", 4)
+    f_train, _ = work(a, "train", "moram", 4)
     assert f_eval == 2 * 256 * 4096 * 768 + 2 * 256 * 16 * 768
     assert f_train > f_eval + 2 * 2 * 256 * 768 * 768
 
@@ -207,7 +206,6 @@ def test_backend_refusal_is_a_skip_with_its_reason(tmp_path, monkeypatch):
 # ---- presets: python -m benchmarks --preset NAME ------------------------------------------------
 
 def test_preset_is_split_from_the_arguments_and_listed_in_help(capsys):
-    from benchmarks import presets
     assert run.split_preset(["--preset", "cpu-goals", "--reps", "2"]) == ("cpu-goals", ["--reps", "2"])
     assert run.split_preset(["--reps", "2", "--preset=cpu-goals"]) == ("cpu-goals", ["--reps", "2"])
     assert run.split_preset(["--quick"]) == (None, ["--quick"])
@@ -258,3 +256,80 @@ def test_cpu_goals_preset_table_matches_its_ratios(tmp_path, capsys):
         saved = list(csv.DictReader(f))
     assert [r["goal"] for r in saved] == [c[4] for c in rows]
     assert [r["met"] for r in saved] == [str(c[5].rstrip(" |") == "yes") for c in rows]
+
+
+def test_every_preset_has_one_help_line_and_its_own_help(capsys):
+    with pytest.raises(SystemExit):
+        run.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for name in presets.PRESETS:
+        assert len([ln for ln in text.splitlines() if ln.startswith(f"  {name} ")]) == 1, name
+    for name in presets.PRESETS:
+        with pytest.raises(SystemExit) as e:
+            run.main(["--preset", name, "--help"])
+        assert e.value.code == 0
+        assert capsys.readouterr().out.startswith(f"usage: python -m benchmarks --preset {name} "), name
+
+
+def test_a_new_competitor_is_one_row(tmp_path, monkeypatch):
+    """A row added to the table is timed, checked, written to the CSV and the table, and
+    plotted, with nothing else changed."""
+    row = competitors.Competitor(
+        "lora:R=2r", "LoRA R=2r", "lora", rank=lambda c: 2 * c.r, style=":",
+        eval=lambda s, b: competitors._forward(
+            s, lambda x: (x @ s.keys[:2 * s.case.r].t()) @ s.values[:2 * s.case.r]),
+        train=None)
+    monkeypatch.setattr(competitors, "COMPETITORS", competitors.COMPETITORS + [row])
+    run.main(["--smoke", "--modes", "eval,train", "--backends", "reference", "--no-compile", "--no-memory",
+              "--threads", "1", "--no-progress", "--out", str(tmp_path)])
+    (folder,) = glob.glob(str(tmp_path / "*-smoke"))
+    mine = [r for r in _read_csv(folder) if r["impl"] == "lora:R=2r"]
+    assert mine and all(r["status"] == "ok" and r["mode"] == "eval" for r in mine)
+    for r in mine:          # the cost model counts it as a LoRA of rank 2r
+        case = Case("N", int(r["d_in"]), int(r["d_out"]), int(r["N"]), int(r["k"]), int(r["T"]), r=int(r["r"]))
+        assert float(r["flops"]) == cost_model.work(case, "eval", "lora", 4, rank=2 * case.r)[0]
+    md = open(os.path.join(folder, "results.md")).read()
+    # its column sits at its row's place in the table, after the others
+    assert "| reference | LoRA R=N | LoRA R=r | x@keys.T | base layer | LoRA R=2r | best/floor |" in md
+    assert os.path.exists(os.path.join(folder, "time_vs_N.png"))     # plotted with its style
+
+
+def test_cost_model_is_the_same_for_the_main_job_and_the_gpu_check():
+    """The gpu-check plan's rows are the main job's work() at the gpu-check shape (the train
+    step there also counts the frozen base layer)."""
+    g = cost_model.GPU_CHECK
+    rows = {name: (fl, by) for name, _, fl, by in cost_model.plan()}
+    for t in (g.t_prefill, *g.t_decode):
+        case = Case("gpu", g.d_in, g.d_out, g.n, g.k, t, r=g.r)
+        name = "prefill fwd" if t == g.t_prefill else f"decode T={t} fwd"
+        assert rows[name] == cost_model.work(case, "eval", "moram", g.elt)
+    case = Case("gpu", g.d_in, g.d_out, g.n, g.k, g.t_prefill, r=g.r)
+    f, b = cost_model.work(case, "train", "moram", g.elt)
+    base_f, base_b = cost_model.work(case, "train", "base", g.elt)
+    assert rows["prefill fwd+bwd"] == (f - base_f, b - base_b)
+    # the floor is the slower of the two limits
+    hw = cost_model.H200
+    assert cost_model.floor_s(hw["tc_blas"], 0) == 1.0 and cost_model.floor_s(0, hw["hbm"]) == 1.0
+    with pytest.raises(ValueError, match="no cost model"):
+        cost_model.work(case, "eval", "bogus", 4)
+
+
+def test_one_budget_per_measurement_and_for_a_whole_run():
+    b = Budget(total_s=100.0)
+    assert 99.0 < b.left() <= 100.0 and 0 <= b.elapsed() < 1.0
+    assert Budget().left() == float("inf")
+    assert run.BUDGETS["smoke"].max_reps <= run.BUDGETS["quick"].max_reps <= run.BUDGETS["full"].max_reps
+
+
+def test_gpu_check_preset_plans_without_a_gpu():
+    out = subprocess.run([sys.executable, "-m", "benchmarks", "--preset", "gpu-check", "--dry-run"], cwd=ROOT,
+                         env=_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "benchmarks/cost_model.py" in out.stdout and "prefill fwd+bwd" in out.stdout
+
+
+def test_triton_compile_check_refuses_the_interpreter():
+    env = dict(_env(), TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, os.path.join(ROOT, ".ci", "triton_compile_check.py")], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "unset TRITON_INTERPRET" in out.stderr

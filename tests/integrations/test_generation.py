@@ -61,8 +61,8 @@ def test_greedy_generate_same_tokens_with_and_without_kv_cache(backend):
 
 
 def test_generation_benchmark_row():
-    """``python -m benchmarks.generation``: both models timed, the MoRAM one really adapted."""
-    from benchmarks import generation
+    """``python -m benchmarks --preset generation``: both models timed, the MoRAM one really adapted."""
+    from benchmarks.presets import generation
     bare, adapted = generation.build(64, 1, 8, 4, 4, "cpu", torch.float32)
     layers = [m for m in adapted.modules() if isinstance(m, mk.MoRAMLinear)]
     assert len(layers) == 2 and all(m.num_atoms == 8 and m.values.abs().sum() > 0 for m in layers)

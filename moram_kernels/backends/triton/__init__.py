@@ -42,7 +42,7 @@ to TF32 as ``cvt.rna.tf32`` does, so parity tests see a GPU's operand rounding.
 
 **Grid plan.** ``plan_splits`` splits the atom tiles so that token blocks x splits fill
 the GPU in at most one wave: SM count x ``ScanConfig.per_sm`` programs, where ``per_sm``
-comes from the compiler's register and shared-memory counts (``triton_variants.py``
+comes from the compiler's register and shared-memory counts (``.ci/triton_compile_check.py``
 recomputes it and fails when a config claims more, or when any variant the launcher can
 pick spills). Prefill at T = 4096, K <= 16: 128 x 64 tiles, 187 registers, one 8-warp
 program per SM, 32 token blocks x 4 splits = 128 programs on 132 SMs (0.97 wave; before:

@@ -38,7 +38,7 @@ def k_bucket(k: int) -> int:
 class ScanConfig:
     """Block shape of the scoring kernel: BT tokens x BN atoms, d_in in chunks of BD.
     ``per_sm``: programs resident per SM on sm_90, which sizes the grid to one wave
-    (``benchmarks/triton_variants.py`` derives it from the compiled registers and
+    (``.ci/triton_compile_check.py`` derives it from the compiled registers and
     shared memory and flags a config whose value is wrong)."""
 
     name: str
@@ -76,7 +76,7 @@ def scan_configs(compute: str, kp: int, prec: str = "tf32") -> dict[str, ScanCon
             "prefill": ScanConfig("prefill", 32, 64, 32, 4, 2, per_sm=2),   # 64 rows spill registers
         }
     # tensor cores; fp32 operands (TF32) take twice the shared memory per element: BD halves.
-    # Prefill tiles are sized by the registers the compiler reports (triton_variants.py):
+    # Prefill tiles are sized by the registers the compiler reports (.ci/triton_compile_check.py):
     # 128 x 128 used 255 per thread and spilled at K16; 128 x 64 holds the score tile, its
     # masked copy for the merge and the running lists in ~190, no spills; K >= 32 lists
     # take 64 x 64 tiles (<= ~240 registers, two 4-warp programs per SM).

@@ -3,7 +3,7 @@
 A variant is one (kernel, pointer dtypes, constexprs, num_warps, num_stages). Each is
 listed in its aligned form (pointers, d_in and leading strides multiples of 16, unit
 inner strides: what a launch on contiguous ``[*, 4096]`` tensors specialises to), and the
-scoring kernel also in its generic form (odd sizes, no hints). ``benchmarks/triton_variants.py``
+scoring kernel also in its generic form (odd sizes, no hints). ``.ci/triton_compile_check.py``
 compiles them for sm_90 and sm_80 without a GPU and tabulates shared memory.
 """
 

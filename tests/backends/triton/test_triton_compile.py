@@ -1,7 +1,9 @@
 """Every Triton kernel variant the launchers can emit compiles for sm_90 and sm_80 (no GPU
 needed) and fits the architecture's shared memory per block. The interpreter accepts
 things a GPU compile rejects (tl.dot with an inner size below 16, for one), so this is the
-check that the kernels would build on Hopper and Ampere."""
+check that the kernels would build on Hopper and Ampere. Both tests run the CI's compile
+check, ``.ci/triton_compile_check.py``: the first as CI runs it, the second through its
+``compile_variant``."""
 
 from __future__ import annotations
 
@@ -16,16 +18,22 @@ import pytest
 triton = pytest.importorskip("triton")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+CHECK = os.path.join(ROOT, ".ci", "triton_compile_check.py")
+
+
+def _compile_env() -> dict:
+    """The environment of a compiling subprocess: the compiler needs TRITON_INTERPRET
+    unset, and conftest sets it here."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
 
 
 @pytest.mark.slow
 def test_every_variant_compiles_for_sm90_and_sm80(tmp_path):
     out = tmp_path / "variants.csv"
-    # a subprocess: the compiler needs TRITON_INTERPRET unset, and conftest sets it here
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "triton_variants.py"),
-                        "--jobs", "2", "--csv", str(out)],
+    env = _compile_env()
+    r = subprocess.run([sys.executable, CHECK, "--jobs", "2", "--csv", str(out)],
                        env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     rows = list(csv.DictReader(out.open()))
@@ -51,20 +59,17 @@ def test_every_variant_compiles_for_sm90_and_sm80(tmp_path):
                 and "generic" not in r["label"] and not r["label"].endswith("-ieee"):
             assert r["mma"] == "True" and r["cp_async"] == "True", r["label"]
     # no variant the launchers pick spills, and every scan config fits the programs per SM
-    # its grid plan assumes (triton_variants.py exits non-zero otherwise; the rows say why)
+    # its grid plan assumes (the check exits non-zero otherwise; the rows say why)
     assert not [r["label"] for r in rows if r.get("problems")]
 
 
 _TTIR_PROBE = r"""
-import re
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import triton
+import sys
+sys.path.insert(0, {ci!r})
+from triton_compile_check import compile_variant
 from moram_kernels.backends.triton.variants import all_variants
 v = next(v for v in all_variants() if v.label.endswith("-generic"))
-k = triton.compile(ASTSource(v.fn(), v.signature, v.constexprs, v.attrs), target=GPUTarget("cuda", 90, 32),
-                   options=dict(num_warps=v.num_warps, num_stages=v.num_stages))
-print(k.asm["ttir"])
+print(compile_variant(v, 90).asm["ttir"])
 """
 
 
@@ -73,9 +78,8 @@ def test_scan_column_offsets_are_int64():
     stride T or N, and d * T passes 2^31 long before memory runs out). Checked on the
     compiled IR of the generic scan variant, where the strides are runtime values: the
     strides are widened to i64 and no [1, BD] i32 product remains."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-c", _TTIR_PROBE], env=env, capture_output=True, text=True,
+    probe = _TTIR_PROBE.format(ci=os.path.dirname(CHECK))
+    r = subprocess.run([sys.executable, "-c", probe], env=_compile_env(), capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     ttir = r.stdout

@@ -1,7 +1,7 @@
 """ms per generated token of a small Llama (built from a config, random weights), with and
 without MoRAM in ``q_proj``/``v_proj``, timed in one run with the two models interleaved.
 
-    python -m benchmarks.generation [--hidden 1024] [--layers 8] [--n 64] [--k 8] [--reps 7]
+    python -m benchmarks --preset generation [--hidden 1024] [--layers 8] [--n 64] [--k 8] [--reps 7]
 
 Greedy decoding with the KV cache, one token per call after the prompt: the row where the
 per-call overhead of the adapter shows. Needs transformers.
@@ -78,8 +78,8 @@ def row(m: dict) -> str:
             f"{m['ratio']:.2f}× |")
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--n", type=int, default=64, help="atoms per MoRAM layer")
@@ -96,7 +96,3 @@ def main(argv=None) -> int:
     print("| model | bare ms/token | with MoRAM ms/token | ratio |\n|---|---:|---:|---:|")
     print(row(m))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

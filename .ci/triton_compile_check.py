@@ -1,21 +1,29 @@
-"""Compile every Triton kernel variant for sm_90 and sm_80 without a GPU; print the table
-(shared memory, registers and stack/spill bytes per thread, tensor-core and cp.async use,
-programs per SM on H100/H200 and the modelled waves of the gpu_check shapes).
+#!/usr/bin/env python
+"""Compile-only check of the Triton kernels: no GPU needed.
 
-    python benchmarks/triton_variants.py [--arch 90 80] [--jobs 2] [--filter scan] [--csv out.csv]
+Every kernel variant the launchers can emit (``moram_kernels.backends.triton.variants``)
+is compiled ahead of time with ``triton.compile`` for ``GPUTarget("cuda", arch, 32)``,
+sm_90 and sm_80 by default, and a table is printed: shared memory, registers and
+stack/spill bytes per thread, tensor-core (``wgmma`` / ``mma.sync``) and ``cp.async`` use,
+programs per SM on H100/H200, and the modelled waves at the ``gpu-check`` shape
+(``benchmarks/cost_model.py``: ``GPU_CHECK``). It sits beside ``cuda_compile_check.py``,
+which does the same for the CUDA kernels with nvcc.
 
-Exits non-zero if a variant fails to compile, needs more shared memory per block than
-the architecture allows, spills registers on sm_90 (stack > 0; the generic variant
-excepted, which no aligned launch picks; sm_80 spills are shown, not enforced: the block
-configs are tuned for Hopper), or fits fewer programs per SM than the grid plan assumes
-(``per_sm`` of its scan config). Needs TRITON_INTERPRET unset (the interpreter has
-nothing to compile).
+Fails (exit 1) if a variant fails to compile, needs more shared memory per block than the
+architecture allows, spills registers on sm_90 (stack > 0; the generic variant excepted,
+which no aligned launch picks; sm_80 spills are shown, not enforced: the block configs are
+tuned for Hopper), or fits fewer programs per SM than the grid plan assumes (``per_sm`` of
+its scan config). Exit 2: ``TRITON_INTERPRET`` is set (the interpreter compiles nothing).
 
 Programs per SM (sm_90: H100 and H200 alike, 132 SMs on the SXM parts): the minimum of
 65,536 registers / (registers per thread rounded up to 8 x threads), 228 KB shared memory
 / (the program's + 1 KB reserved), 2,048 threads / threads, and 32. Waves: the grid the
-launcher builds for d_in = 4096, N = 16,384 (scan: ``plan_splits``; the others: token
-blocks x column chunks) over 132 x programs per SM.
+launcher builds for the gpu-check shape (scan: ``plan_splits``; the others: token blocks x
+column chunks) over 132 x programs per SM.
+
+Usage: ``python .ci/triton_compile_check.py [--arch 90 80] [--jobs 2] [--filter scan] [--csv out.csv]``,
+or the same options to ``python -m benchmarks --preset triton-variants``.
+``tests/backends/triton/test_triton_compile.py`` runs it and reads its CSV.
 """
 
 from __future__ import annotations
@@ -27,26 +35,32 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
 # Max dynamic shared memory per block (opt-in), CUDA programming guide table 21:
 # sm_90: 227 KB = 232,448 B; sm_80: 163 KB = 166,912 B.
 SMEM_LIMIT = {90: 232_448, 80: 166_912}
 
 
-def _compile(job):
-    i, arch = job
+def compile_variant(v, arch: int):
+    """``triton.compile`` of one variant for ``sm_<arch>``: the compiled kernel (``.asm``
+    holds its ttir, ptx and cubin, ``.metadata`` its shared memory)."""
+    import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    import triton
+    return triton.compile(ASTSource(v.fn(), v.signature, v.constexprs, v.attrs),
+                          target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=v.num_warps, num_stages=v.num_stages))
 
+
+def _compile(job):
+    i, arch = job
     from moram_kernels.backends.triton.variants import all_variants
     v = all_variants()[i]
     t0 = time.perf_counter()
     try:
-        k = triton.compile(ASTSource(v.fn(), v.signature, v.constexprs, v.attrs),
-                           target=GPUTarget("cuda", arch, 32),
-                           options=dict(num_warps=v.num_warps, num_stages=v.num_stages))
+        k = compile_variant(v, arch)
     except Exception as e:  # reported in the table, and a failure of the run
         return dict(label=v.label, arch=arch, ok=False, error=f"{type(e).__name__}: {str(e)[:300]}",
                     seconds=time.perf_counter() - t0)
@@ -77,7 +91,6 @@ def _res_usage(cubin):
 
 
 SMS_H100_H200 = 132
-GPU_CHECK = dict(d=4096, n=16384, t_prefill=4096, t_decode=(1, 16, 64))
 
 
 def per_sm(regs, shared, warps, arch=90):
@@ -92,34 +105,33 @@ def per_sm(regs, shared, warps, arch=90):
 
 
 def waves(v, blocks):
-    """``"T=..: waves"`` for the gpu_check shapes this variant serves."""
+    """``"T=..: waves"`` at the gpu-check shape, for the token counts this variant serves."""
     import triton
 
+    from benchmarks.cost_model import GPU_CHECK as g
     from moram_kernels.backends.triton.forward import plan_splits
     if blocks <= 0:
         return "-"
-    g = GPU_CHECK
     c = v.constexprs
     slots = SMS_H100_H200 * blocks
     if v.kernel == "_moram_scan_kernel":
-        ts = {"prefill": (g["t_prefill"],), "decode16": (1, 16), "decode64": (64,)}.get(v.config, ())
+        ts = {"prefill": (g.t_prefill,), "decode16": (1, 16), "decode64": (64,)}.get(v.config, ())
         out = []
         for t in ts:
-            s, _ = plan_splits(t, g["n"], 0, c["BT"], c["BN"], None, v.per_sm, sms=SMS_H100_H200)
+            s, _ = plan_splits(t, g.n, 0, c["BT"], c["BN"], None, v.per_sm, sms=SMS_H100_H200)
             out.append(f"T{t}:{triton.cdiv(t, c['BT']) * s / slots:.2f}")
         return " ".join(out)
-    t = g["t_prefill"]
+    t = g.t_prefill
     progs = triton.cdiv(t, c.get("BT", 16))
     if "BO" in c and v.kernel != "_moram_bwd_db_sorted_kernel":
-        progs *= triton.cdiv(g["d"], c["BO"])
+        progs *= triton.cdiv(g.d_out, c["BO"])
     elif v.kernel == "_moram_bwd_db_sorted_kernel":
-        progs = 16 * triton.cdiv(g["d"], c["BO"])         # 16 trainable atoms
+        progs = g.r * triton.cdiv(g.d_out, c["BO"])       # the trainable atoms
     return f"T{t}:{progs / slots:.2f}"
 
 
 def run(archs=(90, 80), jobs=2, filt=None):
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise SystemExit("unset TRITON_INTERPRET: the interpreter compiles nothing")
+    """One row per (variant, arch): the compiler's numbers, ``fits`` and ``problems``."""
     from moram_kernels.backends.triton.variants import all_variants
     vs = all_variants()
     todo = [(i, a) for a in archs for i, v in enumerate(vs) if not filt or filt in v.label]
@@ -148,17 +160,20 @@ def run(archs=(90, 80), jobs=2, filt=None):
     return rows
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", type=int, nargs="+", default=[90, 80])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(SMEM_LIMIT))
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--filter", default=None, help="only labels containing this")
     ap.add_argument("--csv", default=None)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("triton_compile_check: unset TRITON_INTERPRET, the interpreter compiles nothing", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     rows = run(tuple(a.arch), a.jobs, a.filter)
     print(f"{'variant':40s} {'arch':>4s} {'shared B':>9s} {'limit B':>8s} {'regs':>4s} {'stack':>5s} "
-          f"{'mma':>3s} {'cp.async':>8s} {'/SM':>3s} {'plan':>4s} {'waves (gpu_check shapes)':24s} {'s':>5s}")
+          f"{'mma':>3s} {'cp.async':>8s} {'/SM':>3s} {'plan':>4s} {'waves (gpu-check shape)':24s} {'s':>5s}")
     for r in rows:
         if r["ok"]:
             print(f"{r['label']:40s} {r['arch']:>4d} {r['shared']:>9d} {SMEM_LIMIT[r['arch']]:>8d} "
@@ -169,7 +184,7 @@ def main():
         else:
             print(f"{r['label']:44s} {r['arch']:>4d} FAILED {r['error']}")
     bad = [r for r in rows if not r["fits"] or r.get("problems")]
-    print(f"{len(rows)} compiles, {len(bad)} failed, over the shared-memory limit, spilling or "
+    print(f"triton_compile_check: {'FAILED' if bad else 'ok'}, {len(rows)} compiles, {len(bad)} failed, over the shared-memory limit, spilling or "
           f"below the planned occupancy; /SM = programs per SM (H100 = H200 on sm_90), "
           f"{time.perf_counter() - t0:.0f} s")
     if a.csv:

@@ -6,8 +6,8 @@ parameters, sharded like the base weights. This script measures, on each of ``--
 gloo processes on CPU, the bytes each rank holds of: the base weights, the trainable atoms
 (local shards), the frozen bank; after each of ``--tasks`` tasks.
 
-    python -m benchmarks.fsdp_bank_memory                   # LLaMA-7B-like q/v shapes, 2 ranks
-    python -m benchmarks.fsdp_bank_memory --layers 2 --tasks 3 --dim 256 --r 4
+    python -m benchmarks --preset fsdp-bank-memory             # LLaMA-7B-like q/v shapes, 2 ranks
+    python -m benchmarks --preset fsdp-bank-memory --layers 2 --tasks 3 --dim 256 --r 4
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ def _worker(rank, args, port, outdir):
         dist.destroy_process_group()
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--layers", type=int, default=32, help="blocks, each with q_proj and v_proj")
     p.add_argument("--dim", type=int, default=4096)
@@ -91,8 +91,4 @@ def main(argv=None):
             if i in (0, 1, args.tasks - 1):
                 print(f"{task:>4} {r:>4} {base / mib:>13.2f} {trainable / mib:>18.3f} "
                       f"{frozen / mib:>19.2f}")
-    return ranks
-
-
-if __name__ == "__main__":
-    main()
+    return 0
