@@ -353,15 +353,8 @@ class MoRAMPeftModel(BaseTuner):
     # ---- what MoRAM cannot do ----------------------------------------------------------------
 
     def _check_merge_allowed(self):
-        raise ValueError(_MERGE_ERROR)
-
-    def merge_and_unload(self, *args, **kwargs):
-        raise ValueError(_MERGE_ERROR)
-
-    def merge_adapter(self, *args, **kwargs) -> None:
-        raise ValueError(_MERGE_ERROR)
-
-    def unmerge_adapter(self, *args, **kwargs) -> None:
+        """PEFT asks this first in merge_and_unload() and merge_adapter() (and each layer's
+        merge() / unmerge() refuses too)."""
         raise ValueError(_MERGE_ERROR)
 
     def add_weighted_adapter(self, *args, **kwargs) -> None:
