@@ -33,10 +33,10 @@ The atoms' sizes grow with tasks, and PEFT builds the layers from the config bef
 loads the weights, so the config carries ``bank_sizes`` (per layer: atoms per task and
 trainable atoms). Every adapter gets its own copy of the config it was created with (one
 config object may serve several adapters; the caller's object is never changed), and its
-``bank_sizes`` is refreshed from that adapter's layers each time PEFT or transformers
-saves it (``save_pretrained``). A config that carries ``bank_sizes`` builds banks of
-those sizes for the saved atoms to be loaded into; to start a *new* adapter from a saved
-config, clear it first (``config.bank_sizes = {}``).
+``bank_sizes`` is refreshed from that adapter's layers each time its tensors are collected
+for saving (``save_pretrained``, ``peft.get_peft_model_state_dict``). A config that
+carries ``bank_sizes`` builds banks of those sizes for the saved atoms to be loaded into;
+to start a *new* adapter from a saved config, clear it first (``config.bank_sizes = {}``).
 
 Mixed-adapter batches work as with LoRA: ``model(x, adapter_names=[...])`` and
 ``model.generate(..., adapter_names=[...])`` take one adapter name per row (``"__base__"``
