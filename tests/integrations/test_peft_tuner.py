@@ -21,11 +21,12 @@ from moram_kernels.integrations.peft import (  # noqa: E402
 CFG = dict(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], r=4, k=3, tau=0.3,
            alpha=8.0)
 R = CFG["r"]
+WRAPPED = 2                      # q_proj and v_proj of the one decoder layer
 
 
 def _llama():
     torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+    cfg = tf.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                          pad_token_id=0, bos_token_id=1, eos_token_id=2)
     return tf.LlamaForCausalLM(cfg).eval()
@@ -86,11 +87,11 @@ def test_an_adapter_trains_as_soon_as_get_peft_model_returns():
     pm = peft.get_peft_model(_llama(), MoRAMPeftConfig(**CFG))
     layers = _layers(pm)
     trainable = {n: p for n, p in pm.named_parameters() if p.requires_grad}
-    assert len(layers) == 4 and len(trainable) == 2 * len(layers)
+    assert len(layers) == WRAPPED and len(trainable) == 2 * len(layers)
     assert all(".moram_bank.default." in n for n in trainable)
     assert sum(p.numel() for p in trainable.values()) == sum(
         R * (m.in_features + m.out_features) for m in layers)
-    assert [m.moram_bank["default"].task_sizes.tolist() for m in layers] == [[R]] * 4
+    assert [m.moram_bank["default"].task_sizes.tolist() for m in layers] == [[R]] * WRAPPED
     torch.testing.assert_close(_logits(pm, ids), base_logits, rtol=0, atol=0)   # values start at 0
 
     opt = torch.optim.AdamW(trainable.values(), lr=0.05)     # built right away, as for LoRA
@@ -103,7 +104,7 @@ def test_an_adapter_trains_as_soon_as_get_peft_model_returns():
     assert (after_task_1 - base_logits).abs().max() > 1e-4
 
     mk.add_task(pm, optimizer=opt)                            # the next task, same parameters
-    assert [m.moram_bank["default"].task_sizes.tolist() for m in layers] == [[R, R]] * 4
+    assert [m.moram_bank["default"].task_sizes.tolist() for m in layers] == [[R, R]] * WRAPPED
     assert {n: p for n, p in pm.named_parameters() if p.requires_grad} == trainable
     pm.train()
     opt.zero_grad()
@@ -112,7 +113,7 @@ def test_an_adapter_trains_as_soon_as_get_peft_model_returns():
     assert (_logits(pm.eval(), ids) - after_task_1).abs().max() > 1e-5
 
     pm.add_adapter("b", MoRAMPeftConfig(**CFG))               # a second adapter: its first task,
-    assert [m.moram_bank["b"].task_sizes.tolist() for m in layers] == [[R]] * 4
+    assert [m.moram_bank["b"].task_sizes.tolist() for m in layers] == [[R]] * WRAPPED
     assert not any(".b." in n for n, p in pm.named_parameters() if p.requires_grad)   # inactive
     pm.set_adapter("b")
     assert {n.split(".moram_bank.")[1].split(".")[0]
@@ -214,7 +215,7 @@ def test_each_adapter_saves_its_own_bank_sizes_on_every_save(tmp_path):
     sizes = {"default": [R, R], "b": [R], "c": [2]}
     for a, sub in (("default", ""), ("b", "b"), ("c", "c")):
         got = _json_sizes(tmp_path / "ad" / sub / "adapter_config.json")
-        assert len(got) == 4 and set(map(tuple, got.values())) == {tuple(sizes[a])}, a
+        assert len(got) == WRAPPED and set(map(tuple, got.values())) == {tuple(sizes[a])}, a
     assert shared.bank_sizes == {}              # the caller's object is never changed
     assert pm.peft_config["default"] is not pm.peft_config["b"]
 
@@ -252,11 +253,11 @@ def test_requires_grad_after_loading_and_training_goes_on(tmp_path):
 
     pm = peft.PeftModel.from_pretrained(_llama(), tmp_path / "ad", is_trainable=True)
     trainable = sorted(n.rsplit(".", 1)[1] for n, p in pm.named_parameters() if p.requires_grad)
-    assert trainable == ["keys"] * 4 + ["values"] * 4       # the current task's atoms
-    assert [m.moram_bank["default"].task_sizes.tolist() for m in _layers(pm)] == [[R, R]] * 4
+    assert trainable == ["keys"] * WRAPPED + ["values"] * WRAPPED       # the current task's atoms
+    assert [m.moram_bank["default"].task_sizes.tolist() for m in _layers(pm)] == [[R, R]] * WRAPPED
     torch.testing.assert_close(_logits(pm.eval(), ids), saved, rtol=0, atol=0)
     mk.add_task(pm)                             # loading started no task; this one is the 3rd
-    assert [m.moram_bank["default"].task_sizes.tolist() for m in _layers(pm)] == [[R, R, R]] * 4
+    assert [m.moram_bank["default"].task_sizes.tolist() for m in _layers(pm)] == [[R, R, R]] * WRAPPED
     pm.save_pretrained(tmp_path / "ad")
     assert set(map(tuple, _json_sizes(tmp_path / "ad/adapter_config.json").values())) == {(R, R, R)}
 
@@ -282,7 +283,7 @@ def test_what_moram_cannot_do_raises_clearly_and_changes_nothing():
         with pytest.raises(ValueError, match=match) as e:
             call(pm)
         assert "MoRAM" in str(e.value), match
-    assert set(pm.peft_config) == {"default", "b", "c"} and len(_layers(pm)) == 4
+    assert set(pm.peft_config) == {"default", "b", "c"} and len(_layers(pm)) == WRAPPED
     torch.testing.assert_close(_logits(pm, ids), before, rtol=0, atol=0)
 
 
@@ -322,5 +323,5 @@ def test_docs_peft_task_cycle(tmp_path):
     # --- snippet ends
 
     sizes = [m.moram_bank["default"].task_sizes.tolist() for m in _layers(loaded)]
-    assert sizes == [[4, 4, 4]] * 4
+    assert sizes == [[4, 4, 4]] * WRAPPED
     torch.testing.assert_close(_logits(loaded, tasks[0]), _logits(model, tasks[0]), rtol=0, atol=0)
