@@ -246,10 +246,16 @@ def _refuse_sharded(layers: dict[str, MoRAMLinear], what: str) -> None:
 def save_moram(model: nn.Module, path) -> None:
     """Write only the MoRAM state to a safetensors file: per layer its frozen and
     trainable atoms and its atoms per task, plus metadata (config, package version,
-    layer shapes)."""
+    layer shapes).
+
+    The file is written beside ``path`` under a temporary name and renamed onto it once
+    complete and flushed to disk, so a job killed while saving leaves the previous
+    checkpoint at ``path`` whole (and at worst a stray ``.<name>.<random>.tmp.safetensors``).
+    """
     from safetensors.torch import save_file
 
     from .. import __version__
+    from .._io import atomic_path
 
     layers = moram_layers(model)
     if not layers:
@@ -268,7 +274,8 @@ def save_moram(model: nn.Module, path) -> None:
                                   "hyper": {h: getattr(l, h) for h in _HYPER if h != "dropout"}}
                               for n, l in layers.items()}),
     }
-    save_file(tensors, str(path), metadata=meta)
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=meta)
 
 
 def _check_layer_state(name: str, layer: MoRAMLinear, st: dict[str, Tensor]) -> None:

@@ -14,11 +14,13 @@ eval-time threshold) to an int64 counter ``[N]``::
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from .._io import atomic_path
 from .model import moram_layers
 
 __all__ = ["start_usage", "stop_usage", "usage_counts", "usage_by_task", "atom_tasks",
@@ -157,4 +159,8 @@ def plot_usage(record: UsageRecord | nn.Module, path, *, title: str | None = Non
                    loc="lower left", bbox_to_anchor=(0.0, 1.02), fontsize=7, ncol=min(n_tasks, 10),
                    frameon=False, borderaxespad=0.0)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
-    fig.savefig(str(path), dpi=110)
+    if not isinstance(path, (str, os.PathLike)):     # a file object: matplotlib writes to it
+        fig.savefig(path, dpi=110, format="png")
+        return
+    with atomic_path(path) as tmp:      # a killed job leaves the previous plot whole
+        fig.savefig(tmp, dpi=110)

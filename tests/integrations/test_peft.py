@@ -32,9 +32,8 @@ def _base(path: Path):
 
 
 def _train_tasks(pm, ids, tasks):
-    """``tasks`` tasks of 3 AdamW steps each, on the active adapter; one optimiser, reset by
-    mk.add_task between tasks."""
-    mk.add_task(pm)
+    """``tasks`` tasks of 3 AdamW steps each, on the active adapter (whose first task exists
+    from its creation); one optimiser, reset by mk.add_task between tasks."""
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=0.05)
     pm.train()
     for t in range(tasks):
@@ -113,22 +112,26 @@ def test_peft_round_trip_in_a_fresh_process(tmp_path):
 
 
 def test_method_unknown_without_the_import(tmp_path):
+    """The module docstring quotes the error peft gives a process without the import."""
+    from moram_kernels.integrations import peft as mkpeft
+
+    error = "KeyError: 'MORAM'"
+    assert f"``{error}``" in mkpeft.__doc__
     pm = peft.get_peft_model(_base(tmp_path / "base"), MoRAMPeftConfig(**CFG))
-    mk.add_task(pm)
     pm.save_pretrained(tmp_path / "ad")
     code = ("import sys, peft, transformers\n"
             "b = transformers.BertModel.from_pretrained(sys.argv[1] + '/base')\n"
             "peft.PeftModel.from_pretrained(b, sys.argv[1] + '/ad')\n")
     proc = _fresh(code, tmp_path)
-    assert proc.returncode != 0 and "MORAM" in proc.stderr
+    assert proc.returncode != 0 and error in proc.stderr, proc.stderr[-2000:]
 
 
 def test_merge_raises_and_layer_reports_sizes(tmp_path):
     pm = peft.get_peft_model(_base(tmp_path / "base"), MoRAMPeftConfig(**CFG))
     layer = next(m for m in pm.modules() if isinstance(m, MoRAMPeftLayer))
-    assert (layer.num_atoms, layer.num_trainable_atoms) == (0, 0)
+    assert (layer.num_atoms, layer.num_trainable_atoms) == (3, 3)    # the first task
     layer.add_task()
-    assert (layer.num_atoms, layer.num_trainable_atoms) == (3, 3)
+    assert (layer.num_atoms, layer.num_trainable_atoms) == (6, 3)
     assert all(p.requires_grad == ("moram_" in n) for n, p in pm.named_parameters())
     with pytest.raises(ValueError, match="cannot be merged"):
         pm.merge_and_unload()
