@@ -3,7 +3,7 @@
 The public API (``docs/api.md``) and nothing else.
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 from .backends import available_backends, use_backend
 from . import distributed, integrations

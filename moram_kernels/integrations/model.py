@@ -254,7 +254,7 @@ def save_moram(model: nn.Module, path) -> None:
     """
     from safetensors.torch import save_file
 
-    from .. import __version__
+    from .._version import __version__
     from .._io import atomic_path
 
     layers = moram_layers(model)
