@@ -68,11 +68,9 @@ class Setup:
             c = self.case
             layer = mk.MoRAMLinear(self.base, r=c.r, k=c.k, tau=c.tau, delta=c.delta, alpha=c.alpha, eps=c.eps)
             nf = c.n - c.r
-            layer.frozen_keys = self.keys[:nf].clone()
-            layer.frozen_values = self.values[:nf].clone()
-            layer.keys = nn.Parameter(self.keys[nf:].clone())
-            layer.values = nn.Parameter(self.values[nf:].clone())
-            layer.task_sizes = torch.tensor([nf, c.r] if nf else [c.r], device=self.device)
+            layer._set_bank(frozen_keys=self.keys[:nf].clone(), frozen_values=self.values[:nf].clone(),
+                            keys=self.keys[nf:].clone(), values=self.values[nf:].clone(),
+                            task_sizes=torch.tensor([nf, c.r] if nf else [c.r], device=self.device))
             self._layer = layer.train()
         return self._layer
 

@@ -73,8 +73,8 @@ def make_layers(s: Shape, seed=0):
     ours = mk.MoRAMLinear(base, r=s.R, k=s.K, tau=s.TAU, delta=0.2, backend="cpu")
     ours.add_task()
     with torch.no_grad():
-        ours.frozen_keys = keys[: s.N - s.R].clone()
-        ours.frozen_values = values[: s.N - s.R].clone()
+        ours._set_bank(frozen_keys=keys[: s.N - s.R].clone(), frozen_values=values[: s.N - s.R].clone(),
+                       task_sizes=torch.tensor([s.N - s.R, s.R]))
         ours.keys.copy_(keys[s.N - s.R:])
         ours.values.copy_(values[s.N - s.R:])   # nonzero, so every gradient path does real work
     # the authors' layer over its own copy of the same atoms, so the gradients stay apart
