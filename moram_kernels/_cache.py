@@ -66,8 +66,5 @@ class DerivedCaches:
         for n in self._names:
             getattr(self, n).clear()
 
-    def __reduce__(self):
-        return (type(self), self._names)
-
     def __repr__(self) -> str:
         return f"DerivedCaches({', '.join(self._names)})"
