@@ -177,12 +177,13 @@ def _saved(module: nn.Module, x: Tensor) -> tuple[Tensor, int]:
 
     def exclude() -> list[Tensor]:
         out = [x, *module.parameters(), *module.buffers()]
-        # MoRAMLinear's cached Gram matrix of the frozen keys lives as long as the layer,
-        # whether or not a backward is pending, so it is not memory a step holds
+        # MoRAMLinear's cached Gram matrix of the frozen keys (and cast bank) lives as long
+        # as the layer, whether or not a backward is pending, so it is not memory a step holds
         for m in module.modules():
-            cache = getattr(m, "_gram_cache", None)
-            if isinstance(cache, tuple) and isinstance(cache[-1], Tensor):
-                out.append(cache[-1])
+            caches = getattr(m, "_caches", None)
+            if caches is not None:
+                for v in (caches.gram.value, caches.bank.value):
+                    out += [t for t in (v if isinstance(v, tuple) else (v,)) if isinstance(t, Tensor)]
         return out
     return saved_for_backward(lambda: module(x), exclude)
 
