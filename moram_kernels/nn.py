@@ -47,6 +47,22 @@ def _linear_dims(base: nn.Module) -> tuple[int, int]:
     raise TypeError(f"base must be an nn.Linear or transformers' Conv1D, got {type(base).__name__}")
 
 
+# ---- builders of the values MoRAMLinear caches (see MoRAMLinear._caches) ---------------------
+
+def _gram(keys: Tensor, dtype: torch.dtype) -> Tensor:
+    """``keys^T keys``, accumulated in fp32 (fp64 for fp64 keys), stored in ``dtype``."""
+    a = keys.detach().to(torch.float64 if keys.dtype == torch.float64 else torch.float32)
+    return (a.t() @ a).to(dtype)
+
+
+def _cast_pair(keys: Tensor, values: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    return keys.detach().to(dtype), values.detach().to(dtype)
+
+
+def _scale_vector(n: int, scale: float, device: torch.device, dtype: torch.dtype) -> Tensor:
+    return torch.full((n,), scale, device=device, dtype=dtype)
+
+
 class MoRAMLinear(nn.Module):
     """``y = base_layer(x) + moram(dropout(x), atoms)``, ``[..., d_in] -> [..., d_out]``.
 
@@ -143,10 +159,9 @@ class MoRAMLinear(nn.Module):
     def _check_bank(self, bank: dict[str, Tensor] | None = None, what: str | None = None) -> None:
         """Raise ``ValueError`` (prefixed by ``what``) unless ``bank``, a value for each of
         :attr:`BANK_FIELDS` (default: the layer's own), is a consistent bank for this
-        layer: 2-D float atoms
-        ``[*, d_in]`` / ``[*, d_out]`` with as many keys as values in each segment, and
-        positive integer task sizes that add up to every atom, the last task being the
-        trainable atoms when there are any."""
+        layer: 2-D float atoms ``[*, d_in]`` / ``[*, d_out]`` with as many keys as values
+        in each segment, and positive integer task sizes that add up to every atom, the
+        last task being the trainable atoms when there are any."""
         what = what or f"MoRAMLinear({self.in_features} -> {self.out_features})"
         fk, fv, k, v, ts = (getattr(self, f) if bank is None else bank[f] for f in self.BANK_FIELDS)
         for name, t in (("frozen_keys", fk), ("frozen_values", fv), ("keys", k), ("values", v)):
@@ -164,11 +179,12 @@ class MoRAMLinear(nn.Module):
                              f"(frozen {fk.shape[0]} / {fv.shape[0]}, trainable "
                              f"{k.shape[0]} / {v.shape[0]})")
         if (not isinstance(ts, Tensor) or ts.dim() != 1 or ts.is_floating_point()
-                or ts.is_complex() or ts.dtype == torch.bool
-                or (ts.device.type != "meta" and bool((ts <= 0).any()))):
+                or ts.is_complex() or ts.dtype == torch.bool):
             raise ValueError(f"{what}: task_sizes must be a 1-D tensor of positive ints")
         if ts.device.type == "meta":
             return          # no values to check (a model built on the meta device)
+        if bool((ts <= 0).any()):
+            raise ValueError(f"{what}: task_sizes must be a 1-D tensor of positive ints")
         n = self._frozen_count(fk) + k.shape[0]
         if int(ts.sum()) != n:
             raise ValueError(f"{what}: task sizes {ts.tolist()} do not add up to the {n} atoms")
@@ -286,8 +302,7 @@ class MoRAMLinear(nn.Module):
             return fk, fv
         if torch.compiler.is_compiling() or fk.is_inference() or fv.is_inference():
             return fk.to(dtype), fv.to(dtype)   # no version counter to key a cache on
-        return self._caches.bank.get((fk, fv), dtype,
-                                     lambda: (fk.detach().to(dtype), fv.detach().to(dtype)))
+        return self._caches.bank.get((fk, fv), dtype, _cast_pair, fk, fv, dtype)
 
     def _frozen_gram(self, dtype: torch.dtype = torch.float32) -> Tensor | None:
         """``frozen_keys^T frozen_keys`` (accumulated in fp32, stored in ``dtype``, the
@@ -303,10 +318,7 @@ class MoRAMLinear(nn.Module):
         if fk.shape[0] < self.in_features or torch.compiler.is_compiling():
             return None
 
-        def gram():
-            a = fk.detach().to(torch.float64 if fk.dtype == torch.float64 else torch.float32)
-            return (a.t() @ a).to(dtype)
-        return self._caches.gram.get((fk,), dtype, gram)
+        return self._caches.gram.get((fk,), dtype, _gram, fk, dtype)
 
     def _trainable_scale(self, n1: int, x: Tensor) -> Tensor | None:
         """The ``[r]`` scale of the trainable values (``alpha / r``), or None when it is 1;
@@ -317,8 +329,8 @@ class MoRAMLinear(nn.Module):
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         if torch.compiler.is_compiling():
             return torch.full((n1,), scaling, device=x.device, dtype=dtype)
-        return self._caches.scale.get((), (n1, scaling, x.device, dtype),
-                                      lambda: torch.full((n1,), scaling, device=x.device, dtype=dtype))
+        return self._caches.scale.get((), (n1, scaling, x.device, dtype), _scale_vector,
+                                      n1, scaling, x.device, dtype)
 
     # ---- forward -------------------------------------------------------------------------
 

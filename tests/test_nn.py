@@ -464,3 +464,21 @@ def test_load_state_dict_refuses_an_inconsistent_bank():
         target.load_state_dict(sd)
     for k, v in before.items():
         assert torch.equal(target.state_dict()[k], v), k
+
+
+def test_a_new_tensor_at_the_old_address_is_not_taken_for_the_old_one():
+    """The caches key on a tensor's address, version and shape, and hold a weak reference
+    to it: a buffer replaced behind ``_set_bank``'s back (as ``.to()`` replaces buffers) by
+    a new tensor at the same address, version and shape is still seen as new."""
+    import numpy as np
+    layer = _layer(d_in=8, tasks=4, r=4)                # 12 frozen >= d_in: a Gram is kept
+    buf = np.ascontiguousarray(layer.frozen_keys.numpy())
+    layer._set_bank(frozen_keys=torch.from_numpy(buf))
+    old = layer._frozen_gram().clone()
+    before = (layer.frozen_keys.data_ptr(), layer.frozen_keys._version)
+    buf *= -3.0                                          # behind torch's version counter
+    layer._buffers["frozen_keys"] = new = torch.from_numpy(buf)
+    assert (new.data_ptr(), new._version) == before, "the setup is hollow"
+    a = new.double()
+    torch.testing.assert_close(layer._frozen_gram().double(), a.t() @ a)
+    assert not torch.allclose(old.double(), a.t() @ a)
