@@ -4,6 +4,8 @@ of a ``torch.distributed`` process group, with results equal to one process.
 Every rank holds a slice of the frozen bank (balanced to within one atom) and the few
 trainable atoms (replicated; the last rank of the group owns them in the arithmetic below).
 Every rank must pass the same ``x`` (tensor-parallel style); the output is replicated.
+:func:`shard_bank` turns each ``MoRAMLinear`` into a :class:`ShardedMoRAMLinear` in place
+and :func:`unshard_bank` turns it back.
 The only coupling across atoms is the per-token norm and the top-K, so one call is:
 
 1. each rank runs the ordinary backend on its slice: local top-K ``(score, global id)`` and
@@ -38,7 +40,7 @@ from .backends import Inputs, select
 from .backends.reference import _gate, effective_k, gate_backward, gram_apply, segment_grads
 from .nn import MoRAMLinear
 
-__all__ = ["shard_bank", "unshard_bank", "is_sharded", "ShardedMoRAMLinear", "traffic"]
+__all__ = ["shard_bank", "unshard_bank", "is_sharded", "ShardedMoRAMLinear"]
 
 _IGNORE_ATTR = "_ddp_params_and_buffers_to_ignore"   # read by DistributedDataParallel
 _FROZEN = tuple(f for f in MoRAMLinear.BANK_FIELDS if f.startswith("frozen_"))   # the sharded ones
@@ -409,9 +411,6 @@ def shard_bank(model: nn.Module, group=None) -> nn.Module:
     is the global N, and ``add_task`` keeps the bank sharded. ``unshard_bank`` undoes it.
     """
     layers = _layers_of(model)
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("shard_bank needs an initialised torch.distributed process group "
-                           "(torch.distributed.init_process_group)")
     already = [n or "<root>" for n, l in layers.items() if is_sharded(l)]
     if already:
         raise ValueError(f"layers {already[:5]} already have a sharded bank")
@@ -420,6 +419,9 @@ def shard_bank(model: nn.Module, group=None) -> nn.Module:
         raise TypeError(f"shard_bank shards MoRAMLinear layers, not subclasses of it: {other}")
     for n, layer in layers.items():     # the same bank on every rank: all raise alike
         layer._check_bank(what=f"layer {n or '<root>'}")
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("shard_bank needs an initialised torch.distributed process group "
+                           "(torch.distributed.init_process_group)")
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     if rank < 0:
         raise ValueError("this process is not a member of group")

@@ -385,6 +385,22 @@ def test_shard_bank_needs_a_process_group():
         mk.distributed.shard_bank(nn.Linear(4, 3))
 
 
+def test_shard_bank_refuses_before_any_collective():
+    """Checked on each rank before any exchange: subclasses (the sharded layer is its own
+    named class), and a bank that breaks its invariant. The class is not built by hand."""
+    class Mine(mk.MoRAMLinear):
+        pass
+    with pytest.raises(TypeError, match="not subclasses of it: {'<root>': 'Mine'}"):
+        mk.distributed.shard_bank(Mine(nn.Linear(4, 3), r=2, k=2))
+    layer = mk.MoRAMLinear(nn.Linear(4, 3), r=2, k=2)
+    layer._buffers["task_sizes"] = torch.tensor([3])       # behind _set_bank's back
+    with pytest.raises(ValueError, match="layer <root>: task sizes \\[3\\] do not add up to the 0"):
+        mk.distributed.shard_bank(layer)
+    assert type(layer) is mk.MoRAMLinear
+    with pytest.raises(TypeError, match="made by moram_kernels.distributed.shard_bank"):
+        mk.distributed.ShardedMoRAMLinear(nn.Linear(4, 3))
+
+
 def test_benchmark_model_of_bytes():
     """The benchmark's model: the sharded call's bytes do not grow with N, the all-gathered
     bank's grow linearly, and one process moves nothing."""
