@@ -89,11 +89,9 @@ class Setup:
             c = self.case
             layer = mk.MoRAMLinear(self.base, r=c.r, k=c.k, tau=c.tau, delta=c.delta, alpha=c.alpha, eps=c.eps)
             nf = c.n - c.r
-            layer.frozen_keys = self.keys[:nf].clone()
-            layer.frozen_values = self.values[:nf].clone()
-            layer.keys = nn.Parameter(self.keys[nf:].clone())
-            layer.values = nn.Parameter(self.values[nf:].clone())
-            layer.task_sizes = torch.tensor([nf, c.r] if nf else [c.r], device=self.device)
+            layer._set_bank(frozen_keys=self.keys[:nf].clone(), frozen_values=self.values[:nf].clone(),
+                            keys=self.keys[nf:].clone(), values=self.values[nf:].clone(),
+                            task_sizes=torch.tensor([nf, c.r] if nf else [c.r], device=self.device))
             self._layer = layer.train()
         return self._layer
 
@@ -144,12 +142,13 @@ def _step(s: Setup, module: nn.Module, dense_tn: float = 0.0, prepare: Callable[
 def _saved(module: nn.Module, x: Tensor) -> int:
     def exclude() -> list[Tensor]:
         out = [x, *module.parameters(), *module.buffers()]
-        # MoRAMLinear's cached Gram matrix of the frozen keys lives as long as the layer,
-        # whether or not a backward is pending, so it is not memory a step holds
+        # MoRAMLinear's cached Gram matrix of the frozen keys (and cast bank) lives as long
+        # as the layer, whether or not a backward is pending, so it is not memory a step holds
         for m in module.modules():
-            cache = getattr(m, "_gram_cache", None)
-            if isinstance(cache, tuple) and isinstance(cache[-1], Tensor):
-                out.append(cache[-1])
+            caches = getattr(m, "_caches", None)
+            if caches is not None:
+                for v in (caches.gram.value, caches.bank.value):
+                    out += [t for t in (v if isinstance(v, tuple) else (v,)) if isinstance(t, Tensor)]
         return out
     return saved_for_backward(lambda: module(x), exclude)[1]
 

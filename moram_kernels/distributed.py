@@ -4,6 +4,8 @@ of a ``torch.distributed`` process group, with results equal to one process.
 Every rank holds a slice of the frozen bank (balanced to within one atom) and the few
 trainable atoms (replicated; the last rank of the group owns them in the arithmetic below).
 Every rank must pass the same ``x`` (tensor-parallel style); the output is replicated.
+:func:`shard_bank` turns each ``MoRAMLinear`` into a :class:`ShardedMoRAMLinear` in place
+and :func:`unshard_bank` turns it back.
 The only coupling across atoms is the per-token norm and the top-K, so one call is:
 
 1. each rank runs the ordinary backend on its slice: local top-K ``(score, global id)`` and
@@ -29,24 +31,19 @@ then says so.
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ._dist import _all_gather, _all_reduce, traffic
 from .backends import Inputs, select
 from .backends.reference import _gate, effective_k, gate_backward, gram_apply, segment_grads
 from .nn import MoRAMLinear
 
-__all__ = ["shard_bank", "unshard_bank", "is_sharded"]
-
-#: Payload bytes this process put into collectives by phase, forward calls, and seconds spent
-#: inside collectives; the benchmark reads it.
-traffic: dict[str, float] = {"forward": 0, "backward": 0, "calls": 0, "comm_s": 0.0}
+__all__ = ["shard_bank", "unshard_bank", "is_sharded", "ShardedMoRAMLinear"]
 
 _IGNORE_ATTR = "_ddp_params_and_buffers_to_ignore"   # read by DistributedDataParallel
-_FROZEN = ("frozen_keys", "frozen_values")
+_FROZEN = tuple(f for f in MoRAMLinear.BANK_FIELDS if f.startswith("frozen_"))   # the sharded ones
 
 
 def _balanced(n: int, parts: int) -> list[int]:
@@ -56,12 +53,13 @@ def _balanced(n: int, parts: int) -> list[int]:
 
 class _Shard:
     """Where one layer's frozen atoms live: ``gids [n_local]`` (increasing) are the global
-    ids of this rank's atoms, ``counts`` the frozen atoms of every rank."""
+    ids of this rank's atoms, ``counts`` the frozen atoms of every rank. A copy shares the
+    process group (which cannot be copied); a pickled one refers to the default group of
+    the process that loads it, so only a layer sharded over the default group pickles."""
 
-    def __init__(self, group, rank: int, world: int, counts: list[int], gids: Tensor,
-                 orig_cls: type):
+    def __init__(self, group, rank: int, world: int, counts: list[int], gids: Tensor):
         self.group, self.rank, self.world = group, rank, world
-        self.counts, self.gids, self.orig_cls = counts, gids, orig_cls
+        self.counts, self.gids = list(counts), gids
 
     @property
     def n_frozen(self) -> int:
@@ -71,50 +69,67 @@ class _Shard:
     def owns_trainable(self) -> bool:
         return self.rank == self.world - 1
 
+    def __deepcopy__(self, memo):
+        return _Shard(self.group, self.rank, self.world, self.counts, self.gids.clone())
 
-# ---- collectives, with errors that say what was going on ----------------------------------
-
-def _collective(what: str, fn):
-    start = time.perf_counter()
-    try:
-        return fn()
-    except Exception as e:  # gloo / NCCL raise their own types (DistBackendError, RuntimeError)
-        raise RuntimeError(
-            f"MoRAM sharded bank: the {what} across ranks failed ({type(e).__name__}: {e}). "
-            "Another rank probably raised or stopped before reaching this collective; the "
-            "process group's timeout bounds this wait.") from e
-    finally:
-        traffic["comm_s"] += time.perf_counter() - start
-
-
-def _all_gather(t: Tensor, group, what: str) -> Tensor:
-    """``[P, *t.shape]``; exchanged as raw bytes, so any dtype travels bit-exactly."""
-    t = t.contiguous()
-    world = dist.get_world_size(group)
-    raw = t.view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8)
-    outs = [torch.empty_like(raw) for _ in range(world)]
-    _collective(what, lambda: dist.all_gather(outs, raw, group=group))
-    return torch.stack(outs).view(t.dtype).reshape(world, *t.shape)
-
-
-def _all_reduce(t: Tensor, group, what: str) -> Tensor:
-    _collective(what, lambda: dist.all_reduce(t, group=group))
-    return t
+    def __reduce__(self):
+        if self.group is not None and self.group is not dist.group.WORLD:
+            raise TypeError("a layer whose bank is sharded over a process group other than the "
+                            "default one cannot be pickled (a process group does not travel); "
+                            "call moram_kernels.distributed.unshard_bank(model) first")
+        return (_Shard, (None, self.rank, self.world, self.counts, self.gids))
 
 
 # ---- the sharded layer ---------------------------------------------------------------------
 
-class _ShardedBank:
-    """Mixed in front of a ``MoRAMLinear`` (sub)class while its frozen bank is sharded."""
+class ShardedMoRAMLinear(MoRAMLinear):
+    """A :class:`~moram_kernels.nn.MoRAMLinear` whose frozen bank is sharded over the ranks
+    of a process group (see the module docstring).
+
+    ``frozen_keys`` / ``frozen_values`` hold this rank's contiguous slice of the frozen
+    atoms (``_bank_shard.gids`` are their ids in the whole bank); the trainable atoms and
+    ``task_sizes`` are the whole layer's, so ``num_atoms`` and the bank's invariant count
+    the frozen atoms of every rank. ``add_task`` keeps the bank sharded and balanced.
+
+    Not built directly: :func:`shard_bank` turns a ``MoRAMLinear`` into one in place (its
+    class changes, its parameters stay the same objects) and :func:`unshard_bank` turns it
+    back. A state dict cannot be loaded into it; ``copy.deepcopy`` keeps the process group,
+    and pickling works for a layer sharded over the default group.
+    """
 
     _bank_shard: _Shard
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("ShardedMoRAMLinear is made by moram_kernels.distributed.shard_bank(model), "
+                        "not built directly")
 
     @property
     def num_atoms(self) -> int:
         return self._bank_shard.n_frozen + self.keys.shape[0]
 
+    def _frozen_count(self, frozen_keys: Tensor) -> int:
+        return self._bank_shard.n_frozen
+
     @torch.no_grad()
-    def _append_frozen(self, keys: Tensor, values: Tensor) -> None:
+    def _set_bank(self, *, shard: _Shard | None = None, **bank: Tensor) -> None:
+        """:meth:`MoRAMLinear._set_bank`, with this rank's slice of the frozen bank and,
+        when ``shard`` is given, the new map of the slices (set together, or neither)."""
+        st = self._bank_shard if shard is None else shard
+        fk = bank.get("frozen_keys")
+        n_local = (self.frozen_keys if fk is None else fk).shape[0]
+        if n_local != st.counts[st.rank] or st.gids.numel() != n_local:
+            raise ValueError(f"sharded MoRAMLinear: rank {st.rank} would hold {n_local} frozen "
+                             f"atoms, but its share is {st.counts[st.rank]} ({st.gids.numel()} ids)")
+        old = self.__dict__.get("_bank_shard")
+        self._bank_shard = st
+        try:
+            super()._set_bank(**bank)
+        except BaseException:
+            self._bank_shard = old
+            raise
+
+    @torch.no_grad()
+    def _append_frozen(self, keys: Tensor, values: Tensor, **bank: Tensor) -> None:
         # Each rank takes a contiguous piece of the new atoms so the slices stay balanced;
         # no communication: every rank derives the same split from the same counts.
         st = self._bank_shard
@@ -122,10 +137,10 @@ class _ShardedBank:
         take = [c - o for c, o in zip(counts, st.counts)]
         lo = sum(take[:st.rank])
         hi = lo + take[st.rank]
-        super()._append_frozen(keys[lo:hi], values[lo:hi])
-        st.gids = torch.cat([st.gids, torch.arange(st.n_frozen + lo, st.n_frozen + hi,
-                                                   device=st.gids.device)])
-        st.counts = counts
+        gids = torch.cat([st.gids, torch.arange(st.n_frozen + lo, st.n_frozen + hi,
+                                                device=st.gids.device)])
+        super()._append_frozen(keys[lo:hi], values[lo:hi],
+                               shard=_Shard(st.group, st.rank, st.world, counts, gids), **bank)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.num_atoms == 0:
@@ -146,17 +161,8 @@ class _ShardedBank:
                 f"{self.frozen_keys.shape[0]} of {st.n_frozen} frozen atoms")
 
 
-_SHARDED_CLASSES: dict[type, type] = {}
-
-
-def _sharded_class(cls: type) -> type:
-    if cls not in _SHARDED_CLASSES:
-        _SHARDED_CLASSES[cls] = type(f"Sharded{cls.__name__}", (_ShardedBank, cls), {})
-    return _SHARDED_CLASSES[cls]
-
-
 def is_sharded(layer: nn.Module) -> bool:
-    return isinstance(layer, _ShardedBank)
+    return isinstance(layer, ShardedMoRAMLinear)
 
 
 # ---- one call --------------------------------------------------------------------------------
@@ -378,8 +384,8 @@ def _layers_of(model: nn.Module) -> dict[str, MoRAMLinear]:
 
 
 def _fingerprint(layer: MoRAMLinear) -> list[int]:
-    return [layer.frozen_keys.shape[0], layer.keys.shape[0]] + [
-        _checksum(t) for t in (layer.frozen_keys, layer.frozen_values, layer.keys, layer.values)]
+    return [layer.frozen_keys.shape[0], layer.keys.shape[0], layer.task_sizes.shape[0]] + [
+        _checksum(getattr(layer, f)) for f in MoRAMLinear.BANK_FIELDS]
 
 
 def _set_ddp_ignore(model: nn.Module, names: list[str], add: bool) -> None:
@@ -405,12 +411,17 @@ def shard_bank(model: nn.Module, group=None) -> nn.Module:
     is the global N, and ``add_task`` keeps the bank sharded. ``unshard_bank`` undoes it.
     """
     layers = _layers_of(model)
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("shard_bank needs an initialised torch.distributed process group "
-                           "(torch.distributed.init_process_group)")
     already = [n or "<root>" for n, l in layers.items() if is_sharded(l)]
     if already:
         raise ValueError(f"layers {already[:5]} already have a sharded bank")
+    other = {n or "<root>": type(l).__name__ for n, l in layers.items() if type(l) is not MoRAMLinear}
+    if other:
+        raise TypeError(f"shard_bank shards MoRAMLinear layers, not subclasses of it: {other}")
+    for n, layer in layers.items():     # the same bank on every rank: all raise alike
+        layer._check_bank(what=f"layer {n or '<root>'}")
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("shard_bank needs an initialised torch.distributed process group "
+                           "(torch.distributed.init_process_group)")
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     if rank < 0:
         raise ValueError("this process is not a member of group")
@@ -427,13 +438,15 @@ def shard_bank(model: nn.Module, group=None) -> nn.Module:
         counts = _balanced(n_f, world)
         lo = sum(counts[:rank])
         hi = lo + counts[rank]
-        gids = torch.arange(lo, hi, device=layer.frozen_keys.device)
-        st = _Shard(group, rank, world, counts, gids, type(layer))
-        layer.frozen_keys = layer.frozen_keys[lo:hi].clone()     # the rest can be freed
-        layer.frozen_values = layer.frozen_values[lo:hi].clone()
-        layer._gram_cache = None
-        layer._bank_shard = st
-        layer.__class__ = _sharded_class(type(layer))
+        st = _Shard(group, rank, world, counts, torch.arange(lo, hi, device=layer.frozen_keys.device))
+        fk = layer.frozen_keys[lo:hi].clone()        # the rest can be freed
+        fv = layer.frozen_values[lo:hi].clone()
+        layer.__class__ = ShardedMoRAMLinear
+        try:
+            layer._set_bank(frozen_keys=fk, frozen_values=fv, shard=st)
+        except BaseException:
+            layer.__class__ = MoRAMLinear
+            raise
     _set_ddp_ignore(model, [f"{n}.{b}" if n else b for n in layers for b in _FROZEN], True)
     return model
 
@@ -460,9 +473,8 @@ def unshard_bank(model: nn.Module) -> nn.Module:
         for r, c in enumerate(st.counts):
             keys[gids_all[r, :c]] = keys_all[r, :c]
             values[gids_all[r, :c]] = values_all[r, :c]
-        layer.__class__ = st.orig_cls
+        layer.__class__ = MoRAMLinear
         del layer._bank_shard
-        layer.frozen_keys, layer.frozen_values = keys, values
-        layer._gram_cache = None
+        layer._set_bank(frozen_keys=keys, frozen_values=values)
     _set_ddp_ignore(model, [f"{n}.{b}" if n else b for n in layers for b in _FROZEN], False)
     return model

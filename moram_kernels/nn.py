@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 from torch import Tensor, nn
 
+from ._cache import DerivedCaches
+from ._dist import _assign_full, _broadcast_from_rank0, _full, _local
 from ._precision import compute_dtype
 from .ops import _check_real, moram_segments
 
@@ -46,49 +47,20 @@ def _linear_dims(base: nn.Module) -> tuple[int, int]:
     raise TypeError(f"base must be an nn.Linear or transformers' Conv1D, got {type(base).__name__}")
 
 
-def _is_dtensor(t: Tensor) -> bool:
-    return hasattr(t, "device_mesh") and hasattr(t, "full_tensor")
+# ---- builders of the values MoRAMLinear caches (see MoRAMLinear._caches) ---------------------
+
+def _gram(keys: Tensor, dtype: torch.dtype) -> Tensor:
+    """``keys^T keys``, accumulated in fp32 (fp64 for fp64 keys), stored in ``dtype``."""
+    a = keys.detach().to(torch.float64 if keys.dtype == torch.float64 else torch.float32)
+    return (a.t() @ a).to(dtype)
 
 
-def _full(t: Tensor) -> Tensor:
-    """The whole tensor: a DTensor (an FSDP2-sharded parameter) is gathered, anything else
-    is returned as is."""
-    return t.full_tensor() if _is_dtensor(t) else t
+def _cast_pair(keys: Tensor, values: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    return keys.detach().to(dtype), values.detach().to(dtype)
 
 
-def _local(t: Tensor) -> Tensor:
-    return t.to_local() if _is_dtensor(t) else t
-
-
-def _dist_ready() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _broadcast_from_rank0(t: Tensor) -> None:
-    """In place: every rank of the default process group gets rank 0's ``t`` (no-op when
-    no process group is initialised)."""
-    if _dist_ready() and torch.distributed.get_world_size() > 1:
-        torch.distributed.broadcast(t, src=0)
-
-
-def _assign_full(param: Tensor, full: Tensor) -> None:
-    """Write the whole value ``full`` into ``param`` in place, keeping the object; for a
-    DTensor parameter each rank writes its own shard."""
-    if _is_dtensor(param):
-        from torch.distributed.tensor import distribute_tensor
-
-        shard = distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements,
-                                  src_data_rank=None)
-        param.to_local().copy_(shard.to_local())
-    else:
-        param.copy_(full)
-
-
-def _tensor_key(t: Tensor) -> tuple:
-    """What a cache derived from ``t`` is keyed on: its storage, version (in-place edits),
-    shape, dtype and device. Callers also keep a weak reference to ``t`` itself, since a
-    replaced tensor (e.g. after ``.to()``) may reuse the old memory address."""
-    return (t.data_ptr(), t._version, tuple(t.shape), t.dtype, t.device)
+def _scale_vector(n: int, scale: float, device: torch.device, dtype: torch.dtype) -> Tensor:
+    return torch.full((n,), scale, device=device, dtype=dtype)
 
 
 class MoRAMLinear(nn.Module):
@@ -149,10 +121,9 @@ class MoRAMLinear(nn.Module):
         self.values = nn.Parameter(w.new_empty(0, self.out_features))
         self.register_buffer("task_sizes", torch.zeros(0, dtype=torch.long, device=w.device))
         self.adapter_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self._gram_cache: tuple[tuple, Tensor, weakref.ref] | None = None
-        self._scale_cache: tuple[tuple, Tensor] | None = None
-        # the frozen bank in the compute dtype, cast once per task (see _frozen_bank)
-        self._bank_cache: tuple | None = None
+        # values derived from the bank (see _frozen_gram, _frozen_bank, _trainable_scale);
+        # _set_bank clears them all
+        self._caches = DerivedCaches("gram", "bank", "scale")
         # [N] int64 while usage counting is on (not a buffer: never saved); None = off
         self.usage_counts: Tensor | None = None
 
@@ -174,6 +145,80 @@ class MoRAMLinear(nn.Module):
     def scaling(self) -> float:
         """Scale of the trainable atoms' values: ``alpha / r``, or 1 when alpha is None."""
         return 1.0 if self.alpha is None else self.alpha / self.r
+
+    # ---- the bank: one writer ---------------------------------------------------------------
+
+    #: The tensors that make up the bank, in the order files and checks list them.
+    BANK_FIELDS = ("frozen_keys", "frozen_values", "keys", "values", "task_sizes")
+
+    def _frozen_count(self, frozen_keys: Tensor) -> int:
+        """Frozen atoms of the whole bank when this layer holds ``frozen_keys``; a sharded
+        layer (which holds a slice) counts those of every rank."""
+        return frozen_keys.shape[0]
+
+    def _check_bank(self, bank: dict[str, Tensor] | None = None, what: str | None = None) -> None:
+        """Raise ``ValueError`` (prefixed by ``what``) unless ``bank``, a value for each of
+        :attr:`BANK_FIELDS` (default: the layer's own), is a consistent bank for this
+        layer: 2-D float atoms ``[*, d_in]`` / ``[*, d_out]`` with as many keys as values
+        in each segment, and positive integer task sizes that add up to every atom, the
+        last task being the trainable atoms when there are any."""
+        what = what or f"MoRAMLinear({self.in_features} -> {self.out_features})"
+        fk, fv, k, v, ts = (getattr(self, f) if bank is None else bank[f] for f in self.BANK_FIELDS)
+        for name, t in (("frozen_keys", fk), ("frozen_values", fv), ("keys", k), ("values", v)):
+            if not isinstance(t, Tensor) or t.dim() != 2 or not t.is_floating_point():
+                desc = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"{what}: {name} must be a 2-D float tensor, got {desc}")
+        if fk.shape[1] != self.in_features or k.shape[1] != self.in_features:
+            raise ValueError(f"{what}: keys have d_in {fk.shape[1]} / {k.shape[1]}, the layer "
+                             f"takes {self.in_features}")
+        if fv.shape[1] != self.out_features or v.shape[1] != self.out_features:
+            raise ValueError(f"{what}: values have d_out {fv.shape[1]} / {v.shape[1]}, the "
+                             f"layer has {self.out_features}")
+        if fk.shape[0] != fv.shape[0] or k.shape[0] != v.shape[0]:
+            raise ValueError(f"{what}: keys and values hold different numbers of atoms "
+                             f"(frozen {fk.shape[0]} / {fv.shape[0]}, trainable "
+                             f"{k.shape[0]} / {v.shape[0]})")
+        if (not isinstance(ts, Tensor) or ts.dim() != 1 or ts.is_floating_point()
+                or ts.is_complex() or ts.dtype == torch.bool):
+            raise ValueError(f"{what}: task_sizes must be a 1-D tensor of positive ints")
+        if ts.device.type == "meta":
+            return          # no values to check (a model built on the meta device)
+        if bool((ts <= 0).any()):
+            raise ValueError(f"{what}: task_sizes must be a 1-D tensor of positive ints")
+        n = self._frozen_count(fk) + k.shape[0]
+        if int(ts.sum()) != n:
+            raise ValueError(f"{what}: task sizes {ts.tolist()} do not add up to the {n} atoms")
+        if k.shape[0] and int(ts[-1]) != k.shape[0]:
+            raise ValueError(f"{what}: the last task has {int(ts[-1])} atoms but "
+                             f"{k.shape[0]} are trainable")
+
+    @torch.no_grad()
+    def _set_bank(self, *, frozen_keys: Tensor | None = None, frozen_values: Tensor | None = None,
+                  keys: Tensor | None = None, values: Tensor | None = None,
+                  task_sizes: Tensor | None = None) -> None:
+        """Replace the given bank tensors (None: keep), the only writer of the bank.
+
+        The new bank (given tensors plus the kept ones) is checked first (see
+        :meth:`_check_bank`): a ``ValueError`` leaves the layer unchanged. Tensors are
+        taken as they are (no copy, no cast). ``keys`` / ``values`` other than the current
+        parameter object become new ``nn.Parameter`` objects with the current
+        ``requires_grad``; pass the current object (or None) to keep it, as the in-place
+        re-initialisation of :meth:`add_task` does. Every value derived from the bank
+        (cast copies, Gram matrix, scales) is dropped.
+        """
+        given = {"frozen_keys": frozen_keys, "frozen_values": frozen_values, "keys": keys,
+                 "values": values, "task_sizes": task_sizes}
+        bank = {f: getattr(self, f) if t is None else t for f, t in given.items()}
+        self._check_bank(bank)
+        for f in self.BANK_FIELDS:
+            t, cur = given[f], getattr(self, f)
+            if t is None or t is cur:
+                continue
+            if f in ("keys", "values"):
+                setattr(self, f, nn.Parameter(t.detach(), requires_grad=cur.requires_grad))
+            else:
+                setattr(self, f, t.detach())
+        self._caches.clear()
 
     # ---- the task lifecycle --------------------------------------------------------------
 
@@ -214,32 +259,35 @@ class MoRAMLinear(nn.Module):
         A non-finite trainable atom raises ``ValueError`` and changes nothing.
         """
         self._check_finite_atoms()
-        if self.keys.shape[0]:
-            self._append_frozen(_full(self.keys).detach(), _full(self.values).detach() * self.scaling)
         keys = torch.empty(self.r, self.in_features, dtype=self.keys.dtype,
                            device=_local(self.keys).device)
         nn.init.kaiming_uniform_(keys, a=math.sqrt(5))
         _broadcast_from_rank0(keys)
-        if self.keys.shape[0] == self.r and self.values.shape[0] == self.r:
+        in_place = self.keys.shape[0] == self.r and self.values.shape[0] == self.r
+        bank = {"task_sizes": torch.cat([self.task_sizes, self.task_sizes.new_tensor([self.r])])}
+        if not in_place:
+            bank["keys"] = keys
+            bank["values"] = torch.zeros(self.r, self.out_features, dtype=self.values.dtype,
+                                         device=keys.device)
+        if self.keys.shape[0]:
+            self._append_frozen(_full(self.keys).detach(), _full(self.values).detach() * self.scaling,
+                                **bank)
+        else:
+            self._set_bank(**bank)
+        if in_place:    # after the frozen bank took the old values
             _assign_full(self.keys, keys)
             _assign_full(self.values, torch.zeros_like(keys[:, :1]).expand(-1, self.out_features))
-        else:
-            self.keys = nn.Parameter(keys, requires_grad=self.keys.requires_grad)
-            self.values = nn.Parameter(torch.zeros(self.r, self.out_features, dtype=self.values.dtype,
-                                                   device=keys.device),
-                                       requires_grad=self.values.requires_grad)
-        self.task_sizes = torch.cat([self.task_sizes, self.task_sizes.new_tensor([self.r])])
-        self._gram_cache = None
-        self._bank_cache = None
 
     @torch.no_grad()
-    def _append_frozen(self, keys: Tensor, values: Tensor) -> None:
-        """Append atoms to the frozen bank (``values`` already scaled): the only place that
-        grows ``frozen_keys`` / ``frozen_values``."""
-        self.frozen_keys = torch.cat([self.frozen_keys, keys.to(self.frozen_keys)])
-        self.frozen_values = torch.cat([self.frozen_values, values.to(self.frozen_values)])
-        self._gram_cache = None
-        self._bank_cache = None
+    def _append_frozen(self, keys: Tensor, values: Tensor, **bank: Tensor) -> None:
+        """Append atoms to the frozen bank (``values`` already scaled), together with the
+        other changes ``bank`` (``_set_bank`` arguments, e.g. the task sizes), in one
+        :meth:`_set_bank` call: the bank is never seen half-changed."""
+        fk, fv = self.frozen_keys, self.frozen_values
+        self._set_bank(frozen_keys=torch.cat([fk, keys.to(fk)]),
+                       frozen_values=torch.cat([fv, values.to(fv)]), **bank)
+
+    # ---- values derived from the bank, cached ----------------------------------------------
 
     def _frozen_bank(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """``(frozen_keys, frozen_values)`` in ``dtype``, cast once and cached.
@@ -254,13 +302,7 @@ class MoRAMLinear(nn.Module):
             return fk, fv
         if torch.compiler.is_compiling() or fk.is_inference() or fv.is_inference():
             return fk.to(dtype), fv.to(dtype)   # no version counter to key a cache on
-        key = (_tensor_key(fk), _tensor_key(fv), dtype)
-        cache = self._bank_cache
-        if cache is None or cache[0] != key or cache[3]() is not fk or cache[4]() is not fv:
-            self._bank_cache = None     # free the old copy before making the new one
-            self._bank_cache = cache = (key, fk.detach().to(dtype), fv.detach().to(dtype),
-                                        weakref.ref(fk), weakref.ref(fv))
-        return cache[1], cache[2]
+        return self._caches.bank.get((fk, fv), dtype, _cast_pair, fk, fv, dtype)
 
     def _frozen_gram(self, dtype: torch.dtype = torch.float32) -> Tensor | None:
         """``frozen_keys^T frozen_keys`` (accumulated in fp32, stored in ``dtype``, the
@@ -275,13 +317,8 @@ class MoRAMLinear(nn.Module):
         fk = self.frozen_keys
         if fk.shape[0] < self.in_features or torch.compiler.is_compiling():
             return None
-        key = (_tensor_key(fk), dtype)
-        cache = self._gram_cache
-        if cache is None or cache[0] != key or cache[2]() is not fk:
-            self._gram_cache = None
-            a = fk.detach().to(torch.float64 if fk.dtype == torch.float64 else torch.float32)
-            self._gram_cache = cache = (key, (a.t() @ a).to(dtype), weakref.ref(fk))
-        return cache[1]
+
+        return self._caches.gram.get((fk,), dtype, _gram, fk, dtype)
 
     def _trainable_scale(self, n1: int, x: Tensor) -> Tensor | None:
         """The ``[r]`` scale of the trainable values (``alpha / r``), or None when it is 1;
@@ -292,11 +329,8 @@ class MoRAMLinear(nn.Module):
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         if torch.compiler.is_compiling():
             return torch.full((n1,), scaling, device=x.device, dtype=dtype)
-        key = (n1, scaling, x.device, dtype)
-        cached = self._scale_cache
-        if cached is None or cached[0] != key:
-            self._scale_cache = cached = (key, torch.full((n1,), scaling, device=x.device, dtype=dtype))
-        return cached[1]
+        return self._caches.scale.get((), (n1, scaling, x.device, dtype), _scale_vector,
+                                      n1, scaling, x.device, dtype)
 
     # ---- forward -------------------------------------------------------------------------
 
@@ -373,19 +407,23 @@ class MoRAMLinear(nn.Module):
                     f"hyper-parameters, as (saved, this layer): {diff}; build the layer with the "
                     "saved ones (this layer was left unchanged)")
                 return
-        for name in ("frozen_keys", "frozen_values", "task_sizes"):
-            t = state_dict.get(prefix + name)
-            cur = getattr(self, name)
-            if isinstance(t, Tensor) and t.dim() == cur.dim() and t.shape[1:] == cur.shape[1:]:
-                setattr(self, name, cur.new_empty(t.shape))
-        for name in ("keys", "values"):
-            t = state_dict.get(prefix + name)
-            cur = getattr(self, name)
-            if isinstance(t, Tensor) and t.dim() == 2 and t.shape[1:] == cur.shape[1:] \
-                    and t.shape != cur.shape:
-                setattr(self, name, nn.Parameter(cur.new_empty(t.shape), requires_grad=cur.requires_grad))
-        self._gram_cache = None
-        self._bank_cache = None
+        # the bank takes the state dict's shapes (and task sizes) first, checked as a whole;
+        # a tensor that is missing or of another kind is left to the errors of super()
+        bank = {}
+        for name in self.BANK_FIELDS:
+            t, cur = state_dict.get(prefix + name), getattr(self, name)
+            if not (isinstance(t, Tensor) and t.dim() == cur.dim() and t.shape[1:] == cur.shape[1:]):
+                continue
+            if isinstance(cur, nn.Parameter) and t.shape == cur.shape:
+                continue    # copied in place below: the same parameter object stays
+            bank[name] = t.detach().to(device=cur.device, dtype=cur.dtype, copy=True)
+        if bank:
+            try:
+                self._set_bank(**bank)
+            except ValueError as e:
+                error_msgs.append(f"MoRAMLinear {prefix[:-1] or '(root)'}: {e} (this layer was "
+                                  "left unchanged)")
+                return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

@@ -344,3 +344,141 @@ def test_deterministic_mode_gives_bit_identical_gradients(backend):
         torch.use_deterministic_algorithms(prev)
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+# ---- the bank's one writer and the values derived from it ------------------------------------
+
+@pytest.mark.parametrize("backend", ["reference"] + (["cpu"] if "cpu" in BACKENDS else []))
+def test_changing_alpha_changes_the_output(backend):
+    """``alpha`` set on a live layer: the next call scales the trainable values by the new
+    ``alpha / r``, exactly as a layer built with it. "reference" takes the custom op; "cpu"
+    in plain fp32 takes the eager C++ entry. Both read the layer's cached ``[r]`` scale."""
+    layer = _layer(tasks=2, alpha=8.0, backend=backend).eval()
+    x = torch.randn(9, 16)
+    with torch.no_grad():
+        before = layer(x)                       # fills the scale cache with 8 / 4
+        layer.alpha = 2.0
+        got = layer(x)
+    fresh = mk.MoRAMLinear(layer.base_layer, r=4, k=3, tau=0.1, alpha=2.0, backend=backend).eval()
+    fresh._set_bank(**{f: getattr(layer, f).detach().clone() for f in mk.MoRAMLinear.BANK_FIELDS})
+    with torch.no_grad():
+        want = fresh(x)
+    assert not torch.allclose(want, before), "the setup is hollow: alpha does not matter here"
+    assert torch.equal(got, want)
+
+
+def _bank(layer):
+    return {f: getattr(layer, f) for f in mk.MoRAMLinear.BANK_FIELDS}
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda L: dict(task_sizes=torch.tensor([4, 3])), "do not add up to the 8 atoms"),
+    (lambda L: dict(task_sizes=torch.tensor([6, 2])), "the last task has 2 atoms but 4 are trainable"),
+    (lambda L: dict(task_sizes=torch.tensor([4.0, 4.0])), "task_sizes must be a 1-D tensor of positive ints"),
+    (lambda L: dict(task_sizes=torch.tensor([9, -1])), "task_sizes must be a 1-D tensor of positive ints"),
+    (lambda L: dict(frozen_keys=torch.zeros(4, 15)), "keys have d_in 15 / 16"),
+    (lambda L: dict(values=torch.zeros(4, 11)), "values have d_out 12 / 11"),
+    (lambda L: dict(frozen_values=torch.zeros(3, 12)), "different numbers of atoms"),
+    (lambda L: dict(keys=torch.zeros(4, 16, dtype=torch.long)), "keys must be a 2-D float tensor"),
+    (lambda L: dict(keys=L.keys[:3], values=L.values[:3]), "do not add up"),
+], ids=["sum", "last task", "float sizes", "negative size", "d_in", "d_out", "frozen rows",
+        "int keys", "trainable rows"])
+def test_set_bank_refuses_a_broken_invariant(change, match):
+    """Every bank change goes through ``_set_bank``, which refuses an inconsistent bank with
+    a clear ``ValueError`` and leaves the layer as it was (objects, values, caches)."""
+    layer = _layer(tasks=2, r=4)
+    layer._frozen_bank(torch.bfloat16)
+    objects = _bank(layer)
+    values = {f: t.detach().clone() for f, t in objects.items()}
+    cached = layer._caches.bank.value
+    with pytest.raises(ValueError, match=match):
+        layer._set_bank(**change(layer))
+    for f, t in _bank(layer).items():
+        assert t is objects[f] and torch.equal(t, values[f]), f
+    assert layer._caches.bank.value is cached
+
+
+def test_set_bank_keeps_parameters_and_requires_grad():
+    layer = _layer(tasks=2, r=4)
+    layer.values.requires_grad_(False)
+    keys = layer.keys
+    layer._set_bank(keys=keys, values=torch.ones(4, 12))     # the current object: kept
+    assert layer.keys is keys
+    assert isinstance(layer.values, nn.Parameter) and not layer.values.requires_grad
+    assert torch.equal(layer.values, torch.ones(4, 12))
+    layer._set_bank(frozen_keys=layer.frozen_keys[:2], frozen_values=layer.frozen_values[:2],
+                    keys=torch.zeros(0, 16), values=torch.zeros(0, 12), task_sizes=torch.tensor([2]))
+    assert layer.num_atoms == 2 and layer.num_trainable_atoms == 0 and layer.keys.requires_grad
+    assert not layer.values.requires_grad
+
+
+def _fill_caches(layer):
+    """Fill the Gram, cast-bank and scale caches (needs N_f >= d_in and alpha set)."""
+    layer._frozen_gram()
+    layer._frozen_bank(torch.bfloat16)
+    layer._trainable_scale(layer.num_trainable_atoms, torch.zeros(1))
+    assert all(getattr(layer._caches, c).value is not None for c in ("gram", "bank", "scale"))
+
+
+def _assert_caches_empty(layer, after):
+    for c in ("gram", "bank", "scale"):
+        assert getattr(layer._caches, c).value is None, f"the {c} cache survived {after}"
+
+
+def test_every_bank_change_drops_the_derived_caches():
+    """add_task, load_state_dict (same shapes, other shapes) and ``_set_bank`` replace the
+    bank: the Gram matrix, the cast bank and the scale are rebuilt from the new one. Copies
+    start with empty caches."""
+    layer = _layer(d_in=8, tasks=4, r=4)                   # 12 frozen >= d_in = 8
+    other = _layer(d_in=8, tasks=4, r=4)
+    with torch.no_grad():
+        other.frozen_keys.normal_()
+    bigger = _layer(d_in=8, tasks=5, r=4)
+    steps = {
+        "add_task": lambda: layer.add_task(),
+        "load_state_dict (other shapes)": lambda: layer.load_state_dict(other.state_dict()),
+        "load_state_dict (same shapes)": lambda: layer.load_state_dict(other.state_dict()),
+        "load_state_dict (a bigger bank)": lambda: layer.load_state_dict(bigger.state_dict()),
+        "_set_bank": lambda: layer._set_bank(values=torch.ones(4, 12)),
+    }
+    for what, step in steps.items():
+        _fill_caches(layer)
+        step()
+        _assert_caches_empty(layer, what)
+    _fill_caches(layer)
+    import copy
+    import pickle
+    _assert_caches_empty(copy.deepcopy(layer), "copy.deepcopy")
+    _assert_caches_empty(pickle.loads(pickle.dumps(layer)), "pickling")
+    assert layer._caches.gram.value is not None        # the original keeps its own
+
+
+def test_load_state_dict_refuses_an_inconsistent_bank():
+    """A state dict whose task sizes do not match its atoms: refused, the layer unchanged."""
+    layer = _layer(tasks=2, r=4)
+    sd = layer.state_dict()
+    sd["task_sizes"] = torch.tensor([4, 4, 4])
+    target = _layer(tasks=1, r=4)
+    before = {k: v.clone() for k, v in target.state_dict().items() if "base" not in k}
+    with pytest.raises(RuntimeError, match="do not add up.*left unchanged"):
+        target.load_state_dict(sd)
+    for k, v in before.items():
+        assert torch.equal(target.state_dict()[k], v), k
+
+
+def test_a_new_tensor_at_the_old_address_is_not_taken_for_the_old_one():
+    """The caches key on a tensor's address, version and shape, and hold a weak reference
+    to it: a buffer replaced behind ``_set_bank``'s back (as ``.to()`` replaces buffers) by
+    a new tensor at the same address, version and shape is still seen as new."""
+    import numpy as np
+    layer = _layer(d_in=8, tasks=4, r=4)                # 12 frozen >= d_in: a Gram is kept
+    buf = np.ascontiguousarray(layer.frozen_keys.numpy())
+    layer._set_bank(frozen_keys=torch.from_numpy(buf))
+    old = layer._frozen_gram().clone()
+    before = (layer.frozen_keys.data_ptr(), layer.frozen_keys._version)
+    buf *= -3.0                                          # behind torch's version counter
+    layer._buffers["frozen_keys"] = new = torch.from_numpy(buf)
+    assert (new.data_ptr(), new._version) == before, "the setup is hollow"
+    a = new.double()
+    torch.testing.assert_close(layer._frozen_gram().double(), a.t() @ a)
+    assert not torch.allclose(old.double(), a.t() @ a)

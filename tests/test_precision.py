@@ -100,21 +100,21 @@ def test_frozen_bank_cast_is_cached_and_invalidated():
     x = torch.randn(5, 24)
     with torch.autocast("cpu", dtype=BF16):
         y1 = layer(x)
-        fk1 = layer._bank_cache[1]
+        fk1 = layer._caches.bank.value[0]
         layer(x)
-        assert layer._bank_cache[1] is fk1, "the bf16 bank was cast again on the second call"
+        assert layer._caches.bank.value[0] is fk1, "the bf16 bank was cast again on the second call"
         with torch.no_grad():
             layer.frozen_values.mul_(2.0)          # in place: the cached copy is stale
         y2 = layer(x)
-    assert layer._bank_cache[1] is not fk1
-    assert layer._bank_cache[2].dtype == BF16
+    assert layer._caches.bank.value[0] is not fk1
+    assert layer._caches.bank.value[1].dtype == BF16
     with torch.autocast("cpu", dtype=BF16):
         base = layer.base_layer(x)
     want = _layer_oracle(layer, x, BF16)
     assert max_rel_err(y2.double() - base.double(), want) <= REL_ATOL[BF16]
     assert not torch.equal(y1, y2)
     layer.add_task()
-    assert layer._bank_cache is None
+    assert layer._caches.bank.value is None
 
 
 def test_gram_is_cached_in_the_compute_dtype():
@@ -122,7 +122,7 @@ def test_gram_is_cached_in_the_compute_dtype():
     x = torch.randn(6, 8, requires_grad=True)
     with torch.autocast("cpu", dtype=BF16):
         layer(x).float().sum().backward()
-    g = layer._gram_cache[1]
+    g = layer._caches.gram.value
     assert g.dtype == BF16
     a = layer.frozen_keys.double()
     torch.testing.assert_close(g.double(), a.t() @ a, rtol=1e-2, atol=1e-2)

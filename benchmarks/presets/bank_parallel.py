@@ -85,8 +85,8 @@ def _rank_main(rank, world, store, out, cfg):
     layer = mk.MoRAMLinear(nn.Linear(d, d), r=r, k=k, tau=0.05)
     layer.add_task()
     with torch.no_grad():
-        layer.frozen_keys = torch.randn(n, d) / d ** 0.5
-        layer.frozen_values = torch.randn(n, d)
+        layer._set_bank(frozen_keys=torch.randn(n, d) / d ** 0.5, frozen_values=torch.randn(n, d),
+                        task_sizes=torch.tensor([n, r]))
         layer.values.normal_()
     mkd.shard_bank(layer)
     x = torch.randn(t, d)

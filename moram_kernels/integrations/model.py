@@ -22,7 +22,7 @@ _STATE_ATTR = "_moram_injection"
 _FORMAT = "moram_kernels"
 _FORMAT_VERSION = "1"
 # The per-layer tensors a MoRAM file holds, under "<layer name>.<attr>".
-_STATE = ("frozen_keys", "frozen_values", "keys", "values", "task_sizes")
+_STATE = MoRAMLinear.BANK_FIELDS
 # Config fields that change what a layer computes; target_modules is checked through the
 # layer set instead (two specs that pick the same layers are the same model).
 _HYPER = ("r", "k", "tau", "delta", "dropout", "alpha", "eps")
@@ -283,27 +283,8 @@ def _check_layer_state(name: str, layer: MoRAMLinear, st: dict[str, Tensor]) -> 
     missing = [a for a in _STATE if a not in st]
     if missing:
         raise ValueError(f"layer {name}: the file lacks {missing}")
-    fk, fv, k, v, ts = (st[a] for a in _STATE)
-    for a, t in (("frozen_keys", fk), ("frozen_values", fv), ("keys", k), ("values", v)):
-        if t.dim() != 2 or not t.is_floating_point():
-            raise ValueError(f"layer {name}: {a} must be a 2-D float tensor, got "
-                             f"{tuple(t.shape)} {t.dtype}")
-    if fk.shape[1] != layer.in_features or k.shape[1] != layer.in_features:
-        raise ValueError(f"layer {name}: keys have d_in {fk.shape[1]} / {k.shape[1]}, "
-                         f"the layer takes {layer.in_features}")
-    if fv.shape[1] != layer.out_features or v.shape[1] != layer.out_features:
-        raise ValueError(f"layer {name}: values have d_out {fv.shape[1]} / {v.shape[1]}, "
-                         f"the layer has {layer.out_features}")
-    if fk.shape[0] != fv.shape[0] or k.shape[0] != v.shape[0]:
-        raise ValueError(f"layer {name}: keys and values hold different numbers of atoms")
-    if ts.dim() != 1 or ts.is_floating_point() or ts.is_complex() or bool((ts <= 0).any()):
-        raise ValueError(f"layer {name}: task_sizes must be a 1-D tensor of positive ints")
-    if int(ts.sum()) != fk.shape[0] + k.shape[0]:
-        raise ValueError(f"layer {name}: task sizes {ts.tolist()} do not add up to the "
-                         f"{fk.shape[0] + k.shape[0]} atoms")
-    if k.shape[0] and int(ts[-1]) != k.shape[0]:
-        raise ValueError(f"layer {name}: the last task has {int(ts[-1])} atoms but "
-                         f"{k.shape[0]} are trainable")
+    layer._check_bank(st, f"layer {name}")
+    fk, fv, k, v, _ = (st[a] for a in _STATE)
     for a, t in (("frozen_keys", fk), ("frozen_values", fv), ("keys", k), ("values", v)):
         # as the layer will hold it: a finite fp32 value may overflow the layer's fp16
         bad = ~torch.isfinite(t.to(getattr(layer, a).dtype)).all(dim=1)
@@ -317,12 +298,7 @@ def _check_layer_state(name: str, layer: MoRAMLinear, st: dict[str, Tensor]) -> 
 def _install(layer: MoRAMLinear, st: dict[str, Tensor]) -> None:
     """Replace the layer's atoms by ``st`` (already checked), on its device and dtypes."""
     dev = layer.frozen_keys.device
-    layer.frozen_keys = st["frozen_keys"].to(dev, layer.frozen_keys.dtype).clone()
-    layer.frozen_values = st["frozen_values"].to(dev, layer.frozen_values.dtype).clone()
-    layer.keys = nn.Parameter(st["keys"].to(dev, layer.keys.dtype).clone())
-    layer.values = nn.Parameter(st["values"].to(dev, layer.values.dtype).clone())
-    layer.task_sizes = st["task_sizes"].to(dev, torch.long).clone()
-    layer._gram_cache = None
+    layer._set_bank(**{a: st[a].to(dev, getattr(layer, a).dtype, copy=True) for a in _STATE})
     if layer.usage_counts is not None:
         layer.start_usage()
 

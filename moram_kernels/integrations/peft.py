@@ -142,12 +142,11 @@ def _size_bank(bank: MoRAMLinear, sizes: dict, name: str) -> None:
     if any(t <= 0 for t in ts) or not 0 <= n_tr <= sum(ts) or (n_tr and ts[-1] != n_tr):
         raise ValueError(f"bank_sizes[{name!r}] = {sizes} is inconsistent")
     n_fr = sum(ts) - n_tr
-    kw = dict(device=bank.keys.device)
-    bank.frozen_keys = bank.frozen_keys.new_zeros(n_fr, bank.in_features)
-    bank.frozen_values = bank.frozen_values.new_zeros(n_fr, bank.out_features)
-    bank.keys = nn.Parameter(torch.zeros(n_tr, bank.in_features, dtype=bank.keys.dtype, **kw))
-    bank.values = nn.Parameter(torch.zeros(n_tr, bank.out_features, dtype=bank.values.dtype, **kw))
-    bank.task_sizes = torch.tensor(ts, dtype=torch.long, device=bank.task_sizes.device)
+    bank._set_bank(frozen_keys=bank.frozen_keys.new_zeros(n_fr, bank.in_features),
+                   frozen_values=bank.frozen_values.new_zeros(n_fr, bank.out_features),
+                   keys=bank.keys.new_zeros(n_tr, bank.in_features),
+                   values=bank.values.new_zeros(n_tr, bank.out_features),
+                   task_sizes=torch.tensor(ts, dtype=torch.long, device=bank.task_sizes.device))
 
 
 class _AdapterRows(list):

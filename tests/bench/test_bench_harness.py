@@ -169,6 +169,20 @@ def test_saved_for_backward_counts_activations_only():
     assert nbytes == 10 * 32 * 4
 
 
+def test_saved_bytes_leave_out_the_layers_cached_gram():
+    """MoRAMLinear's cached Gram matrix lives with the layer, not with one step: the
+    benchmark's saved-bytes meter leaves it out (it once slipped in, unnoticed, when the
+    cache's layout changed)."""
+    from benchmarks.competitors import _saved
+
+    layer = mk.MoRAMLinear(torch.nn.Linear(64, 8), r=64, k=2, tau=0.1)
+    layer.add_task()
+    layer.add_task()                    # 64 frozen atoms >= d_in: the backward uses the Gram
+    nbytes = _saved(layer, torch.randn(1, 64, requires_grad=True))
+    assert layer._caches.gram.value is not None, "the setup is hollow: no Gram cached"
+    assert nbytes < 64 * 64 * 4, nbytes
+
+
 def test_grid_merges_shared_shapes_and_work_counts():
     a = Case("N", 768, 768, 4096, 16, 256)
     b = Case("k", 768, 768, 4096, 16, 256)

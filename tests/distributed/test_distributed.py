@@ -15,6 +15,7 @@ import datetime
 import json
 import multiprocessing as mp
 import os
+import pickle
 import time
 import traceback
 
@@ -43,11 +44,9 @@ def _layer(d_in, d_out, n_frozen, r, *, k, tau=0.5, delta=0.2, alpha=None, seed=
     base = nn.Linear(d_in, d_out)
     layer = mk.MoRAMLinear(base, r=r, k=k, tau=tau, delta=delta, alpha=alpha)
     x, keys, values = make_inputs(t, d_in, d_out, n_frozen + r, k=k, seed=seed)
-    with torch.no_grad():
-        layer.frozen_keys = keys[:n_frozen].clone()
-        layer.frozen_values = values[:n_frozen].clone()
-        layer.keys = nn.Parameter(keys[n_frozen:].clone())
-        layer.values = nn.Parameter(values[n_frozen:].clone())
+    layer._set_bank(frozen_keys=keys[:n_frozen].clone(), frozen_values=values[:n_frozen].clone(),
+                    keys=keys[n_frozen:].clone(), values=values[n_frozen:].clone(),
+                    task_sizes=torch.tensor([n for n in (n_frozen, r) if n]))
     return layer.to(dtype), x.to(dtype)
 
 
@@ -99,6 +98,23 @@ def sc_forward_backward(rank, world):
     with torch.no_grad():
         _close(sharded(x3), layer(x3), "output for [1, 7, d_in] x")
         assert sharded(x3[:, :0]).shape == (1, 0, 11)      # T = 0
+    # a named class: repr, deepcopy and pickle work, and a copy computes the same
+    assert type(sharded).__name__ == "ShardedMoRAMLinear", type(sharded)
+    assert "sharded: rank" in repr(sharded)
+    for how, twin in (("deepcopy", copy.deepcopy(sharded)),
+                      ("pickle", pickle.loads(pickle.dumps(sharded)))):
+        assert mk.distributed.is_sharded(twin) and twin.num_atoms == layer.num_atoms, how
+        with torch.no_grad():
+            _close(twin(x), layer(x), f"output of a {how} copy")
+    # sharding and unsharding replace the bank: the values derived from it are dropped
+    layer._frozen_bank(torch.bfloat16)
+    assert layer._caches.bank.value is not None
+    mk.distributed.shard_bank(layer)
+    assert layer._caches.bank.value is None, "shard_bank kept a cast of the whole bank"
+    layer._frozen_bank(torch.bfloat16)
+    mk.distributed.unshard_bank(layer)
+    assert type(layer) is mk.MoRAMLinear
+    assert layer._caches.bank.value is None, "unshard_bank kept a cast of the slice"
 
 
 def sc_dropout_same_seed(rank, world):
@@ -169,10 +185,11 @@ def sc_ties_across_ranks(rank, world):
     x = torch.stack([v0, v1, v0])
     torch.manual_seed(0)
     layer = mk.MoRAMLinear(nn.Linear(d_in, d_out), r=2, k=2, tau=1.0)
-    with torch.no_grad():
-        layer.frozen_keys, layer.frozen_values = keys[:n_f].clone(), values[:n_f].clone()
+    layer._set_bank(frozen_keys=keys[:n_f].clone(), frozen_values=values[:n_f].clone(),
+                    task_sizes=torch.tensor([n_f]))
     mk.distributed.shard_bank(layer)
-    layer._append_frozen(keys[n_f:], values[n_f:])   # the hook add_task uses: rank 0 gets n_f
+    # the hook add_task uses: rank 0 gets n_f
+    layer._append_frozen(keys[n_f:], values[n_f:], task_sizes=torch.tensor([n_f, m]))
     assert layer.num_atoms == n_f + m
     if rank == 0:
         assert keys[n_f].tolist() in layer.frozen_keys.tolist(), "the setup is hollow"
@@ -366,6 +383,22 @@ def test_shard_bank_needs_a_process_group():
         mk.distributed.unshard_bank(layer)
     with pytest.raises(ValueError, match="no MoRAM layers"):
         mk.distributed.shard_bank(nn.Linear(4, 3))
+
+
+def test_shard_bank_refuses_before_any_collective():
+    """Checked on each rank before any exchange: subclasses (the sharded layer is its own
+    named class), and a bank that breaks its invariant. The class is not built by hand."""
+    class Mine(mk.MoRAMLinear):
+        pass
+    with pytest.raises(TypeError, match="not subclasses of it: {'<root>': 'Mine'}"):
+        mk.distributed.shard_bank(Mine(nn.Linear(4, 3), r=2, k=2))
+    layer = mk.MoRAMLinear(nn.Linear(4, 3), r=2, k=2)
+    layer._buffers["task_sizes"] = torch.tensor([3])       # behind _set_bank's back
+    with pytest.raises(ValueError, match="layer <root>: task sizes \\[3\\] do not add up to the 0"):
+        mk.distributed.shard_bank(layer)
+    assert type(layer) is mk.MoRAMLinear
+    with pytest.raises(TypeError, match="made by moram_kernels.distributed.shard_bank"):
+        mk.distributed.ShardedMoRAMLinear(nn.Linear(4, 3))
 
 
 def test_benchmark_model_of_bytes():

@@ -335,3 +335,55 @@ def test_save_load_minilm(minilm, tmp_path):
     mk.load_moram(dst, tmp_path / "m.safetensors")
     with torch.no_grad():
         assert torch.equal(dst(**enc).last_hidden_state, want)
+
+
+def _hand_built(seed=0, tasks=3, **hyper):
+    """Two MoRAMLinear built by hand (no inject, so no model config), trained for ``tasks``."""
+    kw = {**dict(r=4, k=3, tau=0.01, alpha=8.0), **hyper}
+    torch.manual_seed(seed)
+    model = nn.Sequential(mk.MoRAMLinear(nn.Linear(8, 6), **kw), nn.ReLU(),
+                          mk.MoRAMLinear(nn.Linear(6, 5), **kw))
+    for t in range(tasks):
+        mk.add_task(model)
+        randomise_atoms(model, seed + t)
+    return model
+
+
+@pytest.mark.parametrize("change", [dict(tau=0.5), dict(k=2), dict(alpha=4.0), dict(eps=1e-6)],
+                         ids=lambda c: next(iter(c)))
+def test_load_checks_each_layers_hyper_parameters_without_a_config(tmp_path, change):
+    """Layers built by hand have no model config to compare: each layer's r, k, tau, alpha,
+    eps recorded in the file are checked, and a mismatch leaves the model untouched."""
+    path = tmp_path / "hand.safetensors"
+    src = _hand_built()
+    mk.save_moram(src, path)
+    same = _hand_built(tasks=1)                   # the same base layers, other atoms
+    x = torch.randn(3, 8)
+    assert not torch.equal(same(x), src(x))
+    mk.load_moram(same, path)                     # the same hyper-parameters: it loads
+    assert torch.equal(same(x), src(x))
+    target = _hand_built(seed=1, **change)
+    before = all_tensors(target)
+    params_before = [id(p) for p in target.parameters()]
+    name = next(iter(change))
+    with pytest.raises(ValueError, match=rf"layer 0: hyper-parameters differ.*'{name}'"):
+        mk.load_moram(target, path)
+    assert_same(all_tensors(target), before)
+    assert [id(p) for p in target.parameters()] == params_before
+
+
+def test_load_drops_the_values_derived_from_the_old_bank(tmp_path):
+    """load_moram replaces each layer's bank: its cached Gram matrix, cast bank and scale
+    are rebuilt from the loaded atoms, and the gradients use the new Gram."""
+    path = tmp_path / "hand.safetensors"
+    mk.save_moram(_hand_built(seed=2), path)
+    model = _hand_built()
+    layer = model[0]                               # 8 frozen atoms >= d_in = 8: Gram used
+    layer._frozen_gram()
+    layer._frozen_bank(torch.bfloat16)
+    layer._trainable_scale(layer.num_trainable_atoms, torch.zeros(1))
+    mk.load_moram(model, path)
+    for c in ("gram", "bank", "scale"):
+        assert getattr(layer._caches, c).value is None, f"the {c} cache survived load_moram"
+    a = layer.frozen_keys.double()
+    torch.testing.assert_close(layer._frozen_gram().double(), a.t() @ a, rtol=1e-5, atol=1e-5)
