@@ -201,3 +201,78 @@ def test_no_backend_module_imports_the_table():
             if table:
                 offenders.append(f"{path.relative_to(root)}:{node.lineno}")
     assert not offenders, f"backend modules importing the backend table: {offenders}"
+
+
+# Layers of the package, top to bottom (docs/backends.md, "Where the code is"). A module may
+# import from its own layer or any layer below it, never from a layer above.
+LAYERS = (
+    ("moram_kernels", "moram_kernels.reference"),              # the face, and an old path kept
+    ("moram_kernels.integrations", "moram_kernels.distributed"),
+    ("moram_kernels.nn",),
+    ("moram_kernels.functional",),
+    ("moram_kernels.ops", "moram_kernels.eager"),
+    ("moram_kernels.backends",),
+    ("moram_kernels._precision", "moram_kernels._warnings", "moram_kernels._checks",
+     "moram_kernels._cache", "moram_kernels._dist", "moram_kernels._io",
+     "moram_kernels._version"),                                                # leaves
+)
+
+
+def _layer_of(module: str) -> int | None:
+    best, where = -1, None
+    for i, names in enumerate(LAYERS):
+        for n in names:
+            # the face is the package's __init__ alone, not everything below it
+            inside = module.startswith(n + ".") and n != "moram_kernels"
+            if (module == n or inside) and len(n) > best:
+                best, where = len(n), i
+    return where
+
+
+def _package_imports():
+    """``(importer, imported, line)`` for every import of a package module by a package
+    module, lazy ones inside functions included, resolved to module names."""
+    import ast
+    import pathlib
+    root = pathlib.Path(mk.__file__).parent
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
+        is_pkg = parts[-1] == "__init__"
+        if is_pkg:
+            parts.pop()
+        modules[".".join(parts)] = (path, is_pkg)
+    for name, (path, is_pkg) in modules.items():
+        package = name if is_pkg else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")
+                    base = base[:len(base) - (node.level - 1)]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                targets = [f"{target}.{a.name}" if f"{target}.{a.name}" in modules else target
+                           for a in node.names]
+            else:
+                continue
+            for t in targets:
+                if t == "moram_kernels" or t.startswith("moram_kernels."):
+                    yield name, t, node.lineno
+
+
+def test_the_package_reads_top_down():
+    """Package face -> integrations / distributed -> nn -> functional -> ops / eager ->
+    backends -> leaf modules: no import points back up, and every module has a place."""
+    unplaced, upward = set(), []
+    for importer, imported, line in _package_imports():
+        a, b = _layer_of(importer), _layer_of(imported)
+        for m, layer in ((importer, a), (imported, b)):
+            if layer is None:
+                unplaced.add(m)
+        if a is not None and b is not None and b < a:
+            upward.append(f"{importer}:{line} imports {imported}")
+    assert not unplaced, f"modules with no layer in LAYERS: {sorted(unplaced)}"
+    assert not upward, "imports that point up the layers:\n" + "\n".join(upward)
