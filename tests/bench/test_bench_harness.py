@@ -196,6 +196,20 @@ def test_grid_merges_shared_shapes_and_work_counts():
     assert f_train > f_eval + 2 * 2 * 256 * 768 * 768
 
 
+def test_every_eval_check_has_something_to_check():
+    """Each eval case of the quick grid, and the paper's layers, gives the authors' layer
+    a non-zero output on most rows of its random inputs: a threshold that drops every atom
+    would time an empty gather and make the check against the authors vacuous."""
+    from benchmarks.grid import full, quick
+    from moram_kernels.backends.reference import moram_dense
+    cases = quick() + [c for c in full() if c.sweep.startswith("paper") and c.t > 1]
+    for case in cases:
+        s = competitors.Setup(case, torch.device("cpu"), torch.float32)
+        y = moram_dense(s.xs[0], s.keys, s.values, **s.hyper)
+        rows = (y.abs().sum(-1) > 0).float().mean().item()
+        assert rows > 0.5, f"{case.label()} (delta {case.delta}): only {rows:.0%} of rows non-zero"
+
+
 @pytest.mark.parametrize("argv", [["--modes", "bogus"], ["--quick", "--smoke"]])
 def test_bad_arguments_are_refused(argv):
     with pytest.raises(SystemExit):
