@@ -1,5 +1,6 @@
-"""The eager entry point of the compiled kernels (``_C.eager``, csrc/ops.cpp): it must give
-what the custom-op path gives, forward and backward, and be taken exactly when it should."""
+"""The eager road to the compiled kernels (moram_kernels/eager.py, ``_C.eager`` in
+csrc/eager.cpp): it must give what the custom-op road gives, forward and backward, and be
+taken exactly when :func:`moram_kernels.eager.why_not_eager` says so."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import pytest
 import torch
 
 import moram_kernels as mk
-from moram_kernels import ops
+from moram_kernels import eager
+from moram_kernels.functional import moram_segments
 
 pytestmark = pytest.mark.skipif("cpu" not in mk.available_backends(),
                                 reason="needs the compiled cpu backend")
@@ -16,18 +18,14 @@ pytestmark = pytest.mark.skipif("cpu" not in mk.available_backends(),
 @pytest.fixture
 def count_eager(monkeypatch):
     """Counts the calls that reach the C++ entry point."""
-    fn = ops._eager_entry()
+    fn = eager._load()
     calls = []
 
     def counting(*a):
         calls.append(a[0].shape)
         return fn(*a)
-    monkeypatch.setattr(ops, "_C_eager", [counting])
+    monkeypatch.setattr(eager, "_C_eager", [counting])
     return calls
-
-
-def _without_eager(monkeypatch):
-    monkeypatch.setattr(ops, "_C_eager", [None])
 
 
 def _segments(dtype, lead, strided, scale1, gram):
@@ -47,7 +45,7 @@ def _run(args, k=5, tau=0.1, delta=0.0):
     x, k0, v0, k1, v1, s1, g0 = args
     for t in (x, k0, v0, k1, v1):
         t.grad = None
-    y, idx = ops.moram_segments(x, k0, v0, None, k1, v1, s1, k=k, tau=tau, delta=delta, eps=1e-12,
+    y, idx = moram_segments(x, k0, v0, None, k1, v1, s1, k=k, tau=tau, delta=delta, eps=1e-12,
                                 gram0=g0, backend="cpu")
     (y.float() * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
     return y.detach(), idx, [t.grad for t in (x, k0, v0, k1, v1)]
@@ -62,8 +60,9 @@ def test_eager_path_matches_the_custom_op(monkeypatch, count_eager, dtype, lead,
     args = _segments(dtype, lead, strided, scale1, gram)
     y, idx, grads = _run(args)
     assert len(count_eager) == 1                      # the eager path ran ...
-    _without_eager(monkeypatch)
-    y_ref, idx_ref, grads_ref = _run(args)            # ... and this is the custom op
+    with eager.off():
+        y_ref, idx_ref, grads_ref = _run(args)        # ... and this is the custom op
+    assert len(count_eager) == 1
     assert y.shape == y_ref.shape == (*lead, 20) and y.dtype == dtype
     assert torch.equal(idx, idx_ref)
     torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
@@ -105,7 +104,7 @@ def test_eager_path_taken_only_where_it_should(count_eager):
     mk.moram(x, keys.bfloat16(), values, k=3, tau=0.1, backend="cpu")    # mixed dtypes
     mk.moram(x[:0], keys, values, k=3, tau=0.1, backend="cpu")           # T = 0
     mk.moram(x, keys[:0], values[:0], k=3, tau=0.1, backend="cpu")       # N = 0
-    ops.moram_segments(x, keys, values, torch.ones(6, requires_grad=True), keys[:0], values[:0], None,
+    moram_segments(x, keys, values, torch.ones(6, requires_grad=True), keys[:0], values[:0], None,
                        k=3, tau=0.1, delta=0.0, eps=1e-12, backend="cpu")  # a scale that needs grad
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mk.moram(x, keys, values, k=3, tau=0.1, backend="cpu")
