@@ -150,6 +150,9 @@ struct MoramFunction : public torch::autograd::Function<MoramFunction> {
                                const Tensor& keys1, const Tensor& values1, const c10::optional<Tensor>& scale0,
                                const c10::optional<Tensor>& scale1, const c10::optional<Tensor>& gram0, int64_t K,
                                double tau, double delta, double eps) {
+    // The caller passes tensors already in the compute dtype (autocast's included): an
+    // autocast region around this call must not re-cast what the kernels' GEMMs see.
+    const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     const Tensor x2 = x.reshape({-1, x.size(-1)});
     auto [y, idx, p_sel, norm] = fwd_op().call(x2, keys0, values0, scale0, keys1, values1, scale1, K, tau, delta, eps);
     ctx->mark_non_differentiable({idx});
@@ -166,8 +169,8 @@ struct MoramFunction : public torch::autograd::Function<MoramFunction> {
     const bool need_k1 = ctx->needs_input_grad(3), need_v1 = ctx->needs_input_grad(4);
     variable_list out(12);
     if (!(need_x || need_k0 || need_v0 || need_k1 || need_v1)) return out;
-    // The forward's tensors already carry the compute dtype: a backward run inside an
-    // autocast region must not re-cast what the kernels' own GEMMs see.
+    // The same for a backward run inside an autocast region (the custom op's backward
+    // switches autocast off too).
     const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     const auto saved = ctx->get_saved_variables();
     const auto h = ctx->saved_data["hyper"].toDoubleVector();

@@ -45,14 +45,16 @@ def lowest(*dtypes: torch.dtype) -> torch.dtype:
     return best
 
 
-def call_dtypes(x_dtype: torch.dtype, atom_dtypes, device_type: str) -> tuple[torch.dtype, torch.dtype]:
-    """``(compute dtype, output dtype)`` of one MoRAM call on ``device_type`` (see the module
-    docstring): the autocast dtype for both inside an autocast region (autocast, like
-    PyTorch's own, leaves fp64 alone), else the lowest of x's and the atoms' dtypes and
-    x's dtype. A call whose tensors all carry x's dtype, outside autocast, returns at the
-    first test."""
+def call_dtypes(x: torch.Tensor, atom_dtypes) -> tuple[torch.dtype, torch.dtype]:
+    """``(compute dtype, output dtype)`` of one MoRAM call on ``x`` with atoms of
+    ``atom_dtypes`` (see the module docstring): the autocast dtype for both inside an
+    autocast region for x's device (autocast, like PyTorch's own, leaves fp64 alone), else
+    the lowest of x's and the atoms' dtypes, and x's dtype. It takes x itself, not its
+    device type, because ``Tensor.device`` costs about half a µs and is read only under
+    autocast; a call whose tensors all carry x's dtype, outside autocast, costs two tests."""
+    x_dtype = x.dtype
     if torch._C._is_any_autocast_enabled():
-        auto = autocast_dtype(device_type)
+        auto = autocast_dtype(x.device.type)
         if auto is not None and x_dtype != torch.float64:
             return auto, auto
     for d in atom_dtypes:

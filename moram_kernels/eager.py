@@ -8,7 +8,10 @@ Every other call takes the custom op, which alone knows casts, autocast, tensor
 subclasses, torch.compile, gradients of the value scales and the other backends.
 :func:`why_not_eager` says in words which of those rules sends a call there (None: it
 takes this road), and is the test the functional API itself applies, so a test can
-assert which road a call took. :func:`off` shuts this road for a ``with`` block.
+assert which road a call took. :func:`off` shuts this road for a ``with`` block. Under
+autocast a call whose tensors already carry the autocast dtype takes this road too: the
+dtype policy (:func:`moram_kernels._precision.call_dtypes`) asks for no cast, and the C++
+entry runs its forward and backward with autocast excluded, as the custom op does.
 """
 
 from __future__ import annotations
@@ -23,22 +26,24 @@ from . import backends as _dispatch
 from ._precision import call_dtypes
 from .backends.reference import effective_k
 
-__all__ = ["why_not_eager", "call", "off"]
+__all__ = ["why_not_eager", "off", "ENTRY"]
 
 _EAGER_BACKENDS = ("cpu", "cuda")
 _PLAIN = (Tensor, torch.nn.Parameter)
-_C_eager: list = []          # [the extension's eager function, or None], filled on first use
+# [the extension's eager function, or None], filled by the first why_not_eager(); call
+# ENTRY[0] only after why_not_eager() said None
+ENTRY: list = []
 _off: list = []              # one entry per open off() block
 
 
 def _load():
-    if not _C_eager:
+    if not ENTRY:
         from .backends import compiled
         fn = compiled.eager()
         if fn is not None and all(_dispatch.why_unavailable(n) is not None for n in _EAGER_BACKENDS):
             fn = None
-        _C_eager.append(fn)
-    return _C_eager[0]
+        ENTRY.append(fn)
+    return ENTRY[0]
 
 
 def _no_entry() -> str:
@@ -53,14 +58,14 @@ def _no_entry() -> str:
 @contextlib.contextmanager
 def off() -> Iterator[None]:
     """Send every call of the ``with`` block down the custom-op road."""
-    saved = list(_C_eager) if _C_eager else [_load()]
+    saved = list(ENTRY) if ENTRY else [_load()]
     _off.append(True)
-    _C_eager[:] = [None]
+    ENTRY[:] = [None]
     try:
         yield
     finally:
         _off.pop()
-        _C_eager[:] = saved
+        ENTRY[:] = saved
 
 
 def _not_plain(name: str, t) -> str:
@@ -70,9 +75,11 @@ def _not_plain(name: str, t) -> str:
 def why_not_eager(x, keys0, values0, scale0, keys1, values1, scale1, gram0, k, tau, delta, eps,
                   backend) -> str | None:
     """Why this call cannot take the eager road to the C++ entry, in words; None when it
-    can. The arguments are those of :func:`call`. Cheap on purpose: the functional API
-    asks it on every call, and an accepted call pays every test below."""
-    fn = _C_eager[0] if _C_eager else _load()
+    can, and then ``ENTRY[0](x, keys0, ..., eps)`` (the same arguments but ``backend``) is
+    ``(y [..., d_out], idx [T, K])``. ``keys1``/``values1`` None: no second segment; ``k``
+    as given (the entry makes it effective). Cheap on purpose: the functional API asks it
+    on every call, and an accepted call pays every test below."""
+    fn = ENTRY[0] if ENTRY else _load()
     if fn is None:
         return _no_entry()
     # exact types: a subclass or a duck-typed argument may carry its own dispatch
@@ -100,15 +107,14 @@ def why_not_eager(x, keys0, values0, scale0, keys1, values1, scale1, gram0, k, t
             return "keys1 is not 2-D"
         n += keys1.shape[0]
         atoms = (keys0.dtype, keys1.dtype, values0.dtype, values1.dtype)
-    if torch._C._is_any_autocast_enabled():
-        return "autocast is on (the custom op applies it, and casts under autograd)"
-    # the C++ entry takes single-dtype calls: every tensor already in the compute dtype
+    # the C++ entry takes single-dtype calls: every tensor already in the dtype the policy
+    # computes in, and the output in it too (so no cast; it excludes autocast itself)
     dt = x.dtype
-    cd, out = call_dtypes(dt, atoms, x.device.type)
+    cd, out = call_dtypes(x, atoms)
     if cd is not dt or out is not dt or keys0.dtype is not dt or values0.dtype is not dt or (
             keys1 is not None and (keys1.dtype is not dt or values1.dtype is not dt)):
-        return (f"mixed dtypes: x is {dt}, the atoms are {', '.join(map(str, atoms))}; the dtype "
-                f"policy computes in {cd} and the casts to it go through the custom op")
+        return (f"x is {dt} and the atoms {', '.join(map(str, atoms))}, but the dtype policy "
+                f"computes in {cd} and outputs {out}: the casts go through the custom op")
     for name, s in (("scale0", scale0), ("scale1", scale1), ("gram0", gram0)):
         if s is not None:
             if type(s) is not Tensor:
@@ -133,13 +139,3 @@ def why_not_eager(x, keys0, values0, scale0, keys1, values1, scale1, gram0, k, t
     if b.name not in _EAGER_BACKENDS:
         return f"the {b.name!r} backend serves this call; the C++ entry serves cpu and cuda only"
     return None
-
-
-def call(x, keys0, values0, scale0, keys1, values1, scale1, gram0, k, tau, delta, eps, backend):
-    """``(y [..., d_out], idx [T, K])`` from the C++ entry, or None when
-    :func:`why_not_eager` sends the call down the custom-op road. ``keys1``/``values1``
-    None: no second segment; ``k`` as given (the entry makes it effective)."""
-    if why_not_eager(x, keys0, values0, scale0, keys1, values1, scale1, gram0, k, tau, delta, eps,
-                     backend) is not None:
-        return None
-    return _C_eager[0](x, keys0, values0, scale0, keys1, values1, scale1, gram0, k, tau, delta, eps)

@@ -1,10 +1,11 @@
 """The functional API: :func:`moram` (``mk.moram``) and :func:`moram_segments`, the
 two-segment form :class:`~moram_kernels.MoRAMLinear` calls.
 
-One road per call, chosen by :func:`moram_kernels.eager.why_not_eager`: the eager C++
-entry of the cpu/cuda kernels when it can take the call, else the custom op of
-:mod:`moram_kernels.ops` (after the casts the dtype policy asks for,
-:func:`moram_kernels._precision.call_dtypes`).
+One road per call, chosen by :func:`moram_kernels.eager.why_not_eager` (asked inline, not
+through a wrapper: the eager road costs a few µs and every frame shows): the eager C++
+entry of the cpu/cuda kernels when it says None, else the custom op of
+:mod:`moram_kernels.ops` after the casts the dtype policy asks for
+(:func:`moram_kernels._precision.call_dtypes`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import Tensor
 
 from . import backends as _dispatch
 from . import eager as _eager
+from .eager import why_not_eager as _why_not_eager
 from ._checks import check_extras, validate
 from ._precision import acc_dtype, autocast_off, call_dtypes
 from .backends.reference import effective_k
@@ -53,15 +55,14 @@ def moram_segments(x, keys0, values0, scale0, keys1, values1, scale1, *, k, tau,
     ``MoRAMLinear``'s cached frozen bank), so each gradient returns in its input's dtype.
     The result has x's dtype, or the autocast dtype inside an autocast region.
     """
-    out = _eager.call(x, keys0, values0, scale0, keys1, values1, scale1, gram0, k, tau, delta, eps,
-                      backend)
-    if out is not None:
-        return out
+    if _why_not_eager(x, keys0, values0, scale0, keys1, values1, scale1, gram0, k, tau, delta, eps,
+                      backend) is None:
+        return _eager.ENTRY[0](x, keys0, values0, scale0, keys1, values1, scale1, gram0, k, tau, delta, eps)
     check_extras(x, keys0, keys1, scale0, scale1, gram0)
     lead, d_out = x.shape[:-1], values0.shape[1]
     n = keys0.shape[0] + keys1.shape[0]
     dev = x.device.type
-    cd, out_dtype = call_dtypes(x.dtype, (keys0.dtype, keys1.dtype, values0.dtype, values1.dtype), dev)
+    cd, out_dtype = call_dtypes(x, (keys0.dtype, keys1.dtype, values0.dtype, values1.dtype))
     # a view whenever the strides allow it (a strided 2-D x reaches the backend as it is;
     # every backend takes any strides), a copy only when reshape must make one
     x2 = x.reshape(-1, x.shape[-1])
@@ -94,11 +95,9 @@ def moram(x: Tensor, keys: Tensor, values: Tensor, *, k: int, tau: float, delta:
     the atoms with fp32 accumulation (:mod:`moram_kernels._precision`). With no atoms or no
     tokens the output is zeros that still take part in autograd (zero gradients).
     """
-    if value_scale is None or type(value_scale) is Tensor:
-        out = _eager.call(x, keys, values, value_scale, None, None, None, None, k, tau, delta, eps,
-                          backend)
-        if out is not None:
-            return out[0]
+    if (value_scale is None or type(value_scale) is Tensor) and _why_not_eager(
+            x, keys, values, value_scale, None, None, None, None, k, tau, delta, eps, backend) is None:
+        return _eager.ENTRY[0](x, keys, values, value_scale, None, None, None, None, k, tau, delta, eps)[0]
     k, tau, delta, eps, value_scale = validate(x, keys, values, k, tau, delta, eps, value_scale, backend)
     n, acc = keys.shape[0], acc_dtype(x.dtype)
     if isinstance(value_scale, Tensor):

@@ -316,7 +316,7 @@ class MoRAMLinear(nn.Module):
         xd = self.adapter_dropout(x) if training else x   # dropout is the identity in eval
         # autocast-aware like nn.Linear: the adapter computes in the autocast dtype (or the
         # lowest of x's and the atoms'), reading a cached copy of the frozen bank
-        cd, _ = call_dtypes(x.dtype, (fk.dtype, keys.dtype, fv.dtype, values.dtype), x.device.type)
+        cd, _ = call_dtypes(x, (fk.dtype, keys.dtype, fv.dtype, values.dtype))
         if fk.dtype is not cd or fv.dtype is not cd:
             fk, fv = self._frozen_bank(cd)
         d, idx = moram_segments(

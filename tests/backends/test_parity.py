@@ -305,7 +305,7 @@ def _spy(monkeypatch, backend):
     tests/test_eager.py checks that it gives the same values and gradients as this path on
     strided inputs."""
     from moram_kernels import eager
-    monkeypatch.setattr(eager, "_C_eager", [None])
+    monkeypatch.setattr(eager, "ENTRY", [None])
     impl = _dispatch._BY_NAME[backend].impl()
     seen = {}
     for fn in ("moram_fwd", "moram_bwd"):
