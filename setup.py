@@ -45,7 +45,7 @@ def _ext_modules_and_cmdclass():
     rel = lambda paths: [os.path.relpath(p, ROOT) for p in paths]  # noqa: E731
     cpu_sources = rel(sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))))
     cuda_sources = rel(sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))))
-    sources = ["csrc/ops.cpp"] + cpu_sources
+    sources = ["csrc/ops.cpp", "csrc/eager.cpp"] + cpu_sources
 
     want_cuda = _flag("MORAM_WITH_CUDA", "auto")
     with_cuda = bool(cuda_sources) and (

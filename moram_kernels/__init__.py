@@ -10,7 +10,7 @@ from . import distributed, integrations
 from .integrations import (MoRAMConfig, add_task, inject, load_moram, remove, save_moram,
                            trainable_parameters)
 from .nn import MoRAMLinear
-from .ops import moram
+from .functional import moram
 
 __all__ = [
     "moram", "available_backends", "use_backend", "MoRAMLinear", "MoRAMConfig", "inject",

@@ -1,5 +1,6 @@
-"""The dtype policy every backend follows (a leaf module: ops, nn and the Triton
-launchers import it, it imports nothing of the package).
+"""The dtype policy every backend follows (a leaf module: nn, functional, eager, ops and
+the Triton launchers import it, it imports nothing of the package). :func:`call_dtypes`
+is the one place that decides a call's compute and output dtypes.
 
 * **Compute dtype.** Under ``torch.autocast`` for the tensors' device type: the autocast
   dtype, as ``nn.Linear`` does. Otherwise the lowest precision among x and the atoms
@@ -19,6 +20,8 @@ launchers import it, it imports nothing of the package).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -42,13 +45,36 @@ def lowest(*dtypes: torch.dtype) -> torch.dtype:
     return best
 
 
-def compute_dtype(x_dtype: torch.dtype, atom_dtypes, device_type: str) -> torch.dtype:
-    """The dtype a MoRAM call computes in (see the module docstring). Autocast, like
-    PyTorch's own, leaves fp64 alone."""
-    auto = autocast_dtype(device_type)
-    if auto is not None and x_dtype != torch.float64:
-        return auto
-    return lowest(x_dtype, *atom_dtypes)
+def call_dtypes(x: torch.Tensor, atom_dtypes) -> tuple[torch.dtype, torch.dtype]:
+    """``(compute dtype, output dtype)`` of one MoRAM call on ``x`` with atoms of
+    ``atom_dtypes`` (see the module docstring): the autocast dtype for both inside an
+    autocast region for x's device (autocast, like PyTorch's own, leaves fp64 alone), else
+    the lowest of x's and the atoms' dtypes, and x's dtype. It takes x itself, not its
+    device type, because ``Tensor.device`` costs about half a µs and is read only under
+    autocast; a call whose tensors all carry x's dtype, outside autocast, costs two tests."""
+    x_dtype = x.dtype
+    if torch._C._is_any_autocast_enabled():
+        auto = autocast_dtype(x.device.type)
+        if auto is not None and x_dtype != torch.float64:
+            return auto, auto
+    for d in atom_dtypes:
+        if d is not x_dtype:
+            return lowest(x_dtype, *atom_dtypes), x_dtype
+    return x_dtype, x_dtype
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of a call computing in ``dtype``: fp64 for fp64, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def autocast_off(device_type: str):
+    """Autocast disabled for ``device_type`` when it is on (a no-op context otherwise): the
+    tensors a call hands its kernels already carry the compute dtype, and must not be
+    re-cast by an autocast region around the forward or the backward."""
+    if autocast_dtype(device_type) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
 
 
 def fp32_uses_tf32() -> bool:

@@ -8,9 +8,10 @@ import torch
 from torch import Tensor, nn
 
 from ._cache import DerivedCaches
+from ._checks import check_real as _check_real
 from ._dist import _assign_full, _broadcast_from_rank0, _full, _local
-from ._precision import compute_dtype
-from .ops import _check_real, moram_segments
+from ._precision import call_dtypes
+from .functional import moram_segments
 
 __all__ = ["MoRAMLinear"]
 
@@ -349,12 +350,8 @@ class MoRAMLinear(nn.Module):
         xd = self.adapter_dropout(x) if training else x   # dropout is the identity in eval
         # autocast-aware like nn.Linear: the adapter computes in the autocast dtype (or the
         # lowest of x's and the atoms'), reading a cached copy of the frozen bank
-        dt = x.dtype
-        if (fk.dtype is dt and fv.dtype is dt and keys.dtype is dt and values.dtype is dt
-                and not torch._C._is_any_autocast_enabled()):
-            cd = dt                      # the common case, without the dtype policy's lookups
-        else:
-            cd = compute_dtype(dt, (fk.dtype, keys.dtype, fv.dtype, values.dtype), x.device.type)
+        cd, _ = call_dtypes(x, (fk.dtype, keys.dtype, fv.dtype, values.dtype))
+        if fk.dtype is not cd or fv.dtype is not cd:
             fk, fv = self._frozen_bank(cd)
         d, idx = moram_segments(
             xd, fk, fv, None,

@@ -1,4 +1,4 @@
-"""The MoRAM custom ops, their fake kernels and autograd, and the functional :func:`moram`.
+"""The torch contract of the MoRAM op: two custom ops, their fake kernels and their autograd.
 
 Two ops live in the ``moram_kernels`` namespace:
 
@@ -9,23 +9,24 @@ Two ops live in the ``moram_kernels`` namespace:
 Both forward to the backend named by ``backend`` (already resolved by the dispatch
 table), so ``torch.compile(fullgraph=True)`` sees one opaque node per call and no
 graph break. ``gram0`` (``keys0^T keys0``) is only read by the backward.
+
+Callers (:mod:`moram_kernels.functional`) hand these ops tensors already in the compute
+dtype and a K already effective; the functional API, its checks and the eager road to
+the C++ entry live in ``functional.py``, ``_checks.py`` and ``eager.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-import numbers
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from . import backends as _dispatch
-from ._precision import autocast_dtype, compute_dtype
-from .backends.reference import _gate, effective_k
+from ._precision import acc_dtype, autocast_off
+from .backends.reference import _gate
 
-__all__ = ["moram", "moram_segments"]
+__all__ = ["moram_fwd_op", "moram_bwd_op"]
 
 
 def _impl(backend: str):
@@ -42,14 +43,10 @@ def moram_fwd_op(
                                           k, tau, delta, eps))
 
 
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 @moram_fwd_op.register_fake
 def _(x, keys0, values0, scale0, keys1, values1, scale1, gram0, k, tau, delta, eps, backend):
     t = x.shape[0]
-    acc = _acc_dtype(x)
+    acc = acc_dtype(x.dtype)
     return (x.new_empty(t, values0.shape[1]),
             x.new_empty(t, k, dtype=torch.int64),
             x.new_empty(t, k, dtype=acc),
@@ -118,7 +115,7 @@ def _backward(ctx, gy, _gidx, _gpsel, _gnorm):
     gx = gk0 = gv0 = gk1 = gv1 = gs0 = gs1 = None
     # the forward's inputs already carry the compute dtype: a backward run inside an
     # autocast region must not re-cast what the kernels' own GEMMs see
-    with _autocast_off(x.device.type):
+    with autocast_off(x.device.type):
         if need_x or need_seg0 or need_seg1:
             gx, gk0, gv0, gk1, gv1 = moram_bwd_op(
                 gy.to(x.dtype).contiguous(), x, keys0, values0, scale0, keys1, values1, scale1,
@@ -134,211 +131,3 @@ def _backward(ctx, gy, _gidx, _gpsel, _gnorm):
 
 moram_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
-
-def _autocast_off(device_type: str):
-    """Autocast disabled for ``device_type`` when it is on (a no-op context otherwise)."""
-    if autocast_dtype(device_type) is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type, enabled=False)
-
-
-# ---- validation: every error names the argument -------------------------------------------
-
-def _check_real(name: str, v, *, positive: bool = False) -> float:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
-    v = float(v)
-    if math.isnan(v):
-        raise ValueError(f"{name} must not be NaN")
-    if positive and not (v > 0 and math.isfinite(v)):
-        raise ValueError(f"{name} must be finite and > 0, got {v}")
-    return v
-
-
-def _validate(x, keys, values, k, tau, delta, eps, value_scale, backend):
-    for name, t in (("x", x), ("keys", keys), ("values", values)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension [..., d_in]")
-    if keys.dim() != 2:
-        raise ValueError(f"keys must be 2-D [N, d_in], got shape {tuple(keys.shape)}")
-    if values.dim() != 2:
-        raise ValueError(f"values must be 2-D [N, d_out], got shape {tuple(values.shape)}")
-    if keys.shape[0] != values.shape[0]:
-        raise ValueError(f"keys and values must hold the same number of atoms, "
-                         f"got keys N = {keys.shape[0]} and values N = {values.shape[0]}")
-    if x.shape[-1] != keys.shape[1]:
-        raise ValueError(f"x has d_in = {x.shape[-1]} in its last dimension, "
-                         f"but keys have d_in = {keys.shape[1]}")
-    for name, t in (("keys", keys), ("values", values)):
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    tau = _check_real("tau", tau, positive=True)
-    delta = _check_real("delta", delta)
-    eps = _check_real("eps", eps, positive=True)
-    if backend is not None and not isinstance(backend, str):
-        raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
-    n = keys.shape[0]
-    scale = None
-    if isinstance(value_scale, Tensor):
-        if value_scale.shape != (n,):
-            raise ValueError(f"value_scale must have shape [N] = [{n}], got {tuple(value_scale.shape)}")
-        if value_scale.device != x.device:
-            raise ValueError(f"value_scale is on {value_scale.device} but x is on {x.device}")
-        if not value_scale.is_floating_point():
-            raise TypeError(f"value_scale must be a floating-point tensor, got {value_scale.dtype}")
-        # not detached: its gradient is computed (see ``_scale_grads``)
-        scale = value_scale.to(_acc_dtype(x)).contiguous()
-    elif value_scale is not None:
-        v = _check_real("value_scale", value_scale)
-        scale = torch.full((n,), v, dtype=_acc_dtype(x), device=x.device)
-    return int(k), tau, delta, eps, scale
-
-
-def _empty_delta(x2, segments, dtype) -> Tensor:
-    """The delta when there are no atoms or no tokens: exact zeros ``[T, d_out]`` in
-    ``dtype`` that still take part in autograd like any PyTorch op. Each product runs over
-    an empty dimension (no atoms, or no tokens), so the output and every gradient are zeros
-    of the right shape and dtype, and a NaN in ``x`` cannot leak in (nothing is multiplied
-    by it)."""
-    y = None
-    for keys, values, scale in segments:
-        p = x2.to(dtype) @ keys.to(dtype).t()                           # [T, N_s], T or N_s is 0
-        if scale is not None:
-            p = p * scale.to(dtype)
-        term = p @ values.to(dtype)
-        y = term if y is None else y + term
-    return y
-
-
-# ---- the functional API ---------------------------------------------------------------------
-
-# ---- the eager path to the compiled kernels ---------------------------------------------------
-
-_EAGER_BACKENDS = ("cpu", "cuda")
-_PLAIN = (Tensor, torch.nn.Parameter)
-_C_eager: list = []          # [the extension's eager function, or None], filled on first use
-
-
-def _eager_entry():
-    if not _C_eager:
-        from .backends import compiled
-        fn = compiled.eager()
-        if fn is not None and all(_dispatch.why_unavailable(n) is not None for n in _EAGER_BACKENDS):
-            fn = None
-        _C_eager.append(fn)
-    return _C_eager[0]
-
-
-def _eager_call(x, keys0, values0, scale0, keys1, values1, scale1, gram0, k, tau, delta, eps, backend):
-    """``(y, idx)`` from the C++ entry point of the cpu/cuda kernels (validation and autograd
-    in C++, a few µs of overhead), or None when this call must take the custom op instead:
-    under torch.compile, a tensor subclass, a torch function/dispatch mode or autocast,
-    mixed dtypes, a scale that requires grad, an empty bank or batch, arguments of other
-    types than the usual ones, or a backend other than cpu/cuda. ``keys1``/``values1`` None: no second
-    segment."""
-    fn = _C_eager[0] if _C_eager else _eager_entry()
-    if (fn is None or type(x) is not Tensor or type(keys0) not in _PLAIN or type(values0) not in _PLAIN
-            or type(k) is not int or type(tau) is not float or type(delta) is not float
-            or type(eps) is not float or (backend is not None and type(backend) is not str)
-            or x.dim() < 1 or keys0.dim() != 2 or values0.dim() != 2):
-        return None
-    dt = x.dtype    # one dtype throughout: mixed dtypes take the casts of the custom-op path
-    if keys0.dtype is not dt or values0.dtype is not dt:
-        return None
-    n = keys0.shape[0]
-    if keys1 is not None:
-        if (type(keys1) not in _PLAIN or type(values1) not in _PLAIN or keys1.dim() != 2
-                or keys1.dtype is not dt or values1.dtype is not dt):
-            return None
-        n += keys1.shape[0]
-    for s in (scale0, scale1, gram0):
-        if s is not None and (type(s) is not Tensor or s.requires_grad):
-            return None
-    if (n == 0 or x.numel() == 0 or torch.compiler.is_compiling()
-            or torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack()
-            or torch._C._is_any_autocast_enabled()):
-        return None
-    kk = k if 2 <= k <= n else effective_k(k, n)
-    try:
-        b = _dispatch.select_cached(backend, x.device, x.dtype, keys0.dtype, values0.dtype,
-                                    x.shape[-1], values0.shape[1], n, kk)
-    except (TypeError, ValueError, RuntimeError):
-        return None   # the custom-op path validates first, then raises this error again
-    if b.name not in _EAGER_BACKENDS:
-        return None
-    return fn(x, keys0, values0, scale0, keys1, values1, scale1, gram0, k, tau, delta, eps)
-
-
-def moram_segments(x, keys0, values0, scale0, keys1, values1, scale1, *, k, tau, delta, eps,
-                   gram0=None, backend=None) -> tuple[Tensor, Tensor | None]:
-    """MoRAM delta over two atom segments, ``[..., d_in] -> [..., d_out]``, plus the
-    ``[T, K]`` selected atom ids (None when nothing was selected).
-
-    Inputs are assumed validated. ``keys0``/``values0`` is typically a frozen bank and
-    ``keys1``/``values1`` the trainable atoms; neither is concatenated.
-
-    Dtypes follow :mod:`moram_kernels._precision`: every tensor is cast to the compute
-    dtype here, under autograd (a no-op for tensors already in it, such as
-    ``MoRAMLinear``'s cached frozen bank), so each gradient returns in its input's dtype.
-    The result has x's dtype, or the autocast dtype inside an autocast region.
-    """
-    out = _eager_call(x, keys0, values0, scale0, keys1, values1, scale1, gram0, k, tau, delta, eps,
-                      backend)
-    if out is not None:
-        return out
-    lead, d_out = x.shape[:-1], values0.shape[1]
-    n = keys0.shape[0] + keys1.shape[0]
-    dev = x.device.type
-    cd = compute_dtype(x.dtype, (keys0.dtype, keys1.dtype, values0.dtype, values1.dtype), dev)
-    out_dtype = x.dtype if autocast_dtype(dev) is None or x.dtype == torch.float64 else cd
-    # a view whenever the strides allow it (a strided 2-D x reaches the backend as it is;
-    # every backend takes any strides), a copy only when reshape must make one
-    x2 = x.reshape(-1, x.shape[-1])
-    t = x2.shape[0]
-    if n == 0 or t == 0:
-        with _autocast_off(dev):
-            y = _empty_delta(x2, ((keys0, values0, scale0), (keys1, values1, scale1)), out_dtype)
-        return y.reshape(*lead, d_out), None
-    kk = effective_k(k, n)
-    inp = _dispatch.Inputs(x.device, cd, cd, cd, x.shape[-1], d_out, n, kk)
-    b = _dispatch.select(backend, inp)
-    with _autocast_off(dev):
-        y, idx, _, _ = moram_fwd_op(x2.to(cd), keys0.to(cd), values0.to(cd), scale0,
-                                    keys1.to(cd), values1.to(cd), scale1, gram0,
-                                    kk, tau, delta, eps, b.name)
-    return y.to(out_dtype).reshape(*lead, d_out), idx
-
-
-def moram(x: Tensor, keys: Tensor, values: Tensor, *, k: int, tau: float, delta: float = 0.0,
-          eps: float = 1e-12, value_scale=None, backend: str | None = None) -> Tensor:
-    """MoRAM adapter delta (docs/op.md, "Forward"), ``[..., d_in] -> [..., d_out]``.
-
-    ``keys [N, d_in]`` and ``values [N, d_out]`` hold the atoms; ``k`` atoms are kept per
-    token (effective K = min(max(k, 2), N)), softmaxed at temperature ``tau``, and those
-    whose normalised score is below ``delta`` dropped (0 disables it). ``value_scale`` is
-    None, a float or a ``[N]`` tensor multiplying each value row. Differentiable with
-    respect to ``x``, ``keys``, ``values`` and a ``value_scale`` tensor (each gradient in
-    its own input's dtype); returns the dtype of ``x`` (the autocast dtype inside
-    ``torch.autocast``, as ``F.linear`` does). It computes in the lowest precision of x and
-    the atoms with fp32 accumulation (:mod:`moram_kernels._precision`). With no atoms or no
-    tokens the output is zeros that still take part in autograd (zero gradients).
-    """
-    if value_scale is None or type(value_scale) is Tensor:
-        out = _eager_call(x, keys, values, value_scale, None, None, None, None, k, tau, delta, eps,
-                          backend)
-        if out is not None:
-            return out[0]
-    k, tau, delta, eps, scale = _validate(x, keys, values, k, tau, delta, eps, value_scale, backend)
-    empty_k = keys.new_empty(0, keys.shape[1])
-    empty_v = values.new_empty(0, values.shape[1])
-    y, _ = moram_segments(x, keys, values, scale, empty_k, empty_v, None,
-                          k=k, tau=tau, delta=delta, eps=eps, backend=backend)
-    return y

@@ -1,13 +1,18 @@
-"""The eager entry point of the compiled kernels (``_C.eager``, csrc/ops.cpp): it must give
-what the custom-op path gives, forward and backward, and be taken exactly when it should."""
+"""The eager road to the compiled kernels (moram_kernels/eager.py, ``_C.eager`` in
+csrc/eager.cpp): it must give what the custom-op road gives, forward and backward, and be
+taken exactly when :func:`moram_kernels.eager.why_not_eager` says so."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
+from helpers import assert_close, make_inputs, max_rel_err, oracle
 
 import moram_kernels as mk
-from moram_kernels import ops
+from moram_kernels import eager
+from moram_kernels.functional import moram_segments
 
 pytestmark = pytest.mark.skipif("cpu" not in mk.available_backends(),
                                 reason="needs the compiled cpu backend")
@@ -16,18 +21,14 @@ pytestmark = pytest.mark.skipif("cpu" not in mk.available_backends(),
 @pytest.fixture
 def count_eager(monkeypatch):
     """Counts the calls that reach the C++ entry point."""
-    fn = ops._eager_entry()
+    fn = eager._load()
     calls = []
 
     def counting(*a):
         calls.append(a[0].shape)
         return fn(*a)
-    monkeypatch.setattr(ops, "_C_eager", [counting])
+    monkeypatch.setattr(eager, "ENTRY", [counting])
     return calls
-
-
-def _without_eager(monkeypatch):
-    monkeypatch.setattr(ops, "_C_eager", [None])
 
 
 def _segments(dtype, lead, strided, scale1, gram):
@@ -47,7 +48,7 @@ def _run(args, k=5, tau=0.1, delta=0.0):
     x, k0, v0, k1, v1, s1, g0 = args
     for t in (x, k0, v0, k1, v1):
         t.grad = None
-    y, idx = ops.moram_segments(x, k0, v0, None, k1, v1, s1, k=k, tau=tau, delta=delta, eps=1e-12,
+    y, idx = moram_segments(x, k0, v0, None, k1, v1, s1, k=k, tau=tau, delta=delta, eps=1e-12,
                                 gram0=g0, backend="cpu")
     (y.float() * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
     return y.detach(), idx, [t.grad for t in (x, k0, v0, k1, v1)]
@@ -62,8 +63,9 @@ def test_eager_path_matches_the_custom_op(monkeypatch, count_eager, dtype, lead,
     args = _segments(dtype, lead, strided, scale1, gram)
     y, idx, grads = _run(args)
     assert len(count_eager) == 1                      # the eager path ran ...
-    _without_eager(monkeypatch)
-    y_ref, idx_ref, grads_ref = _run(args)            # ... and this is the custom op
+    with eager.off():
+        y_ref, idx_ref, grads_ref = _run(args)        # ... and this is the custom op
+    assert len(count_eager) == 1
     assert y.shape == y_ref.shape == (*lead, 20) and y.dtype == dtype
     assert torch.equal(idx, idx_ref)
     torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
@@ -105,7 +107,7 @@ def test_eager_path_taken_only_where_it_should(count_eager):
     mk.moram(x, keys.bfloat16(), values, k=3, tau=0.1, backend="cpu")    # mixed dtypes
     mk.moram(x[:0], keys, values, k=3, tau=0.1, backend="cpu")           # T = 0
     mk.moram(x, keys[:0], values[:0], k=3, tau=0.1, backend="cpu")       # N = 0
-    ops.moram_segments(x, keys, values, torch.ones(6, requires_grad=True), keys[:0], values[:0], None,
+    moram_segments(x, keys, values, torch.ones(6, requires_grad=True), keys[:0], values[:0], None,
                        k=3, tau=0.1, delta=0.0, eps=1e-12, backend="cpu")  # a scale that needs grad
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mk.moram(x, keys, values, k=3, tau=0.1, backend="cpu")
@@ -121,3 +123,207 @@ def test_eager_errors_name_the_argument(count_eager):
     with pytest.raises(ValueError, match="x has d_in = 7"):
         mk.moram(torch.randn(3, 7), keys, values, k=3, tau=0.1, backend="cpu")
     assert len(count_eager) == 3                      # raised by the C++ checks
+
+
+# ---- which road, in words ---------------------------------------------------------------------
+
+def test_why_not_eager_says_which_road():
+    x, keys, values = torch.randn(3, 8), torch.randn(6, 8), torch.randn(6, 5)
+    args = lambda **kw: {**dict(x=x, keys0=keys, values0=values, scale0=None, keys1=None,  # noqa: E731
+                                values1=None, scale1=None, gram0=None, k=3, tau=0.1, delta=0.0,
+                                eps=1e-12, backend="cpu"), **kw}
+    assert eager.why_not_eager(**args()) is None
+    assert "reference" in eager.why_not_eager(**args(backend="reference"))
+    assert "dtype policy computes in torch.bfloat16" in eager.why_not_eager(**args(keys0=keys.bfloat16()))
+    assert "bank is empty" in eager.why_not_eager(**args(keys0=keys[:0], values0=values[:0]))
+    assert "scale1 requires grad" in eager.why_not_eager(
+        **args(keys1=keys[:2], values1=values[:2], scale1=torch.ones(2, requires_grad=True)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert "computes in torch.bfloat16" in eager.why_not_eager(**args())
+        # already in the autocast dtype: no cast, so the eager road (it excludes autocast itself)
+        assert eager.why_not_eager(**args(x=x.bfloat16(), keys0=keys.bfloat16(),
+                                          values0=values.bfloat16())) is None
+    with eager.off():
+        assert "switched off" in eager.why_not_eager(**args())
+    assert eager.why_not_eager(**args()) is None
+
+
+def test_eager_under_autocast_in_the_autocast_dtype_matches_the_custom_op(count_eager):
+    """Everything already bf16 inside a bf16 autocast region: the eager road, with the custom
+    op's output and gradients."""
+    torch.manual_seed(0)
+    leaves = [torch.randn(5, 8).bfloat16().requires_grad_(), torch.randn(6, 8).bfloat16().requires_grad_(),
+              torch.randn(6, 4).bfloat16().requires_grad_()]
+    outs = []
+    for road in ("eager", "op"):
+        with contextlib.ExitStack() as stack:
+            if road == "op":
+                stack.enter_context(eager.off())
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = mk.moram(*leaves, k=3, tau=0.1, backend="cpu")
+                outs.append((y.detach(), *torch.autograd.grad(y.float().sum(), leaves)))
+    assert len(count_eager) == 1
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ---- effective K and the threshold on the eager road --------------------------------------------
+
+def _leaves(t, d_in, d_out, n, *, k, seed=0):
+    x, keys, values = make_inputs(t, d_in, d_out, n, k=k, seed=seed)
+    return [x.requires_grad_(), keys.requires_grad_(), values.requires_grad_()]
+
+
+def _fwd_bwd(leaves, **kw):
+    y = mk.moram(*leaves, backend="cpu", **kw)
+    gy = torch.linspace(-1, 1, y.numel()).reshape(y.shape)
+    return (y.detach(), *torch.autograd.grad(y, leaves, gy))
+
+
+def _oracle_fwd_bwd(leaves, **kw):
+    l64 = [t.detach().double().requires_grad_() for t in leaves]
+    y = oracle(*l64, **kw)
+    gy = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).reshape(y.shape)
+    return (y.detach(), *torch.autograd.grad(y, l64, gy))
+
+
+@pytest.mark.parametrize("k,n", [(1, 7), (12, 7), (1, 1), (3, 2)], ids=["k1-N7", "k12-N7", "k1-N1", "k3-N2"])
+def test_eager_effective_k_matches_the_oracle(count_eager, k, n):
+    """K = min(max(k, 2), N) (1 when N = 1) in the C++ entry: k = 1 keeps two atoms, k > N all."""
+    leaves = _leaves(6, 8, 5, n, k=k)
+    got = _fwd_bwd(leaves, k=k, tau=0.2)
+    assert len(count_eager) == 1
+    want = _oracle_fwd_bwd(leaves, k=k, tau=0.2)
+    for g, w, name in zip(got, want, ("y", "x", "keys", "values")):
+        assert_close(g, w, dtype=torch.float32, what=name)
+
+
+def _delta_dropping_some(leaves, k):
+    """A threshold between two of the selected normalised scores: it drops some of each
+    token's top-K atoms, not all, and sits far from every score (no flip in fp32)."""
+    x, keys = leaves[0].detach().double(), leaves[1].detach().double()
+    p = x @ keys.T
+    s = (p / p.norm(dim=-1, keepdim=True)).topk(k, dim=-1).values       # [T, K], descending
+    cuts = torch.linspace(s.min().item(), s.max().item(), 200)[1:-1]
+    dist = (s.reshape(-1, 1) - cuts).abs().min(0).values
+    kept = (s[..., None] >= cuts).sum(1)                                  # [T, cuts]
+    ok = (kept > 0).all(0) & (kept < k).any(0)
+    best = int(torch.where(ok, dist, torch.zeros_like(dist)).argmax())
+    assert ok[best] and dist[best] > 1e-3
+    return float(cuts[best])
+
+
+def test_eager_backward_applies_the_threshold():
+    """delta > 0 (the eval-time rule) drops some of the top-K atoms; the eager road's
+    backward must mask them as the custom op and the oracle do, for x, keys and values."""
+    k = 4
+    leaves = _leaves(9, 8, 5, 12, k=k, seed=3)
+    delta = _delta_dropping_some(leaves, k)
+    assert eager.why_not_eager(*leaves, None, None, None, None, None, k, 1.0, delta, 1e-12, "cpu") is None
+    got = _fwd_bwd(leaves, k=k, tau=1.0, delta=delta)
+    with eager.off():
+        op = _fwd_bwd(leaves, k=k, tau=1.0, delta=delta)
+    want = _oracle_fwd_bwd(leaves, k=k, tau=1.0, delta=delta)
+    no_delta = _oracle_fwd_bwd(leaves, k=k, tau=1.0)
+    for i, name in enumerate(("y", "x", "keys", "values")):
+        assert max_rel_err(no_delta[i], want[i]) > 1e-2, f"{name}: delta must change it"
+        assert_close(got[i], want[i], dtype=torch.float32, what=f"eager {name}")
+        assert_close(op[i], want[i], dtype=torch.float32, what=f"custom op {name}")
+        torch.testing.assert_close(got[i], op[i], rtol=1e-6, atol=1e-6)
+
+
+# ---- saved tensors, autocast in the backward, argument checks: both roads ------------------------
+
+ROADS = ["eager", "custom-op"]
+
+
+def _road(road):
+    return contextlib.nullcontext() if road == "eager" else eager.off()
+
+
+def _saved_kind(t, T=5, K=3):
+    """Which of the forward's own outputs a saved tensor is (x is [5, 8], the bank [7, ...])."""
+    if t.dtype == torch.int64 and tuple(t.shape) == (T, K):
+        return "idx"
+    if t.dtype == torch.float32 and tuple(t.shape) == (T, K):
+        return "p_sel"
+    if t.dtype == torch.float32 and tuple(t.shape) == (T,):
+        return "norm"
+    return None
+
+
+@pytest.mark.parametrize("road", ROADS)
+@pytest.mark.parametrize("changed", ["idx", "p_sel", "norm"])
+def test_saved_tensor_hooks_see_and_feed_the_backward(road, changed):
+    """Every tensor the backward reads goes through torch.autograd.graph.saved_tensors_hooks
+    (save_on_cpu and checkpointing rely on it): idx, p_sel and norm are packed on both roads,
+    unpacked in the backward, and what unpack returns is what the backward uses."""
+    torch.manual_seed(0)
+    leaves = [torch.randn(5, 8, requires_grad=True), torch.randn(7, 8, requires_grad=True),
+              torch.randn(7, 6, requires_grad=True)]
+    packed, unpacked = [], []
+
+    def pack(t):
+        packed.append(_saved_kind(t))
+        return t
+
+    def unpack(t):
+        kind = _saved_kind(t)
+        unpacked.append(kind)
+        if kind == changed:   # another atom id, or a scaled score or norm
+            return (t + 1) % 7 if kind == "idx" else t * 1.5
+        return t
+
+    with _road(road):
+        assert (eager.why_not_eager(*leaves, None, None, None, None, None, 3, 0.5, 0.0, 1e-12, "cpu")
+                is None) == (road == "eager")
+        plain = torch.autograd.grad(mk.moram(*leaves, k=3, tau=0.5, backend="cpu").sum(), leaves)
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            y = mk.moram(*leaves, k=3, tau=0.5, backend="cpu")
+        hooked = torch.autograd.grad(y.sum(), leaves)
+    for kind in ("idx", "p_sel", "norm"):
+        assert kind in packed, f"{kind} was not packed on the {road} road (packed: {packed})"
+        assert kind in unpacked, f"{kind} was not unpacked in the backward of the {road} road"
+    assert any(not torch.allclose(a, b) for a, b in zip(plain, hooked)), \
+        f"the backward ignored the unpacked {changed}"
+
+
+@pytest.mark.parametrize("road", ROADS)
+def test_backward_inside_autocast_gives_the_same_gradients(road):
+    """Forward outside autocast, backward inside a bf16 CPU autocast region: the gradients
+    are those of a backward without autocast (the kernels' GEMMs must not be re-cast)."""
+    torch.manual_seed(0)
+    leaves = [torch.randn(6, 32, requires_grad=True), torch.randn(40, 32, requires_grad=True),
+              torch.randn(40, 24, requires_grad=True)]
+    gy = torch.randn(6, 24)
+    with _road(road):
+        want = torch.autograd.grad(mk.moram(*leaves, k=5, tau=0.1, backend="cpu"), leaves, gy)
+        y = mk.moram(*leaves, k=5, tau=0.1, backend="cpu")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = torch.autograd.grad(y, leaves, gy)
+    for g, w, name in zip(got, want, ("x", "keys", "values")):
+        assert g.dtype == torch.float32, name
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("road", ROADS)
+@pytest.mark.parametrize("what,bad,err,msg", [
+    ("gram0", torch.zeros(3, 3), ValueError, r"gram0 must have shape \[d_in, d_in\] = \[8, 8\], got \(3, 3\)"),
+    ("gram0", torch.zeros(8, 8, device="meta"), ValueError, "gram0 is on meta but x is on cpu"),
+    ("gram0", torch.zeros(8, 8, dtype=torch.int64), TypeError, "gram0 must be a floating-point tensor"),
+    ("scale1", torch.ones(3), ValueError, r"scale1 must have shape \[N\] = \[2\], got \(3,\)"),
+    ("scale1", torch.ones(2, device="meta"), ValueError, "scale1 is on meta but x is on cpu"),
+    ("scale1", torch.ones(2, dtype=torch.int64), TypeError, "scale1 must be a floating-point tensor"),
+    ("scale0", torch.ones(6, dtype=torch.int32), TypeError, "value_scale must be a floating-point tensor"),
+], ids=["gram0-shape", "gram0-device", "gram0-dtype", "scale1-shape", "scale1-device", "scale1-dtype",
+        "scale0-dtype"])
+def test_gram_and_scales_are_checked_up_front(road, what, bad, err, msg):
+    """A wrong Gram matrix or value scale fails at the call, naming the argument, on both roads
+    (not in the backward, nor with a kernel's message)."""
+    x, k0, v0 = torch.randn(3, 8), torch.randn(6, 8), torch.randn(6, 5)
+    k1, v1 = torch.randn(2, 8, requires_grad=True), torch.randn(2, 5, requires_grad=True)
+    kw = dict(scale0=None, scale1=None, gram0=None)
+    kw[what] = bad
+    with _road(road), pytest.raises(err, match=msg):
+        moram_segments(x, k0, v0, kw["scale0"], k1, v1, kw["scale1"], k=3, tau=0.1, delta=0.0,
+                       eps=1e-12, gram0=kw["gram0"], backend="cpu")

@@ -3,9 +3,11 @@ model that uses MoRAMLinear, forward and backward, with no graph break."""
 
 import pytest
 import torch
+from helpers import assert_close, make_inputs, oracle
 from torch import nn
 
 import moram_kernels as mk
+from moram_kernels import eager
 from moram_kernels.backends import reference as ref
 from moram_kernels.ops import moram_bwd_op, moram_fwd_op
 
@@ -141,3 +143,21 @@ def test_compiled_dropout_and_usage_counting():
     assert not torch.allclose(other, got[0])
     model.eval()
     torch.testing.assert_close(compiled(x), model(x))   # no dropout in eval
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k,n", [(1, 7), (12, 7), (1, 1), (3, 2)], ids=["k1-N7", "k12-N7", "k1-N1", "k3-N2"])
+def test_custom_op_effective_k_matches_the_oracle(backend, k, n):
+    """K = min(max(k, 2), N) (1 when N = 1) on the custom-op road: k = 1 keeps two atoms,
+    k > N all of them; output and gradients against the float64 oracle."""
+    x, keys, values = make_inputs(6, 8, 5, n, k=k)
+    leaves = [x.requires_grad_(), keys.requires_grad_(), values.requires_grad_()]
+    with eager.off():
+        assert eager.why_not_eager(*leaves, None, None, None, None, None, k, 0.2, 0.0, 1e-12, backend)
+        y = mk.moram(*leaves, k=k, tau=0.2, backend=backend)
+        got = (y.detach(), *torch.autograd.grad(y, leaves, torch.linspace(-1, 1, 30).reshape(6, 5)))
+    l64 = [t.detach().double().requires_grad_() for t in leaves]
+    y64 = oracle(*l64, k=k, tau=0.2)
+    want = (y64.detach(), *torch.autograd.grad(y64, l64, torch.linspace(-1, 1, 30).reshape(6, 5).double()))
+    for g, w, name in zip(got, want, ("y", "x", "keys", "values")):
+        assert_close(g, w, dtype=torch.float32, what=name)

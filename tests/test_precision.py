@@ -42,14 +42,21 @@ def _layer_oracle(layer, x, dtype):
 
 
 def test_policy_table():
+    """(compute dtype, output dtype) of a call, from the one function that decides them."""
     f32, f16, f64 = torch.float32, torch.float16, torch.float64
-    assert _precision.compute_dtype(f32, (BF16, f32), "cpu") == BF16
-    assert _precision.compute_dtype(BF16, (f32,), "cpu") == BF16
-    assert _precision.compute_dtype(f16, (BF16,), "cpu") == f16        # tie: x's dtype
-    assert _precision.compute_dtype(f64, (f32,), "cpu") == f32
+
+    def cd(x_dtype, atoms, device):
+        return _precision.call_dtypes(torch.empty(0, dtype=x_dtype, device=device), atoms)
+    assert cd(f32, (f32, f32), "cpu") == (f32, f32)
+    assert cd(f32, (BF16, f32), "cpu") == (BF16, f32)
+    assert cd(BF16, (f32,), "cpu") == (BF16, BF16)
+    assert cd(f16, (BF16,), "cpu") == (f16, f16)                       # tie: x's dtype
+    assert cd(f64, (f32,), "cpu") == (f32, f64)
     with torch.autocast("cpu", dtype=BF16):
-        assert _precision.compute_dtype(f32, (f32,), "cpu") == BF16
-        assert _precision.compute_dtype(f64, (f64,), "cpu") == f64     # autocast leaves fp64 alone
+        assert cd(f32, (f32,), "cpu") == (BF16, BF16)
+        assert cd(f64, (f64,), "cpu") == (f64, f64)                    # autocast leaves fp64 alone
+        assert cd(f64, (f32,), "cpu") == (f32, f64)
+        assert cd(f32, (f32,), "meta") == (f32, f32)                   # autocast of another device
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -84,7 +91,7 @@ def test_autocast_gradients_match_the_bf16_computation():
     xb = x.detach().to(BF16).requires_grad_()
     kb = layer.keys.detach().to(BF16).requires_grad_()
     vb = layer.values.detach().to(BF16).requires_grad_()
-    from moram_kernels.ops import moram_segments
+    from moram_kernels.functional import moram_segments
     sc = torch.full((kb.shape[0],), layer.scaling)
     yb, _ = moram_segments(xb, layer.frozen_keys.to(BF16), layer.frozen_values.to(BF16), None, kb, vb,
                            sc, k=layer.k, tau=layer.tau, delta=0.0, eps=layer.eps, backend="reference")

@@ -181,7 +181,7 @@ def bench(args):
 
     import moram_kernels as mk
     from moram_kernels.backends import reference as ref
-    from moram_kernels.ops import moram_segments
+    from moram_kernels.functional import moram_segments
 
     budget = Budget(total_s=args.budget)
     backends = gpu_backends(mk, torch)

@@ -64,10 +64,12 @@ def _check_symbols(mod) -> None:
 
 
 def _jit_build():
-    """Compile csrc/ops.cpp + csrc/cpu/*.cpp now: ``(module, None)`` or ``(None, why)``."""
+    """Compile csrc/ops.cpp, csrc/eager.cpp and csrc/cpu/*.cpp now: ``(module, None)`` or
+    ``(None, why)``."""
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
-    sources = [os.path.join(root, "ops.cpp")] + sorted(glob.glob(os.path.join(root, "cpu", "*.cpp")))
-    if not os.path.exists(sources[0]) or len(sources) < 2:
+    sources = [os.path.join(root, n) for n in ("ops.cpp", "eager.cpp")]
+    sources += sorted(glob.glob(os.path.join(root, "cpu", "*.cpp")))
+    if not all(os.path.exists(s) for s in sources[:2]) or len(sources) < 3:
         return None, f"no C++ sources under {root} (an installed wheel does not ship them)"
     try:
         from torch.utils.cpp_extension import load
@@ -120,7 +122,7 @@ def moram_bwd(gy, x, keys0, values0, scale0, keys1, values1, scale1, gram0,
 
 
 def eager():
-    """The extension's eager entry point (``csrc/ops.cpp``): ``eager(x, keys0, values0, scale0,
+    """The extension's eager entry point (``csrc/eager.cpp``): ``eager(x, keys0, values0, scale0,
     keys1, values1, scale1, gram0, k, tau, delta, eps) -> (y [..., d_out], idx [T, K])``,
     validation and autograd in C++; None without the extension."""
     if "eager" not in _state:

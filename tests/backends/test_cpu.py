@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DTYPES, make_inputs
+from helpers import DTYPES, make_inputs, oracle
 
 import moram_kernels as mk
 from moram_kernels.backends import compiled as _C_loader
@@ -173,6 +173,33 @@ def test_forward_is_deterministic_and_thread_count_independent():
         torch.set_num_threads(n)
     assert _same_sets(i1, i3)
     _close(y3, y1, torch.float32, "1 thread vs many")
+
+
+@pytest.mark.parametrize("threads,grain", [(1, None), (2, None), (2, 1), (3, 1)],
+                         ids=["1-thread", "2-threads", "2-threads-split", "3-threads-split"])
+def test_forward_across_threads_matches_the_oracle(monkeypatch, threads, grain):
+    """Few tokens and several atom tiles: with more than one thread worth waking (torch's
+    thread count, and MORAM_CPU_GRAIN = 1 multiply-add per thread to force it) the atoms
+    are split across threads, each split keeps a partial top-K and sum of squares, and the
+    splits are merged; on one thread none of that runs. Every count against the float64
+    oracle, with the thread count restored after."""
+    monkeypatch.setenv("MORAM_CPU_BN", "16")             # 7 tiles over the two segments
+    if grain is not None:
+        monkeypatch.setenv("MORAM_CPU_GRAIN", str(grain))
+    t, d_in, d_out, n0, n1, k = 5, 16, 12, 60, 40, 6
+    x, keys, values = make_inputs(t, d_in, d_out, n0 + n1, k=k, seed=4)
+    segs = (keys[:n0], values[:n0], None, keys[n0:], values[n0:], None)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        y, idx, _, norm = _cpu.moram_fwd(x, *segs, k, TAU, 0.0, EPS)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.get_num_threads() == before
+    p = x.double() @ keys.double().T
+    assert _same_sets(idx, p.topk(k, dim=-1).indices)
+    _close(norm, p.norm(dim=-1), torch.float32, "norm")
+    _close(y, oracle(x, keys, values, k=k, tau=TAU), torch.float32, "y")
 
 
 @pytest.mark.parametrize("bt,bn", [(1, 1), (3, 7), (5, 64)])

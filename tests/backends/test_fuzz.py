@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import moram_kernels as mk
 from moram_kernels.backends import reference as ref
-from moram_kernels.ops import moram_segments
+from moram_kernels.functional import moram_segments
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])

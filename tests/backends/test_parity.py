@@ -12,7 +12,7 @@ from helpers import DTYPES, assert_close, effective_k, make_inputs, oracle
 import moram_kernels as mk
 from moram_kernels import backends as _dispatch
 from moram_kernels.backends import reference as ref
-from moram_kernels.ops import moram_segments
+from moram_kernels.functional import moram_segments
 
 # name: (T, d_in, d_out, N, k, small)   small = cheap enough for an interpreter
 CASES = {
@@ -300,11 +300,12 @@ def test_value_scale_gradient_both_segments(backend):
 def _spy(monkeypatch, backend):
     """Record the strides of the x that the backend's own moram_fwd/moram_bwd receive.
 
-    The eager C++ entry point of the cpu/cuda kernels (``ops._eager_call``) never goes through
-    the Python backend functions, so it is switched off here; tests/test_eager.py checks that
-    it gives the same values and gradients as this path on strided inputs."""
-    from moram_kernels import ops
-    monkeypatch.setattr(ops, "_C_eager", [None])
+    The eager C++ entry point of the cpu/cuda kernels (moram_kernels/eager.py) never goes
+    through the Python backend functions, so it is switched off here until the test ends;
+    tests/test_eager.py checks that it gives the same values and gradients as this path on
+    strided inputs."""
+    from moram_kernels import eager
+    monkeypatch.setattr(eager, "ENTRY", [None])
     impl = _dispatch._BY_NAME[backend].impl()
     seen = {}
     for fn in ("moram_fwd", "moram_bwd"):

@@ -53,7 +53,7 @@ def test_gradcheck_float64(delta, scale):
 
 def test_gradcheck_two_segments_and_gram():
     """The op with a frozen segment (with its cached Gram) and a trainable one."""
-    from moram_kernels.ops import moram_segments
+    from moram_kernels.functional import moram_segments
     x, keys, values = make_inputs(5, 6, 3, 10, k=4, dtype=torch.float64)
     k0, v0 = keys[:7], values[:7]
     g0 = ref.gram(k0, torch.float64)
