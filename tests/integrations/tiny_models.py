@@ -21,22 +21,22 @@ def _need_transformers():
 
 # ---- models ---------------------------------------------------------------------------------
 
-def tiny_llama():
+def _tiny_decoder(family: str, seed: int):
+    """A 2-layer, width-32 decoder of a transformers family ("Llama", "Qwen2")."""
     tf = _need_transformers()
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=97,
-                         max_position_embeddings=64)
-    return tf.LlamaModel(cfg).eval()
+    torch.manual_seed(seed)
+    cfg = getattr(tf, f"{family}Config")(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=97,
+                                         max_position_embeddings=64)
+    return getattr(tf, f"{family}Model")(cfg).eval()
+
+
+def tiny_llama():
+    return _tiny_decoder("Llama", 0)
 
 
 def tiny_qwen():
-    tf = _need_transformers()
-    torch.manual_seed(1)
-    cfg = tf.Qwen2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=97,
-                         max_position_embeddings=64)
-    return tf.Qwen2Model(cfg).eval()
+    return _tiny_decoder("Qwen2", 1)
 
 
 def tiny_gpt2():
