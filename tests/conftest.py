@@ -3,6 +3,9 @@ import os
 # The Triton interpreter must be chosen before triton is first imported; with it the
 # "triton" backend runs on CPU tensors when forced (never automatically).
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# cuBLAS raises under torch.use_deterministic_algorithms(True) unless this is set before
+# its first handle (the deterministic tests run GEMMs; on a GPU they would fail without it)
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -79,12 +79,60 @@ def print_plan(backends):
 
 # ---- GPU parts ------------------------------------------------------------------------------
 
+#: cuBLAS refuses GEMMs under ``torch.use_deterministic_algorithms(True)`` unless this is set
+#: before its first handle is made (the deterministic tests run such GEMMs)
+CUBLAS_DETERMINISTIC = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+
+#: how to get the cuda backend where the extension was built without CUDA
+CUDA_BUILD = "MORAM_FORCE_EXT=1 MORAM_WITH_CUDA=1 pip install --no-build-isolation -e ."
+
+
+def pytest_env() -> dict:
+    """The environment of the pytest step: the interpreter off (the cases run on CUDA
+    tensors), cuBLAS in its deterministic-capable mode, this checkout first on the path."""
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for k, v in CUBLAS_DETERMINISTIC.items():
+        env.setdefault(k, v)
+    return env
+
+
+def cuda_backend_line(mk) -> tuple[bool, str]:
+    """``(available, line)``: whether the compiled cuda backend can be timed here, and a line
+    that says so, or says why not and how to build it (it is easy to miss otherwise: the
+    other backends run and the table simply has no cuda column)."""
+    from moram_kernels import backends as _dispatch
+    why = _dispatch.why_unavailable("cuda")
+    if why is None:
+        return True, "cuda backend: available (the extension was built with CUDA)"
+    return False, (f"cuda backend: NOT AVAILABLE, so NOT TIMED: {why}. Build the extension with CUDA "
+                   f"first: {CUDA_BUILD} (or rerun this check with --build)")
+
+
+def build_extension_with_cuda(timeout_s: float = 420.0) -> bool:
+    """Build ``moram_kernels._C`` in place with the CUDA kernels (before the package is
+    imported); False, reported, if the build fails or times out."""
+    env = dict(os.environ, MORAM_FORCE_EXT="1", MORAM_WITH_CUDA="1")
+    cmd = [sys.executable, "setup.py", "build_ext", "--inplace"]
+    print("$ MORAM_FORCE_EXT=1 MORAM_WITH_CUDA=1", " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    try:
+        r = subprocess.run(cmd, env=env, cwd=ROOT, timeout=timeout_s, capture_output=True, text=True)
+    except subprocess.TimeoutExpired:
+        print(f"extension build TIMED OUT after {timeout_s:.0f} s", flush=True)
+        return False
+    if r.returncode:
+        print(f"extension build FAILED (exit {r.returncode}):\n{r.stderr[-3000:]}", flush=True)
+        return False
+    print(f"extension built with CUDA in {time.perf_counter() - t0:.0f} s", flush=True)
+    return True
+
+
 def run_pytest(timeout_s):
     """The interpreter test file on CUDA tensors; False (reported) on failure or timeout."""
     if timeout_s < 20:
         print(f"pytest skipped: {timeout_s:.0f} s left in the budget", flush=True)
         return False
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = pytest_env()
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", os.path.join(ROOT, "tests", "backends", "triton", "test_triton_interpret.py"),
            "-p", "no:cacheprovider"]
     print("$", " ".join(cmd), f"(timeout {timeout_s:.0f} s)", flush=True)
@@ -188,7 +236,9 @@ def bench(args):
     print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
           f"backends {mk.available_backends()}, budget {args.budget:.0f} s", flush=True)
     print_plan(backends)
-    ok = True
+    have_cuda, line = cuda_backend_line(mk)
+    print(line, flush=True)
+    ok = have_cuda
     dev, dt = "cuda", torch.bfloat16
     do_bench = triton.testing.do_bench
     torch.manual_seed(0)
@@ -360,7 +410,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                     help="wall-clock seconds for the whole check (default 230: a lent GPU gives a few minutes)")
     ap.add_argument("--smoke", action="store_true",
                     help="no GPU: run the inline parity check on tiny CPU cases under TRITON_INTERPRET=1")
+    ap.add_argument("--build", action="store_true",
+                    help="first build the C++ extension in place with the CUDA kernels (a few minutes)")
     args = ap.parse_args(argv)
+    for k, v in CUBLAS_DETERMINISTIC.items():     # before the first cuBLAS handle
+        os.environ.setdefault(k, v)
+    if args.build and not (args.smoke or args.dry_run) and not build_extension_with_cuda():
+        return 1
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         import torch
@@ -374,6 +430,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
         import moram_kernels as mk
         print_plan([f"{b} (if available there)" for b in gpu_backends(mk, torch, only_available=False)])
+        print(cuda_backend_line(mk)[1])
         return 0
     import torch
     if not torch.cuda.is_available():

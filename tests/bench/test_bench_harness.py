@@ -354,6 +354,33 @@ def test_gpu_check_preset_plans_without_a_gpu():
                          env=_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "benchmarks/cost_model.py" in out.stdout and "prefill fwd+bwd" in out.stdout
+    # the extension here has no CUDA kernels: the plan says the cuda backend would not be
+    # timed, and how to build it, instead of leaving a column silently missing
+    assert "cuda backend: NOT AVAILABLE, so NOT TIMED" in out.stdout and "MORAM_WITH_CUDA=1" in out.stdout
+
+
+def test_gpu_check_prepares_deterministic_cublas_and_the_cuda_build(monkeypatch, capsys):
+    """The GPU check's pytest step runs the deterministic-mode tests, whose cuBLAS GEMMs
+    raise unless CUBLAS_WORKSPACE_CONFIG is set; --build compiles the extension with CUDA
+    (forced, so a failed build is an error) and reports a failure instead of going on."""
+    from benchmarks.presets import gpu_check as gc
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    env = gc.pytest_env()
+    assert env["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and env["TRITON_INTERPRET"] == "0"
+    assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") is None     # the parent's env untouched
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append((cmd, kw["env"]))
+        return subprocess.CompletedProcess(cmd, 1, "", "nvcc: error")
+    monkeypatch.setattr(gc.subprocess, "run", fake_run)
+    assert gc.build_extension_with_cuda() is False
+    (cmd, env), = calls
+    assert cmd[1:] == ["setup.py", "build_ext", "--inplace"]
+    assert env["MORAM_WITH_CUDA"] == "1" and env["MORAM_FORCE_EXT"] == "1"
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "nvcc: error" in out
+    assert gc.main(["--build"]) == 1                 # a failed build stops the check
 
 
 def test_triton_compile_check_refuses_the_interpreter():
