@@ -460,19 +460,22 @@ def unshard_bank(model: nn.Module) -> nn.Module:
         raise ValueError("model has no sharded bank to unshard")
     for layer in layers.values():
         st = layer._bank_shard
-        width = max(st.counts)
-        full = []
-        for t in (layer.frozen_keys, layer.frozen_values, st.gids.to(layer.frozen_keys.device)):
-            pad = t.new_zeros(width, *t.shape[1:])
-            pad[:t.shape[0]] = t
-            full.append(_all_gather(pad, st.group, "gather of the sharded bank"))
-        keys_all, values_all, gids_all = full
         n_f = st.n_frozen
         keys = layer.frozen_keys.new_empty(n_f, layer.in_features)
         values = layer.frozen_values.new_empty(n_f, layer.out_features)
-        for r, c in enumerate(st.counts):
-            keys[gids_all[r, :c]] = keys_all[r, :c]
-            values[gids_all[r, :c]] = values_all[r, :c]
+        width = max(st.counts)
+        # an empty frozen bank (every rank knows: the counts are global) has nothing to
+        # gather, and empty tensors cannot cross a gloo all-gather
+        if width:
+            full = []
+            for t in (layer.frozen_keys, layer.frozen_values, st.gids.to(layer.frozen_keys.device)):
+                pad = t.new_zeros(width, *t.shape[1:])
+                pad[:t.shape[0]] = t
+                full.append(_all_gather(pad, st.group, "gather of the sharded bank"))
+            keys_all, values_all, gids_all = full
+            for r, c in enumerate(st.counts):
+                keys[gids_all[r, :c]] = keys_all[r, :c]
+                values[gids_all[r, :c]] = values_all[r, :c]
         layer.__class__ = MoRAMLinear
         del layer._bank_shard
         layer._set_bank(frozen_keys=keys, frozen_values=values)

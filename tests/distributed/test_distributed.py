@@ -142,6 +142,10 @@ def sc_empty_slice(rank, world):
     _compare(layer, x)
     layer, x = _layer(9, 5, 0, 3, k=2)                   # no frozen atoms at all
     _compare(layer, x)
+    # and back: unsharding an empty frozen bank gives the layer it was
+    back = mk.distributed.unshard_bank(mk.distributed.shard_bank(copy.deepcopy(layer)))
+    assert type(back) is mk.MoRAMLinear and tuple(back.frozen_keys.shape) == (0, 9)
+    torch.testing.assert_close(back(x), layer(x), rtol=0, atol=0)
 
 
 def sc_eval_threshold(rank, world):
