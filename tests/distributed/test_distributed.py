@@ -157,6 +157,39 @@ def sc_eval_threshold(rank, world):
     assert not torch.allclose(ref, ref_no_threshold), "delta masked nothing: the case is hollow"
 
 
+def sc_rules_the_audit_found_unpinned(rank, world):
+    """Four rules of the op that a planted bug in the sharded path once slipped past: the
+    eval-time threshold in the backward, the eps clamp of the global norm (an all-zero
+    token), the K rule max(k, 2) at k = 1, and global atom ids (trainable atoms included)
+    in usage counts."""
+    g = torch.randn(7, 6, generator=torch.Generator().manual_seed(2))
+    # eval mode with grad: the threshold also masks the backward
+    layer, x = _layer(12, 6, 20, 4, k=5, delta=0.3)
+    ref, sharded = copy.deepcopy(layer).eval(), mk.distributed.shard_bank(copy.deepcopy(layer)).eval()
+    for name, a, b in zip(("y", "grad x", "grad keys", "grad values"), _run(sharded, x, g), _run(ref, x, g)):
+        _close(a, b, f"eval-mode {name}")
+    ref.delta = 0.0
+    assert not torch.allclose(_run(ref, x, g)[1], _run(sharded, x, g)[1]), "delta masked no gradient"
+    # an all-zero token: the clamped norm gives it a finite zero delta, and its row gradient
+    x0 = x.clone()
+    x0[3] = 0
+    _compare(layer, x0)
+    with torch.no_grad():
+        y0 = mk.distributed.shard_bank(copy.deepcopy(layer))(x0)
+    assert torch.isfinite(y0).all()
+    # k = 1 keeps two atoms (K = min(max(k, 2), N))
+    layer1, x1 = _layer(12, 6, 20, 4, k=1)
+    _compare(layer1, x1)
+    # usage counts by global id, the trainable atoms numbered after every frozen one
+    ref, sharded = copy.deepcopy(layer), mk.distributed.shard_bank(copy.deepcopy(layer))
+    for m in (ref, sharded):
+        m.start_usage()
+        with torch.no_grad():
+            m(x)
+    assert torch.equal(sharded.usage_counts, ref.usage_counts), (sharded.usage_counts, ref.usage_counts)
+    assert ref.usage_counts[20:].sum() > 0, "no trainable atom selected: the id check is hollow"
+
+
 def sc_bf16(rank, world):
     layer, x = _layer(16, 8, 21, 4, k=4, dtype=torch.bfloat16)
     # bf16 scores: the sharded norm sums rounded per-rank squares; allow 2x the table
@@ -282,7 +315,7 @@ def sc_ddp_wrapped(rank, world):
 SCENARIOS = {f.__name__[3:]: f for f in (
     sc_forward_backward, sc_fewer_atoms_than_candidates, sc_empty_slice, sc_eval_threshold,
     sc_bf16, sc_dropout_same_seed, sc_ties_across_ranks, sc_add_task_while_sharded, sc_bad_input_on_one_rank,
-    sc_ddp_wrapped)}
+    sc_ddp_wrapped, sc_rules_the_audit_found_unpinned)}
 
 
 def sc_hang_rank_raises(rank, world):
