@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ._dist import _all_gather, _all_reduce, traffic
+from ._precision import acc_dtype
 from .backends import Inputs, select
 from .backends.reference import _gate, effective_k, gate_backward, gram_apply, segment_grads
 from .nn import MoRAMLinear
@@ -341,7 +342,7 @@ def _local_candidates(layer, x2: Tensor, keys1: Tensor, values1: Tensor):
     st: _Shard = layer._bank_shard
     fk, fv = layer.frozen_keys, layer.frozen_values
     t, dev = x2.shape[0], fk.device
-    acc = torch.float64 if x2.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x2.dtype)
     K = effective_k(layer.k, layer.num_atoms)
     k1 = keys1.detach() if st.owns_trainable else keys1.detach()[:0]
     v1 = values1.detach() if st.owns_trainable else values1.detach()[:0]

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from ._cache import DerivedCaches
 from ._checks import check_real as _check_real
 from ._dist import _assign_full, _broadcast_from_rank0, _full, _local
-from ._precision import call_dtypes
+from ._precision import acc_dtype, call_dtypes
 from .functional import moram_segments
 
 __all__ = ["MoRAMLinear"]
@@ -52,7 +52,7 @@ def _linear_dims(base: nn.Module) -> tuple[int, int]:
 
 def _gram(keys: Tensor, dtype: torch.dtype) -> Tensor:
     """``keys^T keys``, accumulated in fp32 (fp64 for fp64 keys), stored in ``dtype``."""
-    a = keys.detach().to(torch.float64 if keys.dtype == torch.float64 else torch.float32)
+    a = keys.detach().to(acc_dtype(keys.dtype))
     return (a.t() @ a).to(dtype)
 
 
@@ -327,7 +327,7 @@ class MoRAMLinear(nn.Module):
         scaling = self.scaling
         if scaling == 1.0 or not n1:
             return None
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        dtype = acc_dtype(x.dtype)
         if torch.compiler.is_compiling():
             return torch.full((n1,), scaling, device=x.device, dtype=dtype)
         return self._caches.scale.get((), (n1, scaling, x.device, dtype), _scale_vector,

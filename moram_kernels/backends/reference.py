@@ -39,6 +39,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._precision import acc_dtype
+
 __all__ = ["effective_k", "moram_dense", "moram_fwd", "moram_bwd", "gram", "gate_backward",
            "gram_apply", "segment_grads"]
 
@@ -69,7 +71,7 @@ def moram_dense(
     lead = x.shape[:-1]
     if n_atoms == 0:
         return x.new_zeros(*lead, values.shape[1])
-    acc = _acc(x)
+    acc = acc_dtype(x.dtype)   # fp64 for fp64 inputs, so gradcheck can run
     xf = x.reshape(-1, x.shape[-1]).to(acc)
     p = xf @ keys.to(acc).t()                                   # [T, N] raw scores
     s = p / p.norm(dim=-1, keepdim=True).clamp_min(eps)          # [T, N] normalised
@@ -97,13 +99,8 @@ def _cat_segments(t0: Tensor, t1: Tensor) -> Tensor:
     return torch.cat([t0, t1])
 
 
-def _acc(x: Tensor) -> torch.dtype:
-    """Accumulation dtype: fp32, or fp64 for fp64 inputs (so gradcheck can run)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _scales(scale0: Tensor | None, n0: int, scale1: Tensor | None, n1: int, x: Tensor) -> Tensor:
-    acc = _acc(x)
+    acc = acc_dtype(x.dtype)   # fp64 for fp64 inputs, so gradcheck can run
     s0 = scale0.to(acc) if scale0 is not None else torch.ones(n0, device=x.device, dtype=acc)
     s1 = scale1.to(acc) if scale1 is not None else torch.ones(n1, device=x.device, dtype=acc)
     return _cat_segments(s0, s1)
@@ -126,7 +123,7 @@ def gram(keys: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
 @torch.no_grad()
 def moram_fwd(x, keys0, values0, scale0, keys1, values1, scale1, K, tau, delta, eps):
     """Sparse reference forward (see the module docstring for the contract)."""
-    acc = _acc(x)
+    acc = acc_dtype(x.dtype)   # fp64 for fp64 inputs, so gradcheck can run
     keys = _cat_segments(keys0, keys1).to(acc)
     values = _cat_segments(values0, values1).to(acc)
     scale = _scales(scale0, keys0.shape[0], scale1, keys1.shape[0], x)
@@ -198,7 +195,7 @@ def moram_bwd(gy, x, keys0, values0, scale0, keys1, values1, scale1, gram0,
               idx, p_sel, norm, tau, delta, eps, need_x, need_seg0, need_seg1):
     """Exact sparse backward, docs/op.md, "Backward", with the threshold mask if delta > 0."""
     n0, n1 = keys0.shape[0], keys1.shape[0]
-    acc = _acc(x)
+    acc = acc_dtype(x.dtype)   # fp64 for fp64 inputs, so gradcheck can run
     keys = _cat_segments(keys0, keys1).to(acc)
     values = _cat_segments(values0, values1).to(acc)
     scale = _scales(scale0, n0, scale1, n1, x)
