@@ -87,3 +87,11 @@ def _all_gather(t: Tensor, group, what: str) -> Tensor:
 def _all_reduce(t: Tensor, group, what: str) -> Tensor:
     _collective(what, lambda: torch.distributed.all_reduce(t, group=group))
     return t
+
+
+def _reduce_scatter(t: Tensor, group, what: str) -> Tensor:
+    """``t [P, *shape]`` summed over the ranks; rank ``r`` gets block ``r`` (``[*shape]``)."""
+    flat = t.contiguous().reshape(-1, *t.shape[2:])      # the blocks stacked on dim 0
+    out = t.new_empty(t.shape[1:])
+    _collective(what, lambda: torch.distributed.reduce_scatter_tensor(out, flat, group=group))
+    return out

@@ -2,10 +2,18 @@
 of a ``torch.distributed`` process group, with results equal to one process.
 
 Every rank holds a slice of the frozen bank (balanced to within one atom) and the few
-trainable atoms (replicated; the last rank of the group owns them in the arithmetic below).
-Every rank must pass the same ``x`` (tensor-parallel style); the output is replicated.
-:func:`shard_bank` turns each ``MoRAMLinear`` into a :class:`ShardedMoRAMLinear` in place
-and :func:`unshard_bank` turns it back.
+trainable atoms (replicated). :func:`shard_bank` turns each ``MoRAMLinear`` into a
+:class:`ShardedMoRAMLinear` in place and :func:`unshard_bank` turns it back. Two modes:
+
+* data parallelism (``same_input=False``, the default): each rank passes its own batch
+  (any number of tokens, 0 included) and gets its own rows of the output. The T tokens
+  below are then every rank's tokens in rank order: one all-gather brings every rank's x
+  rows to every rank first, and the output (and, in the backward, the gradient of x) is
+  reduce-scattered back to the rows' owners. The trainable atoms of a token are counted
+  at the rank it came from, so a rank's trainable gradients are those of its own loss.
+* the same x on every rank (``same_input=True``, tensor-parallel style): the output is
+  replicated; the trainable atoms are counted on the last rank.
+
 The only coupling across atoms is the per-token norm and the top-K, so one call is:
 
 1. each rank runs the ordinary backend on its slice: local top-K ``(score, global id)`` and
@@ -15,18 +23,22 @@ The only coupling across atoms is the per-token norm and the top-K, so one call 
 3. every rank picks the same global top-K from the ``T·K·P`` candidates, ties to the lower
    global id (global ids: the never-sharded bank order, then the trainable atoms), and
    computes the gate ``w`` with the reference backend's helper;
-4. each rank adds ``sum w_i p_i b_i`` over the selected atoms it owns; an all-reduce gives y.
+4. each rank adds ``sum w_i p_i b_i`` over the selected atoms it owns; the sum over ranks
+   (an all-reduce, or a reduce-scatter to each token's rank) gives y.
 
 The backward mirrors it: ``gc_i = b_i . gy`` at each atom's owner (an all-reduce of
-``[T, K]``), the gate's backward on every rank (the reference helper), then the sparse
-terms at each owner plus the local dense normalisation term ``-alpha sum_j p_j a_j`` and
-the trainable atoms' gradients, all summed in one all-reduce.
+``[T, K]``; with data parallelism every rank's ``gy`` rows are all-gathered first), the
+gate's backward on every rank (the reference helper), then the sparse terms at each owner
+plus the local dense normalisation term ``-alpha sum_j p_j a_j`` and the trainable atoms'
+gradients: with the same x all summed in one all-reduce; with data parallelism the x
+gradient is reduce-scattered and the trainable gradients stay on their rank.
 
 A small header all-gather starts every forward: a rank that raised inside the forward (bad
-input) makes every rank raise at once instead of leaving the others waiting, and ranks
-that pass different ``x`` (e.g. unseeded dropout) are refused. A rank that fails outside
-this code leaves the others blocked until the process group's timeout; the error they get
-then says so.
+input) makes every rank raise at once instead of leaving the others waiting; it carries
+each rank's token count, whether it wants x's gradient and x's dtype (refused when the
+ranks differ), and with ``same_input=True`` a checksum that refuses ranks passing
+different ``x`` (e.g. unseeded dropout). A rank that fails outside this code leaves the
+others blocked until the process group's timeout; the error they get then says so.
 """
 
 from __future__ import annotations
@@ -35,7 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._dist import _all_gather, _all_reduce, traffic
+from ._dist import _all_gather, _all_reduce, _reduce_scatter, traffic
 from ._precision import acc_dtype
 from .backends import Inputs, select
 from .backends.reference import _gate, effective_k, gate_backward, gram_apply, segment_grads
@@ -54,13 +66,16 @@ def _balanced(n: int, parts: int) -> list[int]:
 
 class _Shard:
     """Where one layer's frozen atoms live: ``gids [n_local]`` (increasing) are the global
-    ids of this rank's atoms, ``counts`` the frozen atoms of every rank. A copy shares the
+    ids of this rank's atoms, ``counts`` the frozen atoms of every rank; ``same_input``:
+    every rank passes the same x (else each passes its own batch). A copy shares the
     process group (which cannot be copied); a pickled one refers to the default group of
     the process that loads it, so only a layer sharded over the default group pickles."""
 
-    def __init__(self, group, rank: int, world: int, counts: list[int], gids: Tensor):
+    def __init__(self, group, rank: int, world: int, counts: list[int], gids: Tensor,
+                 same_input: bool = False):
         self.group, self.rank, self.world = group, rank, world
         self.counts, self.gids = list(counts), gids
+        self.same_input = same_input
 
     @property
     def n_frozen(self) -> int:
@@ -68,17 +83,20 @@ class _Shard:
 
     @property
     def owns_trainable(self) -> bool:
-        return self.rank == self.world - 1
+        """Whether this rank computes the trainable atoms' share: the last rank when every
+        rank has the same x; with data parallelism every rank, for its own tokens only."""
+        return not self.same_input or self.rank == self.world - 1
 
     def __deepcopy__(self, memo):
-        return _Shard(self.group, self.rank, self.world, self.counts, self.gids.clone())
+        return _Shard(self.group, self.rank, self.world, self.counts, self.gids.clone(),
+                      self.same_input)
 
     def __reduce__(self):
         if self.group is not None and self.group is not dist.group.WORLD:
             raise TypeError("a layer whose bank is sharded over a process group other than the "
                             "default one cannot be pickled (a process group does not travel); "
                             "call moram_kernels.distributed.unshard_bank(model) first")
-        return (_Shard, (None, self.rank, self.world, self.counts, self.gids))
+        return (_Shard, (None, self.rank, self.world, self.counts, self.gids, self.same_input))
 
 
 # ---- the sharded layer ---------------------------------------------------------------------
@@ -141,7 +159,8 @@ class ShardedMoRAMLinear(MoRAMLinear):
         gids = torch.cat([st.gids, torch.arange(st.n_frozen + lo, st.n_frozen + hi,
                                                 device=st.gids.device)])
         super()._append_frozen(keys[lo:hi], values[lo:hi],
-                               shard=_Shard(st.group, st.rank, st.world, counts, gids), **bank)
+                               shard=_Shard(st.group, st.rank, st.world, counts, gids, st.same_input),
+                               **bank)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.num_atoms == 0:
@@ -158,8 +177,9 @@ class ShardedMoRAMLinear(MoRAMLinear):
 
     def extra_repr(self) -> str:
         st = self._bank_shard
+        mode = "same x on every rank" if st.same_input else "data-parallel: each rank its own x"
         return (super().extra_repr() + f", sharded: rank {st.rank}/{st.world} holds "
-                f"{self.frozen_keys.shape[0]} of {st.n_frozen} frozen atoms")
+                f"{self.frozen_keys.shape[0]} of {st.n_frozen} frozen atoms, {mode}")
 
 
 def is_sharded(layer: nn.Module) -> bool:
@@ -186,10 +206,13 @@ def _checksum(x2: Tensor) -> int:
     return int(x2.detach().contiguous().view(bits).sum(dtype=torch.int64))
 
 
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)   # codes in the header
+
+
 def _sharded_delta(layer, x: Tensor) -> tuple[Tensor, Tensor | None]:
     """The MoRAM delta of a sharded layer, ``[..., d_in] -> [..., d_out]``, and the ``[T, K]``
-    global ids selected. Everything that can fail on one rank only runs before the header
-    exchange, so that every rank learns of it there."""
+    global ids selected for this rank's tokens. Everything that can fail on one rank only
+    runs before the header exchange, so that every rank learns of it there."""
     st: _Shard = layer._bank_shard
     err = x2 = local = None
     check = 0
@@ -197,11 +220,14 @@ def _sharded_delta(layer, x: Tensor) -> tuple[Tensor, Tensor | None]:
         if x.shape[-1] != layer.in_features:
             raise ValueError(f"x has d_in = {x.shape[-1]}, this layer takes {layer.in_features}")
         x2 = layer.adapter_dropout(x).reshape(-1, layer.in_features)
-        local = _local_candidates(layer, x2, layer.keys, layer.values)
-        check = _checksum(x2)
+        local = _local_candidates(layer, x2, layer.keys, layer.values, st.owns_trainable)
+        if st.same_input:
+            check = _checksum(x2)
     except Exception as e:  # re-raised below, once every rank has heard of it
         err = e
-    head = torch.tensor([err is not None, -1 if x2 is None else x2.shape[0], check],
+    need_x = x2 is not None and x2.requires_grad and torch.is_grad_enabled()
+    dtype = -1 if x2 is None or x2.dtype not in _DTYPES else _DTYPES.index(x2.dtype)
+    head = torch.tensor([err is not None, -1 if x2 is None else x2.shape[0], check, need_x, dtype],
                         dtype=torch.int64, device=layer.frozen_keys.device)
     heads = _all_gather(head, st.group, "header exchange of the sharded forward")
     traffic["forward"] += head.numel() * head.element_size()
@@ -212,31 +238,84 @@ def _sharded_delta(layer, x: Tensor) -> tuple[Tensor, Tensor | None]:
     if failed:
         raise RuntimeError(f"MoRAM sharded bank: rank(s) {failed} of the group raised in this "
                            "forward (see their error); every rank stops here so none waits")
-    if len(set(heads[:, 1].tolist())) != 1:
-        raise RuntimeError("MoRAM sharded bank: every rank must pass the same x, got token "
-                           f"counts {heads[:, 1].tolist()} by rank")
-    if len(set(heads[:, 2].tolist())) != 1:
-        raise RuntimeError("MoRAM sharded bank: x differs across ranks (its checksum does); "
-                           "a sharded bank needs the same input on every rank, and with "
-                           "dropout > 0 the same random seed on every rank")
-    d, gid = _ShardedMoRAM.apply(x2, layer.keys, layer.values, layer, local)
+    if len(set(heads[:, 4].tolist())) != 1:   # rows and candidates cross as raw bytes
+        names = [str(_DTYPES[c]) if c >= 0 else "other" for c in heads[:, 4].tolist()]
+        raise RuntimeError(f"MoRAM sharded bank: x has dtype {names} by rank; every rank must "
+                           "pass the same dtype (the same autocast setting everywhere)")
+    counts = None
+    if st.same_input:
+        if len(set(heads[:, 1].tolist())) != 1:
+            raise RuntimeError("MoRAM sharded bank: every rank must pass the same x, got token "
+                               f"counts {heads[:, 1].tolist()} by rank (sharded with "
+                               "same_input=True; the default, same_input=False, takes a batch "
+                               "per rank)")
+        if len(set(heads[:, 2].tolist())) != 1:
+            raise RuntimeError("MoRAM sharded bank: x differs across ranks (its checksum does); "
+                               "a bank sharded with same_input=True needs the same input on "
+                               "every rank, and with dropout > 0 the same random seed on "
+                               "every rank")
+    else:
+        counts = heads[:, 1].tolist()
+    d, gid = _ShardedMoRAM.apply(x2, layer.keys, layer.values, layer, local, counts,
+                                 bool(heads[:, 3].any()))
     return d.reshape(*x.shape[:-1], layer.out_features), gid
 
 
+def _gather_rows(t: Tensor, counts: list[int], group, what: str, phase: str) -> Tensor:
+    """Every rank's rows ``[counts[r], ...]`` in rank order, ``[sum(counts), ...]``; each rank
+    sends its rows padded to the largest count (an all-gather needs equal sizes)."""
+    pad = t.new_zeros(max(counts), *t.shape[1:])
+    pad[:t.shape[0]] = t
+    every = _all_gather(pad, group, what)
+    traffic[phase] += pad.numel() * pad.element_size()
+    return torch.cat([every[r, :c] for r, c in enumerate(counts)])
+
+
+def _own_rows(t: Tensor, counts: list[int], st: _Shard, what: str, phase: str) -> Tensor:
+    """This rank's rows of ``t [sum(counts), ...]`` summed over the ranks: a reduce-scatter
+    of blocks padded to the largest count, or an all-reduce when the padding would cost
+    more (very uneven counts); every rank takes the same branch."""
+    lo = sum(counts[:st.rank])
+    if st.world * max(counts) > 2 * t.shape[0]:
+        _all_reduce(t, st.group, what)
+        traffic[phase] += t.numel() * t.element_size()
+        return t[lo:lo + counts[st.rank]]
+    blocks = t.new_zeros(st.world, max(counts), *t.shape[1:])
+    for r, (c, start) in enumerate(zip(counts, [sum(counts[:r]) for r in range(st.world)])):
+        blocks[r, :c] = t[start:start + c]
+    traffic[phase] += blocks.numel() * blocks.element_size()
+    return _reduce_scatter(blocks, st.group, what)[:counts[st.rank]]
+
+
 class _ShardedMoRAM(torch.autograd.Function):
-    """``(x2 [T, d_in], keys1, values1, layer, local) -> (delta [T, d_out], gid [T, K])``:
-    steps 2 to 4 of the module docstring, and their backward."""
+    """``(x2 [T, d_in], keys1, values1, layer, local, counts, need_x) -> (delta [T, d_out],
+    gid [T, K])``: steps 2 to 4 of the module docstring, and their backward. ``counts``:
+    every rank's token count (data parallelism; None when every rank has the same x);
+    ``need_x``: whether any rank wants the gradient of its x (all then exchange it)."""
 
     @staticmethod
-    def forward(ctx, x2, keys1, values1, layer, local):
+    def forward(ctx, x2, keys1, values1, layer, local, counts, need_x):
         st: _Shard = layer._bank_shard
         fk, fv = layer.frozen_keys, layer.frozen_values
-        t, d_out, dev = x2.shape[0], layer.out_features, fk.device
-        ctx.layer = layer
-        ctx.empty = t == 0
-        if t == 0:   # nothing selected, nothing exchanged
+        d_out, dev = layer.out_features, fk.device
+        # own: this rank's rows among the tokens every rank works on
+        lo = 0 if counts is None else sum(counts[:st.rank])
+        own = slice(lo, lo + x2.shape[0])
+        ctx.layer, ctx.counts, ctx.own, ctx.need_x = layer, counts, own, need_x
+        ctx.empty = (x2.shape[0] if counts is None else sum(counts)) == 0
+        if ctx.empty:   # nothing selected, nothing exchanged
             ctx.x2_like = x2.detach()
             return x2.new_zeros(0, d_out), torch.zeros(0, 0, dtype=torch.int64, device=dev)
+        xs = x2.detach()
+        if counts is not None:
+            # data parallelism: every rank scores every rank's tokens against its slice (the
+            # trainable atoms only for its own tokens, so their share is computed once)
+            xs = _gather_rows(xs, counts, st.group, "all-gather of every rank's x", "forward")
+            rest = _local_candidates(layer, torch.cat([xs[:own.start], xs[own.stop:]]),
+                                     keys1, values1, False)
+            local = local[:2] + tuple(torch.cat([o[:lo], m, o[lo:]])
+                                      for m, o in zip(local[2:], rest[2:]))
+        t = xs.shape[0]
         K, acc, cand_scores, cand_gids, cand_lidx, sumsq = local
 
         # 2. exchange candidates and sums of squares: [P, T, 2K + 1] words
@@ -255,26 +334,30 @@ class _ShardedMoRAM(torch.autograd.Function):
         pos = by_gid.gather(1, order)                                       # [T, K] in [0, P K)
         p_sel = scores.gather(1, pos)
         gid_sel = gids.gather(1, pos)
-        own = (pos // K) == st.rank
-        lidx = torch.where(own, cand_lidx.gather(1, (pos - st.rank * K).clamp(0, K - 1)),
+        mine = (pos // K) == st.rank
+        lidx = torch.where(mine, cand_lidx.gather(1, (pos - st.rank * K).clamp(0, K - 1)),
                            torch.full_like(pos, -1))                        # -1: another rank's
         n0 = fk.shape[0]
         delta = 0.0 if layer.training else layer.delta      # the threshold is an eval-time rule
         w, m = _gate(p_sel, norm, layer.tau, delta)
         sc = torch.where(lidx >= n0, layer.scaling, 1.0).to(acc)
-        coef = torch.where(own, w * m * p_sel * sc, torch.zeros_like(p_sel))  # c_i * scale_i
+        coef = torch.where(mine, w * m * p_sel * sc, torch.zeros_like(p_sel))  # c_i * scale_i
 
-        # 4. each rank adds its own atoms' contributions; the all-reduce completes y
+        # 4. each rank adds its own atoms' contributions; the sum over ranks completes y
         v1 = values1 if st.owns_trainable else values1[:0]
         if n0 + v1.shape[0]:
             y = torch.einsum("tk,tkd->td", coef, _rows(fv, v1.detach(), lidx.clamp(min=0)).to(acc))
         else:
             y = torch.zeros(t, d_out, dtype=acc, device=dev)
-        _all_reduce(y, st.group, "all-reduce of the sharded forward's output")
-        traffic["forward"] += y.numel() * y.element_size()
+        if counts is None:
+            _all_reduce(y, st.group, "all-reduce of the sharded forward's output")
+            traffic["forward"] += y.numel() * y.element_size()
+        else:
+            y = _own_rows(y, counts, st, "reduction of the sharded forward's output", "forward")
 
-        ctx.save_for_backward(x2, lidx, p_sel, norm, coef, sc, keys1, values1, fk, fv)
-        ctx.delta = delta
+        ctx.save_for_backward(xs, lidx, p_sel, norm, coef, sc, keys1, values1, fk, fv)
+        ctx.delta, ctx.dtype = delta, x2.dtype
+        gid_sel = gid_sel[own]
         ctx.mark_non_differentiable(gid_sel)
         return y.to(x2.dtype), gid_sel
 
@@ -285,15 +368,21 @@ class _ShardedMoRAM(torch.autograd.Function):
         if ctx.empty:   # zero gradients, still part of the graph
             return (torch.zeros_like(ctx.x2_like) if need_x else None,
                     torch.zeros_like(layer.keys) if need_k1 else None,
-                    torch.zeros_like(layer.values) if need_v1 else None, None, None)
+                    torch.zeros_like(layer.values) if need_v1 else None, None, None, None, None)
         st: _Shard = layer._bank_shard
-        x2, lidx, p_sel, norm, coef, sc, keys1, values1, fk, fv = ctx.saved_tensors
+        xs, lidx, p_sel, norm, coef, sc, keys1, values1, fk, fv = ctx.saved_tensors
+        counts, own = ctx.counts, ctx.own
         acc = p_sel.dtype
         owner = st.owns_trainable
         k1 = keys1.detach() if owner else keys1.detach()[:0]
         v1 = values1.detach() if owner else values1.detach()[:0]
         n0, n_loc = fk.shape[0], fk.shape[0] + k1.shape[0]
-        xf, gyf = x2.detach().to(acc), gy.to(acc)
+        xf = xs.to(acc)
+        if counts is None:
+            gyf = gy.to(acc)
+        else:   # the upstream gradient of every rank's rows, in the dtype every rank has
+            gyf = _gather_rows(gy.to(ctx.dtype), counts, st.group,
+                               "all-gather of every rank's output gradient", "backward").to(acc)
         safe = lidx.clamp(min=0)
 
         # gc_i = scale_i (b_i . gy) at each atom's owner; the sum over ranks completes it
@@ -306,46 +395,64 @@ class _ShardedMoRAM(torch.autograd.Function):
         traffic["backward"] += gc.numel() * gc.element_size()
         g_sel, alpha = gate_backward(gc, p_sel, norm, layer.tau, ctx.delta, layer.eps)
 
-        # one all-reduce for the rest: [gx (sparse at the owners + local dense term) | gk1 | gv1]
+        # same x: one all-reduce for the rest, [gx (sparse at the owners + local dense term)
+        # | gk1 | gv1]. Data parallelism: gx reduced to each rank's own rows (when any rank
+        # wants it); the trainable atoms' gradients stay local: those of this rank's loss
         parts = []
-        if need_x:
+        gx = None
+        if (need_x and counts is None) or (counts is not None and ctx.need_x):
             gx = torch.zeros_like(xf)
             if n_loc:
-                mine = torch.where(lidx >= 0, g_sel, torch.zeros_like(g_sel))
-                gx = torch.einsum("tk,tkd->td", mine, _rows(fk, k1, safe).to(acc))
+                sel = torch.where(lidx >= 0, g_sel, torch.zeros_like(g_sel))
+                gx = torch.einsum("tk,tkd->td", sel, _rows(fk, k1, safe).to(acc))
                 gram0 = layer._frozen_gram() if layer.frozen_keys is fk else None
-                gx -= alpha[:, None] * gram_apply(xf, ((fk, gram0), (k1, None)))
-            parts.append(gx)
+                if counts is None:
+                    gx -= alpha[:, None] * gram_apply(xf, ((fk, gram0), (k1, None)))
+                else:
+                    gx -= alpha[:, None] * gram_apply(xf, ((fk, gram0),))
+                    gx[own] -= alpha[own, None] * gram_apply(xf[own], ((k1, None),))
+            if counts is None:
+                parts.append(gx)
+            else:
+                gx = _own_rows(gx, counts, st, "reduction of the sharded backward's x gradient",
+                               "backward")
         n1 = keys1.shape[0]
         if need_k1 or need_v1:
             if owner and n1:
-                gk1, gv1 = segment_grads(xf, gyf, k1.to(acc), v1.to(acc), n0, lidx, g_sel, alpha, coef)
+                r = slice(None) if counts is None else own
+                gk1, gv1 = segment_grads(xf[r], gyf[r], k1.to(acc), v1.to(acc), n0, lidx[r],
+                                         g_sel[r], alpha[r], coef[r])
             else:
                 gk1 = torch.zeros(n1, layer.in_features, dtype=acc, device=xf.device)
                 gv1 = torch.zeros(n1, layer.out_features, dtype=acc, device=xf.device)
-            parts += [gk1, gv1]
-        flat = torch.cat([p.reshape(-1) for p in parts])
-        _all_reduce(flat, st.group, "all-reduce of the sharded backward's gradients")
-        traffic["backward"] += flat.numel() * flat.element_size()
-        out = list(flat.split([p.numel() for p in parts]))
-        gx = out.pop(0).view_as(xf).to(x2.dtype) if need_x else None
-        gk1 = gv1 = None
-        if need_k1 or need_v1:
-            gk1 = out[0].view(n1, -1).to(keys1.dtype) if need_k1 else None
-            gv1 = out[1].view(n1, -1).to(values1.dtype) if need_v1 else None
-        return gx, gk1, gv1, None, None
+            if counts is None:
+                parts += [gk1, gv1]
+        if parts:
+            flat = torch.cat([p.reshape(-1) for p in parts])
+            _all_reduce(flat, st.group, "all-reduce of the sharded backward's gradients")
+            traffic["backward"] += flat.numel() * flat.element_size()
+            out = list(flat.split([p.numel() for p in parts]))
+            if need_x:
+                gx = out.pop(0).view_as(xf)
+            if need_k1 or need_v1:
+                gk1, gv1 = out[0].view(n1, -1), out[1].view(n1, -1)
+        gx = gx.to(ctx.dtype) if need_x else None
+        gk1 = gk1.to(keys1.dtype) if need_k1 else None
+        gv1 = gv1.to(values1.dtype) if need_v1 else None
+        return gx, gk1, gv1, None, None, None, None
 
 
-def _local_candidates(layer, x2: Tensor, keys1: Tensor, values1: Tensor):
+def _local_candidates(layer, x2: Tensor, keys1: Tensor, values1: Tensor, trainable: bool):
     """This rank's top-K ``(score, global id, local id)`` per token, padded to the global
-    K, and its sum of squares of scores, from the ordinary backend run on its slice."""
+    K, and its sum of squares of scores, from the ordinary backend run on its slice (and
+    on the trainable atoms when ``trainable``: local ids after the frozen ones)."""
     st: _Shard = layer._bank_shard
     fk, fv = layer.frozen_keys, layer.frozen_values
     t, dev = x2.shape[0], fk.device
     acc = acc_dtype(x2.dtype)
     K = effective_k(layer.k, layer.num_atoms)
-    k1 = keys1.detach() if st.owns_trainable else keys1.detach()[:0]
-    v1 = values1.detach() if st.owns_trainable else values1.detach()[:0]
+    k1 = keys1.detach() if trainable else keys1.detach()[:0]
+    v1 = values1.detach() if trainable else values1.detach()[:0]
     n_loc = fk.shape[0] + k1.shape[0]
     kl = min(K, n_loc)
     scores = torch.full((t, K), float("-inf"), dtype=acc, device=dev)
@@ -401,16 +508,24 @@ def _set_ddp_ignore(model: nn.Module, names: list[str], add: bool) -> None:
 
 
 @torch.no_grad()
-def shard_bank(model: nn.Module, group=None) -> nn.Module:
+def shard_bank(model: nn.Module, group=None, same_input: bool = False) -> nn.Module:
     """Shard, in place, the frozen bank of every ``MoRAMLinear`` in ``model`` (or of
     ``model`` itself) over the ranks of ``group`` (default: the world). Returns ``model``.
 
-    Every rank must call it, holding the same atoms (checked: a mismatch raises on every
-    rank). Rank ``r`` keeps a contiguous slice of each frozen bank, sizes balanced to within
-    one atom; the trainable atoms stay replicated. Afterwards every rank must call the model
-    with the same input; forward and backward equal the unsharded layer's, ``num_atoms``
-    is the global N, and ``add_task`` keeps the bank sharded. ``unshard_bank`` undoes it.
+    Every rank must call it, holding the same atoms and passing the same ``same_input``
+    (checked: a mismatch raises on every rank). Rank ``r`` keeps a contiguous slice of each
+    frozen bank, sizes balanced to within one atom; the trainable atoms stay replicated.
+
+    ``same_input=False`` (data parallelism): each rank passes its own batch (any number of
+    tokens, 0 included) and gets, for its x, the output and gradients of one process
+    holding the whole bank; the trainable atoms' gradients on a rank are those of its own
+    loss (DDP then averages them). ``same_input=True`` (tensor-parallel style): every rank
+    passes the same x (checked) and gets the same output. Either way forward and backward
+    equal the unsharded layer's, ``num_atoms`` is the global N, and ``add_task`` keeps the
+    bank sharded. ``unshard_bank`` undoes it.
     """
+    if not isinstance(same_input, bool):
+        raise TypeError(f"same_input must be a bool, got {type(same_input).__name__}")
     layers = _layers_of(model)
     already = [n or "<root>" for n, l in layers.items() if is_sharded(l)]
     if already:
@@ -427,8 +542,12 @@ def shard_bank(model: nn.Module, group=None) -> nn.Module:
     if rank < 0:
         raise ValueError("this process is not a member of group")
     dev = next(iter(layers.values())).frozen_keys.device
-    mine = torch.tensor([_fingerprint(l) for l in layers.values()], dtype=torch.int64, device=dev)
+    mine = torch.tensor([[same_input] + _fingerprint(l) for l in layers.values()],
+                        dtype=torch.int64, device=dev)
     every = _all_gather(mine, group, "check that every rank holds the same bank")
+    if not bool((every[:, 0, 0] == every[0, 0, 0]).all()):
+        raise ValueError(f"the ranks passed same_input = {[bool(v) for v in every[:, 0, 0].tolist()]}; "
+                         "every rank must shard in the same mode")
     differ = [n or "<root>" for i, n in enumerate(layers)
               if not bool((every[:, i] == every[0, i]).all())]
     if differ:
@@ -439,7 +558,8 @@ def shard_bank(model: nn.Module, group=None) -> nn.Module:
         counts = _balanced(n_f, world)
         lo = sum(counts[:rank])
         hi = lo + counts[rank]
-        st = _Shard(group, rank, world, counts, torch.arange(lo, hi, device=layer.frozen_keys.device))
+        st = _Shard(group, rank, world, counts, torch.arange(lo, hi, device=layer.frozen_keys.device),
+                    same_input)
         fk = layer.frozen_keys[lo:hi].clone()        # the rest can be freed
         fv = layer.frozen_values[lo:hi].clone()
         layer.__class__ = ShardedMoRAMLinear

@@ -23,6 +23,7 @@ latency, for NVLink (450 GB/s, 5 µs) and 100 Gb/s Ethernet (12.5 GB/s, 20 µs).
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import datetime
 import json
@@ -36,6 +37,7 @@ import time
 import torch
 
 LINKS = {"NVLink": (450e9, 5e-6), "100GbE": (12.5e9, 20e-6)}   # bytes/s, latency per ring step
+INPUTS = ("same x", "data-parallel")    # shard_bank(same_input=True) and the default
 
 
 # ---- the model ------------------------------------------------------------------------------
@@ -48,14 +50,58 @@ def _ring_reduce(size: float, p: int) -> tuple[float, int]:
     return 2 * (p - 1) / p * size, 2 * (p - 1)
 
 
-def sharded_traffic(t, d_in, d_out, k, r, p, train) -> tuple[float, int]:
-    """(bytes into each rank, latency steps) for one sharded call."""
-    parts = [_ring_gather(3 * 8, p),                       # header
-             _ring_gather(t * (2 * k + 1) * 4, p),         # candidates + sums of squares
-             _ring_reduce(t * d_out * 4, p)]               # y
-    if train:
-        parts += [_ring_reduce(t * k * 4, p), _ring_reduce((t * d_in + r * (d_in + d_out)) * 4, p)]
+def _ring_scatter(size: float, p: int) -> tuple[float, int]:
+    """A reduce-scatter of ``size`` bytes in all (every rank keeps ``size / p``)."""
+    return (p - 1) / p * size, p - 1
+
+
+RING = {"all_gather": _ring_gather, "all_reduce": _ring_reduce, "reduce_scatter": _ring_scatter}
+HEADER_BYTES = 5 * 8       # the header all-gather: 5 int64 words per rank
+
+
+def collectives(counts, d_in, d_out, k, r, train, *, need_x=True, same_input=False, elt=4, acc=4):
+    """``{"forward": [(kind, bytes)], "backward": [...]}``: the collectives of one sharded
+    call and the payload bytes each rank puts into each (what ``mk.distributed.traffic``
+    counts). ``counts``: tokens per rank (all equal when ``same_input``); ``k``: the
+    effective K; ``elt``: bytes per element of x, ``acc``: of the accumulation dtype;
+    ``need_x``: whether x's gradient is wanted (on any rank)."""
+    p, tmax, t = len(counts), max(counts), sum(counts)
+    fwd, bwd = [("all_gather", HEADER_BYTES)], []
+    if same_input:
+        t = counts[0]
+        if t:
+            fwd += [("all_gather", t * (2 * k + 1) * acc), ("all_reduce", t * d_out * acc)]
+            bwd += [("all_reduce", t * k * acc),
+                    ("all_reduce", (need_x * t * d_in + r * (d_in + d_out)) * acc)]
+    elif t:
+        def own_rows(width):   # reduce-scatter of padded blocks unless the padding costs more
+            if p * tmax > 2 * t:
+                return "all_reduce", t * width * acc
+            return "reduce_scatter", p * tmax * width * acc
+        fwd += [("all_gather", tmax * d_in * elt), ("all_gather", t * (2 * k + 1) * acc),
+                own_rows(d_out)]
+        bwd += [("all_gather", tmax * d_out * elt), ("all_reduce", t * k * acc)]
+        bwd += [own_rows(d_in)] if need_x else []
+    return {"forward": fwd, "backward": bwd if train else []}
+
+
+def _ring_total(calls, p) -> tuple[float, int]:
+    parts = [RING[kind](size, p) for kind, size in calls]
     return sum(b for b, _ in parts), sum(s for _, s in parts)
+
+
+def sharded_traffic(t, d_in, d_out, k, r, p, train) -> tuple[float, int]:
+    """(bytes into each rank, latency steps) for one sharded call, every rank passing the
+    same ``t`` tokens (``same_input=True``)."""
+    c = collectives([t] * p, d_in, d_out, k, r, train, same_input=True)
+    return _ring_total(c["forward"] + c["backward"], p) if p > 1 else (0, 0)
+
+
+def data_parallel_traffic(t, d_in, d_out, k, p, train, elt=4) -> tuple[float, int]:
+    """(bytes into each rank, latency steps) for one data-parallel sharded call, each rank
+    passing its own ``t`` tokens (the trainable atoms' gradients stay local: DDP's)."""
+    c = collectives([t] * p, d_in, d_out, k, 0, train, elt=elt)
+    return _ring_total(c["forward"] + c["backward"], p) if p > 1 else (0, 0)
 
 
 def gather_bank_traffic(n, d_in, d_out, elt, p, train) -> tuple[float, int]:
@@ -88,8 +134,20 @@ def _rank_main(rank, world, store, out, cfg):
         layer._set_bank(frozen_keys=torch.randn(n, d) / d ** 0.5, frozen_values=torch.randn(n, d),
                         task_sizes=torch.tensor([n, r]))
         layer.values.normal_()
-    mkd.shard_bank(layer)
-    x = torch.randn(t, d)
+    res = {}
+    for inputs in INPUTS:
+        same = inputs == "same x"
+        # data parallelism: each rank its own T tokens (a different draw per rank)
+        x = torch.randn(t, d, generator=torch.Generator().manual_seed(0 if same else 1 + rank))
+        res[inputs] = _measure(mkd.shard_bank(copy.deepcopy(layer), same_input=same), x, cfg)
+    with open(os.path.join(out, f"{rank}.json"), "w") as f:
+        json.dump(res, f)
+    dist.destroy_process_group()
+
+
+def _measure(layer, x, cfg) -> dict:
+    from moram_kernels import distributed as mkd
+
     res = {}
     for mode in ("eval", "train"):
         layer.train(mode == "train")
@@ -113,9 +171,7 @@ def _rank_main(rank, world, store, out, cfg):
                      "compute_ms": 1e3 * statistics.median(a - b for a, b in zip(times, comm)),
                      "cpu_ms": 1e3 * statistics.median(cpu),
                      "payload_bytes": sent}
-    with open(os.path.join(out, f"{rank}.json"), "w") as f:
-        json.dump(res, f)
-    dist.destroy_process_group()
+    return res
 
 
 def measure(world: int, cfg: dict) -> list[dict]:
@@ -186,30 +242,37 @@ def main(argv=None, prog: str = "python -m benchmarks --preset bank-parallel") -
           "compute ms = wall time outside collectives, payload = bytes it put into collectives; "
           "predicted = the model's communication time per call.\n")
     rows = []
-    print("| P | mode | CPU ms / rank | compute ms / rank | wall ms | payload / rank | sharded: NVLink | "
-          "sharded: 100GbE | gather bank: bytes in / rank | gather bank: NVLink | gather bank: 100GbE |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| P | inputs | mode | CPU ms / rank | compute ms / rank | wall ms | payload / rank | "
+          "sharded: bytes in / rank | sharded: NVLink | sharded: 100GbE | gather bank: bytes in / rank | "
+          "gather bank: NVLink | gather bank: 100GbE |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for world in procs:
         per_rank = measure(world, cfg)
-        for mode in ("eval", "train"):
-            train = mode == "train"
-            sh = sharded_traffic(args.T, args.d, args.d, args.k, args.r, world, train)
-            fs = gather_bank_traffic(args.N, args.d, args.d, 4, world, train)
-            row = dict(timestamp_utc=stamp, P=world, mode=mode, d=args.d, N=args.N, k=args.k, r=args.r,
-                       T=args.T,
-                       compute_ms=max(p[mode]["compute_ms"] for p in per_rank),
-                       cpu_ms=max(p[mode]["cpu_ms"] for p in per_rank),
-                       wall_ms=max(p[mode]["wall_ms"] for p in per_rank),
-                       payload_bytes=max(p[mode]["payload_bytes"] for p in per_rank),
-                       sharded_bytes_in=sh[0], gather_bank_bytes_in=fs[0],
-                       **{f"sharded_{l}_s": predict_s(sh, l) for l in LINKS},
-                       **{f"gather_bank_{l}_s": predict_s(fs, l) for l in LINKS},
-                       torch=torch.__version__, cpu_cores=os.cpu_count())
-            rows.append(row)
-            print(f"| {world} | {mode} | {row['cpu_ms']:.1f} | {row['compute_ms']:.1f} | {row['wall_ms']:.1f} | "
-                  f"{_fmt_bytes(row['payload_bytes'])} | {_fmt_s(row['sharded_NVLink_s'])} | "
-                  f"{_fmt_s(row['sharded_100GbE_s'])} | {_fmt_bytes(fs[0])} | "
-                  f"{_fmt_s(row['gather_bank_NVLink_s'])} | {_fmt_s(row['gather_bank_100GbE_s'])} |")
+        for inputs in INPUTS:
+            for mode in ("eval", "train"):
+                train = mode == "train"
+                if inputs == "same x":
+                    sh = sharded_traffic(args.T, args.d, args.d, args.k, args.r, world, train)
+                else:
+                    sh = data_parallel_traffic(args.T, args.d, args.d, args.k, world, train)
+                fs = gather_bank_traffic(args.N, args.d, args.d, 4, world, train)
+                got = [p[inputs][mode] for p in per_rank]
+                row = dict(timestamp_utc=stamp, P=world, inputs=inputs, mode=mode, d=args.d, N=args.N,
+                           k=args.k, r=args.r, T=args.T,
+                           compute_ms=max(g["compute_ms"] for g in got),
+                           cpu_ms=max(g["cpu_ms"] for g in got),
+                           wall_ms=max(g["wall_ms"] for g in got),
+                           payload_bytes=max(g["payload_bytes"] for g in got),
+                           sharded_bytes_in=sh[0], gather_bank_bytes_in=fs[0],
+                           **{f"sharded_{l}_s": predict_s(sh, l) for l in LINKS},
+                           **{f"gather_bank_{l}_s": predict_s(fs, l) for l in LINKS},
+                           torch=torch.__version__, cpu_cores=os.cpu_count())
+                rows.append(row)
+                print(f"| {world} | {inputs} | {mode} | {row['cpu_ms']:.1f} | {row['compute_ms']:.1f} | "
+                      f"{row['wall_ms']:.1f} | {_fmt_bytes(row['payload_bytes'])} | {_fmt_bytes(sh[0])} | "
+                      f"{_fmt_s(row['sharded_NVLink_s'])} | {_fmt_s(row['sharded_100GbE_s'])} | "
+                      f"{_fmt_bytes(fs[0])} | {_fmt_s(row['gather_bank_NVLink_s'])} | "
+                      f"{_fmt_s(row['gather_bank_100GbE_s'])} |")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "bank_parallel.csv")
     with open(path, "w", newline="") as f:
@@ -229,20 +292,24 @@ def _sweep_n():
 
 def _model_table(args) -> None:
     d, t, k, r, p = args.model_d, args.model_T, args.k, args.r, 4
-    print(f"\nModel, one forward, P = {p}, d_in = d_out = {d}, T = {t}, k = {k}, bf16 bank:\n")
-    print("| N | sharded bytes in / rank | NVLink | 100GbE | gather bank bytes in / rank | NVLink | 100GbE |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\nModel, one forward, P = {p}, d_in = d_out = {d}, k = {k}, bf16 bank and x: same x = "
+          f"T = {t} tokens on every rank; data-parallel = T = {t} tokens per rank ({p * t} in "
+          "all); a replicated bank moves nothing:\n")
+    print("| N | same x: bytes in / rank | NVLink | 100GbE | data-parallel: bytes in / rank | NVLink | "
+          "100GbE | gather bank: bytes in / rank | NVLink | 100GbE |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    sh = sharded_traffic(t, d, d, k, r, p, False)
+    dp = data_parallel_traffic(t, d, d, k, p, False, elt=2)
     for n in (4096, 16384, 65536, 262144):
-        sh = sharded_traffic(t, d, d, k, r, p, False)
         fs = gather_bank_traffic(n, d, d, 2, p, False)
-        print(f"| {n:,} | {_fmt_bytes(sh[0])} | {_fmt_s(predict_s(sh, 'NVLink'))} | "
-              f"{_fmt_s(predict_s(sh, '100GbE'))} | {_fmt_bytes(fs[0])} | "
-              f"{_fmt_s(predict_s(fs, 'NVLink'))} | {_fmt_s(predict_s(fs, '100GbE'))} |")
-    # where the two cross: the bank's bytes equal the candidates' and y's
-    sh = sharded_traffic(t, d, d, k, r, p, False)[0]
-    n_cross = sh / ((p - 1) / p * (d + d) * 2)
-    print(f"\nThe sharded call moves as many bytes as all-gathering the bank at N ≈ {n_cross:,.0f}; "
-          "above that, sharding wins (it does not grow with N).")
+        print(f"| {n:,} | " + " | ".join(
+            f"{_fmt_bytes(c[0])} | {_fmt_s(predict_s(c, 'NVLink'))} | {_fmt_s(predict_s(c, '100GbE'))}"
+            for c in (sh, dp, fs)) + " |")
+    # where they cross: the bank's bytes equal the sharded call's
+    per_atom = (p - 1) / p * (d + d) * 2
+    print(f"\nAll-gathering the bank moves as many bytes as the sharded call at N ≈ "
+          f"{sh[0] / per_atom:,.0f} (same x) and N ≈ {dp[0] / per_atom:,.0f} (data-parallel); "
+          "above that, sharding wins (its bytes do not grow with N).")
 
 
 def _plot(args) -> None:

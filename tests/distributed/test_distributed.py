@@ -61,16 +61,27 @@ def _run(model, x, g):
 
 
 def _close(out, ref, what, dtype=torch.float32, factor=1.0):
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    if ref.numel() == 0:
+        return
     scale = ref.double().abs().max().clamp_min(1e-12)
     err = ((out.double() - ref.double()).abs().max() / scale).item()
     bound = factor * REL_ATOL[dtype]
     assert err <= bound, f"{what}: relative error {err:.3e} > {bound:.3e}"
 
 
+def _split(t, world):
+    """Uneven token counts per rank adding up to ``t``; at 3 ranks the middle one has none."""
+    return [3, t - 3] if world == 2 else [t - 3, 0, 3]
+
+
 def _compare(layer, x, dtype=torch.float32, factor=1.0, train=True):
-    """Shard a copy of ``layer`` and check forward and gradients against the original."""
+    """Shard copies of ``layer`` in both modes and check forward and gradients against the
+    original: every rank passing ``x`` (``same_input=True``; returned), and each rank
+    passing its own uneven share of ``x``'s rows (data parallelism, :func:`_compare_dp`)."""
+    _compare_dp(layer, x, _split(x.shape[0], dist.get_world_size()), dtype, factor, train)
     ref = copy.deepcopy(layer)
-    sharded = mk.distributed.shard_bank(copy.deepcopy(layer))
+    sharded = mk.distributed.shard_bank(copy.deepcopy(layer), same_input=True)
     ref.train(train)
     sharded.train(train)
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -86,6 +97,31 @@ def _compare(layer, x, dtype=torch.float32, factor=1.0, train=True):
     for name, a, b in zip(("y", "grad x", "grad keys", "grad values"), got, want):
         _close(a, b, name, dtype, factor)
     return want, got
+
+
+def _compare_dp(layer, x, sizes, dtype=torch.float32, factor=1.0, train=True, autocast=False):
+    """Data parallelism: rank r passes rows ``[sum(sizes[:r]), +sizes[r])`` of ``x``. Its
+    output and x gradient must be those rows of one process on all of ``x``, and the sum
+    over ranks of the trainable atoms' gradients (each of its own loss) the gradient of the
+    summed loss."""
+    rank = dist.get_rank()
+    lo = sum(sizes[:rank])
+    own = slice(lo, lo + sizes[rank])
+    ref = copy.deepcopy(layer).train(train)
+    sharded = mk.distributed.shard_bank(copy.deepcopy(layer)).train(train)
+    g = torch.randn(x.shape[0], layer.out_features, generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        if not train:
+            with torch.no_grad():
+                _close(sharded(x[own]), ref(x)[own], "data-parallel eval output", dtype, factor)
+            return
+        want, got = _run(ref, x, g), _run(sharded, x[own], g[own])
+    _close(got[0], want[0][own], "data-parallel y", dtype, factor)
+    _close(got[1], want[1][own], "data-parallel grad x", dtype, factor)
+    for name, a, b in zip(("grad keys", "grad values"), got[2:], want[2:]):
+        a = a.float()
+        dist.all_reduce(a)
+        _close(a, b, f"data-parallel {name}, summed over ranks", dtype, factor)
 
 
 # ---- the scenarios --------------------------------------------------------------------------
@@ -122,7 +158,7 @@ def sc_dropout_same_seed(rank, world):
     refused (not silently wrong) when the ranks' masks differ."""
     layer, x = _layer(12, 6, 15, 3, k=3)
     layer.adapter_dropout = nn.Dropout(0.3)
-    sharded = mk.distributed.shard_bank(copy.deepcopy(layer))
+    sharded = mk.distributed.shard_bank(copy.deepcopy(layer), same_input=True)
     torch.manual_seed(11)
     want = layer(x)
     torch.manual_seed(11)
@@ -279,7 +315,7 @@ def sc_bad_input_on_one_rank(rank, world):
     """A rank that raises inside the forward makes every rank raise, at once, clearly; the
     group stays usable."""
     layer, x = _layer(8, 4, 9, 2, k=2)
-    mk.distributed.shard_bank(layer)
+    mk.distributed.shard_bank(layer, same_input=True)
     bad = world - 1
     xin = torch.randn(3, 5) if rank == bad else x
     with pytest.raises((ValueError, RuntimeError)) as info:
@@ -299,7 +335,7 @@ def sc_ddp_wrapped(rank, world):
     to): the per-rank slices survive, and the gradients equal one process's."""
     layer, x = _layer(10, 6, 17, 3, k=3)
     ref = copy.deepcopy(layer)
-    sharded = mk.distributed.shard_bank(copy.deepcopy(layer))
+    sharded = mk.distributed.shard_bank(copy.deepcopy(layer), same_input=True)
     slice_before = sharded.frozen_keys.clone()
     ddp = nn.parallel.DistributedDataParallel(sharded)
     g = torch.randn(x.shape[0], 6, generator=torch.Generator().manual_seed(2))
@@ -312,10 +348,157 @@ def sc_ddp_wrapped(rank, world):
     _close(sharded.values.grad, ref.values.grad, "grad values")
 
 
+# ---- data parallelism (the default mode): each rank its own batch -----------------------------
+
+def sc_dp_uneven_batches(rank, world):
+    """Token counts that differ by rank: all on one rank (the others pass none), all on
+    the last, none anywhere; leading dims that differ by rank. The mode is on the layer:
+    its repr says it, and deepcopy and pickle keep it."""
+    layer, x = _layer(13, 11, 23, 4, k=4, alpha=8.0)
+    for sizes in ([7] + [0] * (world - 1), [0] * (world - 1) + [7]):
+        _compare_dp(layer, x, sizes)
+    _compare_dp(layer, x, _split(7, world), train=False)
+    sharded = mk.distributed.shard_bank(copy.deepcopy(layer))
+    g = torch.randn(7, 11, generator=torch.Generator().manual_seed(1))
+    y, gx, gk, gv = _run(sharded, x[:0], g[:0])                  # no tokens on any rank
+    assert y.shape == (0, 11) and gx.shape == (0, 13) and gk.abs().sum() == 0 == gv.abs().sum()
+    # rank r passes [r + 1, 2, d_in] rows (non-contiguous): its rows of one process on all
+    sizes = [2 * (r + 1) for r in range(world)]
+    lo = sum(sizes[:rank])
+    xs = torch.randn(sum(sizes), 13, generator=torch.Generator().manual_seed(5))
+    mine = xs[lo:lo + sizes[rank]].reshape(2, rank + 1, 13).transpose(0, 1)
+    with torch.no_grad():
+        want = layer(xs)[lo:lo + sizes[rank]].reshape(2, rank + 1, 11).transpose(0, 1)
+        _close(sharded(mine), want, "output for [r + 1, 2, d_in] x")
+    assert "data-parallel" in repr(sharded), repr(sharded)
+    assert "same x on every rank" in repr(mk.distributed.shard_bank(copy.deepcopy(layer), same_input=True))
+    for how, twin in (("deepcopy", copy.deepcopy(sharded)),
+                      ("pickle", pickle.loads(pickle.dumps(sharded)))):
+        assert twin._bank_shard.same_input is False, how
+        with torch.no_grad():
+            _close(twin(mine), want, f"output of a {how} copy")
+    same = mk.distributed.shard_bank(copy.deepcopy(layer), same_input=True)
+    assert pickle.loads(pickle.dumps(same))._bank_shard.same_input is True
+    assert copy.deepcopy(same)._bank_shard.same_input is True
+
+
+def sc_dp_dropout_and_autocast(rank, world):
+    """bf16 autocast with uneven batches (one rank empty at 3 ranks); dropout on the
+    adapter path draws each rank's own mask, so ranks seeded apart are not refused, and
+    ranks seeded alike with the same x equal one process."""
+    layer, x = _layer(16, 8, 21, 4, k=4)
+    _compare_dp(layer, x, _split(7, world), torch.bfloat16, factor=2.0, autocast=True)
+    _compare_dp(layer, x, _split(7, world), torch.bfloat16, factor=2.0, autocast=True, train=False)
+    layer.adapter_dropout = nn.Dropout(0.3)
+    sharded = mk.distributed.shard_bank(copy.deepcopy(layer))
+    torch.manual_seed(100 + rank)
+    sharded(x)
+    torch.manual_seed(11)
+    want = layer(x)
+    torch.manual_seed(11)
+    _close(sharded(x).detach(), want.detach(), "output with dropout")
+
+
+def sc_dp_ranks_must_agree(rank, world):
+    """The mode, and the dtype of x (rows travel as raw bytes), must agree across ranks."""
+    layer, x = _layer(8, 4, 9, 2, k=2)
+    with pytest.raises(ValueError, match="same mode"):
+        mk.distributed.shard_bank(copy.deepcopy(layer), same_input=rank == 0)
+    with pytest.raises(TypeError, match="same_input must be a bool"):
+        mk.distributed.shard_bank(copy.deepcopy(layer), same_input=1)
+    sharded = mk.distributed.shard_bank(copy.deepcopy(layer))
+    with pytest.raises(RuntimeError, match="dtype"):
+        sharded(x.bfloat16() if rank == 0 else x)
+    sharded(x)                                   # the group still works
+
+
+def _dp_model(world):
+    """Linear -> Tanh -> MoRAM-injected Linear with 14 frozen and 3 trainable atoms; the
+    first Linear is trained too (it gets its gradient through the sharded layer's gx)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 5))
+    mk.inject(m, mk.MoRAMConfig(target_modules=["2"], r=3, k=3, tau=0.5, alpha=6.0))
+    mk.add_task(m)
+    _, keys, values = make_inputs(1, 10, 5, 17, k=3, seed=4)
+    m[2]._set_bank(frozen_keys=keys[:14].clone(), frozen_values=values[:14].clone(),
+                   keys=keys[14:].clone(), values=values[14:].clone(), task_sizes=torch.tensor([14, 3]))
+    m[0].requires_grad_(True)
+    return m
+
+
+def sc_dp_ddp_and_fsdp2_step(rank, world):
+    """A training step under DDP, then under FSDP2 (the rest of the model sharded by it),
+    each rank with its own batch (uneven, one empty at 3 ranks): the gradients and the
+    parameters after the step equal one process on the whole batch."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t   # noqa: E731
+    sizes = _split(7, world)
+    lo = sum(sizes[:rank])
+    own = slice(lo, lo + sizes[rank])
+    gen = torch.Generator().manual_seed(9)
+    xb, yb = torch.randn(7, 6, generator=gen), torch.randn(7, 5, generator=gen)
+
+    def step(model, wrapped, rows, scale):
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        loss = scale * ((wrapped(xb[rows]) - yb[rows]) ** 2).sum() / 7   # DDP averages: x world
+        loss.backward()
+        grads = {n: full(p.grad).clone() for n, p in model.named_parameters() if p.requires_grad}
+        opt.step()
+        return grads, {n: full(p).detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    ref = _dp_model(world)
+    want = step(ref, ref, slice(None), 1.0)
+    assert want[0]["2.keys"].abs().max() > 0 and want[0]["0.weight"].abs().max() > 0
+    for how in ("ddp", "fsdp2"):
+        model = mk.distributed.shard_bank(_dp_model(world))
+        if how == "ddp":
+            wrapped = nn.parallel.DistributedDataParallel(model)
+        else:
+            mesh = init_device_mesh("cpu", (world,))
+            fully_shard(model[0], mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            wrapped = model
+        got = step(model, wrapped, own, float(world))
+        for i, what in enumerate(("grad", "parameter after the step")):
+            assert got[i].keys() == want[i].keys()
+            for n in want[i]:
+                _close(got[i][n], want[i][n], f"{how}: {what} {n}")
+
+
+def sc_dp_bytes_match_the_model(rank, world):
+    """The benchmark's model of the bytes per call equals what the collectives carried
+    (``mk.distributed.traffic``), in both modes, forward and backward."""
+    from benchmarks.presets import bank_parallel as bp
+
+    layer, x = _layer(12, 6, 20, 4, k=5)
+    k_eff = 5
+    for same in (False, True):
+        sharded = mk.distributed.shard_bank(copy.deepcopy(layer), same_input=same)
+        sizes = [7] * world if same else _split(7, world)
+        lo = 0 if same else sum(sizes[:rank])
+        xr = x[lo:lo + sizes[rank]]
+        for train, need_x in ((False, False), (True, True), (True, False)):
+            before = dict(mk.distributed.traffic)
+            xin = xr.clone().requires_grad_(need_x)
+            if train:
+                sharded(xin).sum().backward()
+            else:
+                with torch.no_grad():
+                    sharded(xin)
+            got = [mk.distributed.traffic[ph] - before[ph] for ph in ("forward", "backward")]
+            model = bp.collectives(sizes, 12, 6, k_eff, 4, train, need_x=need_x, same_input=same)
+            want = [sum(b for _, b in model[ph]) for ph in ("forward", "backward")]
+            assert got == want, (same, train, need_x, got, want)
+
+
 SCENARIOS = {f.__name__[3:]: f for f in (
     sc_forward_backward, sc_fewer_atoms_than_candidates, sc_empty_slice, sc_eval_threshold,
     sc_bf16, sc_dropout_same_seed, sc_ties_across_ranks, sc_add_task_while_sharded, sc_bad_input_on_one_rank,
-    sc_ddp_wrapped, sc_rules_the_audit_found_unpinned)}
+    sc_ddp_wrapped, sc_rules_the_audit_found_unpinned, sc_dp_uneven_batches,
+    sc_dp_dropout_and_autocast, sc_dp_ranks_must_agree, sc_dp_ddp_and_fsdp2_step,
+    sc_dp_bytes_match_the_model)}
 
 
 def sc_hang_rank_raises(rank, world):
@@ -444,12 +627,19 @@ def test_benchmark_model_of_bytes():
     from benchmarks.presets import bank_parallel as bp
 
     a = bp.sharded_traffic(64, 256, 128, 16, 8, 4, train=False)
-    assert a[0] == 3 * (3 * 8 + 64 * 33 * 4) + 2 * 3 / 4 * 64 * 128 * 4
+    assert a[0] == 3 * (5 * 8 + 64 * 33 * 4) + 2 * 3 / 4 * 64 * 128 * 4
     assert bp.sharded_traffic(64, 256, 128, 16, 8, 1, train=True)[0] == 0
     b1 = bp.gather_bank_traffic(1000, 256, 128, 2, 4, train=False)[0]
     b2 = bp.gather_bank_traffic(2000, 256, 128, 2, 4, train=False)[0]
     assert b2 == 2 * b1 == 2 * 3 / 4 * 1000 * 384 * 2
     assert bp.predict_s((12.5e9, 0), "100GbE") == 1.0
+    # data parallelism, 64 tokens per rank: x rows gathered, every rank's candidates, y's
+    # rows reduce-scattered; the backward adds gy rows, gc and x's gradient
+    dp = bp.data_parallel_traffic(64, 256, 128, 16, 4, train=False)
+    assert dp[0] == 3 * (5 * 8 + 64 * 256 * 4 + 4 * 64 * 33 * 4) + 3 / 4 * 4 * 64 * 128 * 4
+    dp_train = bp.data_parallel_traffic(64, 256, 128, 16, 4, train=True)
+    assert dp_train[0] - dp[0] == 3 * 64 * 128 * 4 + 2 * 3 / 4 * 4 * 64 * 16 * 4 + 3 / 4 * 4 * 64 * 256 * 4
+    assert bp.data_parallel_traffic(64, 256, 128, 16, 1, train=True) == (0, 0)
 
 
 def test_benchmark_smoke_runs(tmp_path, capsys):
@@ -458,6 +648,7 @@ def test_benchmark_smoke_runs(tmp_path, capsys):
 
     assert bp.main(["--smoke", "--procs", "2", "--no-plots", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "| 2 | eval |" in out and "| 2 | train |" in out, out
+    for inputs in ("same x", "data-parallel"):
+        assert f"| 2 | {inputs} | eval |" in out and f"| 2 | {inputs} | train |" in out, out
     rows = (tmp_path / "bank_parallel.csv").read_text().splitlines()
-    assert len(rows) == 3 and rows[0].startswith("timestamp_utc,P,mode"), rows
+    assert len(rows) == 5 and rows[0].startswith("timestamp_utc,P,inputs,mode"), rows
