@@ -351,11 +351,12 @@ def sc_ddp_wrapped(rank, world):
 # ---- data parallelism (the default mode): each rank its own batch -----------------------------
 
 def sc_dp_uneven_batches(rank, world):
-    """Token counts that differ by rank: all on one rank (the others pass none), all on
-    the last, none anywhere; leading dims that differ by rank. The mode is on the layer:
-    its repr says it, and deepcopy and pickle keep it."""
+    """Token counts that differ by rank: all on one rank (the others pass none), nearly all
+    on the last (at 3 ranks y is then all-reduced, not reduce-scattered), none anywhere;
+    leading dims that differ by rank. The mode is on the layer: its repr says it, and
+    deepcopy and pickle keep it."""
     layer, x = _layer(13, 11, 23, 4, k=4, alpha=8.0)
-    for sizes in ([7] + [0] * (world - 1), [0] * (world - 1) + [7]):
+    for sizes in ([7] + [0] * (world - 1), [1] + [0] * (world - 2) + [6]):
         _compare_dp(layer, x, sizes)
     _compare_dp(layer, x, _split(7, world), train=False)
     sharded = mk.distributed.shard_bank(copy.deepcopy(layer))
@@ -474,9 +475,10 @@ def sc_dp_bytes_match_the_model(rank, world):
 
     layer, x = _layer(12, 6, 20, 4, k=5)
     k_eff = 5
-    for same in (False, True):
+    # at 3 ranks, all tokens on one rank: padded blocks would cost more, y is all-reduced
+    for same, sizes in ((False, _split(7, world)), (False, [7] + [0] * (world - 1)),
+                        (True, [7] * world)):
         sharded = mk.distributed.shard_bank(copy.deepcopy(layer), same_input=same)
-        sizes = [7] * world if same else _split(7, world)
         lo = 0 if same else sum(sizes[:rank])
         xr = x[lo:lo + sizes[rank]]
         for train, need_x in ((False, False), (True, True), (True, False)):
