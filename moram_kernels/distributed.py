@@ -281,8 +281,10 @@ def _own_rows(t: Tensor, counts: list[int], st: _Shard, what: str, phase: str) -
         traffic[phase] += t.numel() * t.element_size()
         return t[lo:lo + counts[st.rank]]
     blocks = t.new_zeros(st.world, max(counts), *t.shape[1:])
-    for r, (c, start) in enumerate(zip(counts, [sum(counts[:r]) for r in range(st.world)])):
+    start = 0
+    for r, c in enumerate(counts):
         blocks[r, :c] = t[start:start + c]
+        start += c
     traffic[phase] += blocks.numel() * blocks.element_size()
     return _reduce_scatter(blocks, st.group, what)[:counts[st.rank]]
 
