@@ -50,11 +50,12 @@ def _ring_reduce(size: float, p: int) -> tuple[float, int]:
 
 def sharded_traffic(t, d_in, d_out, k, r, p, train) -> tuple[float, int]:
     """(bytes into each rank, latency steps) for one sharded call."""
-    parts = [_ring_gather(3 * 8, p),                       # header
+    parts = [_ring_gather(11 * 8, p),                      # header (distributed.HEADER)
              _ring_gather(t * (2 * k + 1) * 4, p),         # candidates + sums of squares
              _ring_reduce(t * d_out * 4, p)]               # y
-    if train:
-        parts += [_ring_reduce(t * k * 4, p), _ring_reduce((t * d_in + r * (d_in + d_out)) * 4, p)]
+    if train:                                              # gc and 12 words checking gy; gx | grads
+        parts += [_ring_reduce((t * k + 12) * 4, p),
+                  _ring_reduce((t * d_in + r * (d_in + d_out)) * 4, p)]
     return sum(b for b, _ in parts), sum(s for _, s in parts)
 
 
