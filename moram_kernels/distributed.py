@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._dist import _active_ddp, _all_gather, _all_reduce, traffic
+from ._dist import ACTIVE_DDP, _all_gather, _all_reduce, traffic
 from ._precision import acc_dtype, autocast_off
 from .backends import Inputs, select
 from .backends.reference import _gate, effective_k, gate_backward, gram_apply, segment_grads
@@ -151,7 +151,7 @@ class ShardedMoRAMLinear(MoRAMLinear):
                                shard=_Shard(st.group, st.rank, st.world, counts, gids), **bank)
 
     def forward(self, x: Tensor) -> Tensor:
-        ddp = _active_ddp()
+        ddp = ACTIVE_DDP._active_ddp_module
         if ddp is not None:
             self._check_ddp(ddp)             # the same on every rank: all raise alike
         if self.num_atoms == 0:

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ._cache import DerivedCaches
 from ._checks import check_real as _check_real
-from ._dist import _active_ddp, _assign_full, _broadcast_from_rank0, _ddp_class, _ddp_ignore, _full, _local
+from ._dist import ACTIVE_DDP, _assign_full, _broadcast_from_rank0, _ddp_class, _ddp_ignore, _full, _local
 from ._precision import acc_dtype, call_dtypes
 from .functional import moram_segments
 
@@ -345,7 +345,7 @@ class MoRAMLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:      # before the base layer's own, less clear error
             raise ValueError(f"x has d_in = {x.shape[-1]}, this layer takes {self.in_features}")
-        ddp = _active_ddp()
+        ddp = ACTIVE_DDP._active_ddp_module
         if ddp is not None:
             self._check_ddp(ddp)
         y = self.base_layer(x)
