@@ -1,5 +1,6 @@
 """``torch.distributed`` helpers shared by the layer and the sharded bank: DTensor (FSDP2)
-access, rank-0 broadcast, and collectives whose errors say what was going on.
+access, rank-0 broadcast, DDP's list of what it must not broadcast, and collectives whose
+errors say what was going on.
 
 A leaf module: it imports nothing of the package.
 """
@@ -10,11 +11,13 @@ import time
 
 import torch
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel as _DDP
 
 #: Payload bytes this process put into the sharded bank's collectives by phase, forward
-#: calls, and seconds spent inside collectives (``moram_kernels.distributed.traffic``; the
-#: benchmark reads it).
-traffic: dict[str, float] = {"forward": 0, "backward": 0, "calls": 0, "comm_s": 0.0}
+#: calls, collectives launched, and seconds spent inside collectives
+#: (``moram_kernels.distributed.traffic``; the benchmark reads it).
+traffic: dict[str, float] = {"forward": 0, "backward": 0, "calls": 0, "collectives": 0,
+                             "comm_s": 0.0}
 
 
 # ---- DTensors (FSDP2-sharded parameters) ------------------------------------------------------
@@ -52,17 +55,61 @@ def _dist_ready() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def _broadcast_from_rank0(t: Tensor) -> None:
-    """In place: every rank of the default process group gets rank 0's ``t`` (no-op when
-    no process group is initialised)."""
-    if _dist_ready() and torch.distributed.get_world_size() > 1:
-        torch.distributed.broadcast(t, src=0)
+def _broadcast_from_rank0(t: Tensor, group=None) -> None:
+    """In place: every rank of ``group`` (default: the world) gets the ``t`` of the group's
+    first rank (no-op when no process group is initialised or the group has one rank)."""
+    if _dist_ready() and torch.distributed.get_world_size(group) > 1:
+        src = 0 if group is None else torch.distributed.get_global_rank(group, 0)
+        torch.distributed.broadcast(t, src=src, group=group)
+
+
+# ---- DistributedDataParallel's list of what it leaves alone ------------------------------------
+
+#: DDP reads this attribute of the module it wraps (its root, never a submodule) once, when
+#: it is built: the names listed there are neither broadcast from rank 0 (at wrap time and,
+#: for buffers, before every forward) nor all-reduced.
+DDP_IGNORE_ATTR = "_ddp_params_and_buffers_to_ignore"
+
+
+def _ddp_class():
+    return _DDP
+
+
+class _NoActiveDDP:
+    _active_ddp_module = None
+
+
+#: ``ACTIVE_DDP._active_ddp_module`` is the ``DistributedDataParallel`` whose forward is
+#: running now, or None (DDP records it for TorchDynamo); read as a class attribute, it
+#: costs a layer's forward tens of nanoseconds. A torch without it never reports one.
+ACTIVE_DDP = _DDP if hasattr(_DDP, "_active_ddp_module") else _NoActiveDDP
+
+
+def _ddp_ignore(model, names: list[str]) -> list[str]:
+    """Add ``names`` (relative to the module DDP wraps) to what DDP leaves alone: on
+    ``model``'s own list when ``model`` is what DDP wraps or will wrap; when ``model`` is a
+    DDP wrapper, on its wrapped module's list and on the wrapper's live set (the one it
+    read when built). Returns the names that were not on the list that counts before."""
+    if isinstance(model, _DDP):
+        live = model.parameters_to_ignore
+        new = [n for n in names if n not in live]
+        live.update(new)
+        model = model.module
+    else:
+        new = None
+    cur = list(getattr(model, DDP_IGNORE_ATTR, []))
+    have = set(cur)
+    added = [n for n in names if n not in have]
+    if added:
+        setattr(model, DDP_IGNORE_ATTR, cur + added)
+    return added if new is None else new
 
 
 def _collective(what: str, fn):
     """``fn()``, timed into ``traffic["comm_s"]``; a failure is re-raised as a
     ``RuntimeError`` that names ``what`` and the likely cause."""
     start = time.perf_counter()
+    traffic["collectives"] += 1
     try:
         return fn()
     except Exception as e:  # gloo / NCCL raise their own types (DistBackendError, RuntimeError)

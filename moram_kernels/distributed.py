@@ -34,29 +34,34 @@ gradients: with the same x all summed in one all-reduce; with data parallelism t
 gradient is reduce-scattered and the trainable gradients stay on their rank.
 
 A small header all-gather starts every forward: a rank that raised inside the forward (bad
-input) makes every rank raise at once instead of leaving the others waiting; it carries
-each rank's token count, whether it wants x's gradient and x's dtype (refused when the
-ranks differ), and with ``same_input=True`` a checksum that refuses ranks passing
-different ``x`` (e.g. unseeded dropout). A rank that fails outside this code leaves the
-others blocked until the process group's timeout; the error they get then says so.
+input) makes every rank raise at once instead of leaving the others waiting, and ranks
+that disagree on the call (see :data:`HEADER`: mode, x's dtype, grad mode,
+hyper-parameters; with ``same_input=True`` also the token count and a position-sensitive
+checksum of x, which refuses e.g. unseeded dropout) are refused; with ``same_input=True``
+the backward's first all-reduce also checks that every rank has the same upstream
+gradient. A rank that fails outside this code leaves the others blocked until the process
+group's timeout; the error they get then says so.
+
+Under DDP the slices must not be broadcast from rank 0: :func:`shard_bank` lists them on
+the module it is given (DDP reads that list from the module it wraps, when it wraps), and
+a sharded layer refuses to run under a DDP that did not leave its slice alone.
 """
 
 from __future__ import annotations
+
+import struct
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._dist import _all_gather, _all_reduce, _reduce_scatter, traffic
-from ._precision import acc_dtype
+from ._dist import ACTIVE_DDP, _all_gather, _all_reduce, _reduce_scatter, traffic
+from ._precision import acc_dtype, autocast_off
 from .backends import Inputs, select
 from .backends.reference import _gate, effective_k, gate_backward, gram_apply, segment_grads
-from .nn import MoRAMLinear
+from .nn import MoRAMLinear, _keep_frozen_banks_out_of_ddp
 
 __all__ = ["shard_bank", "unshard_bank", "is_sharded", "ShardedMoRAMLinear"]
-
-_IGNORE_ATTR = "_ddp_params_and_buffers_to_ignore"   # read by DistributedDataParallel
-_FROZEN = tuple(f for f in MoRAMLinear.BANK_FIELDS if f.startswith("frozen_"))   # the sharded ones
 
 
 def _balanced(n: int, parts: int) -> list[int]:
@@ -129,6 +134,9 @@ class ShardedMoRAMLinear(MoRAMLinear):
     def _frozen_count(self, frozen_keys: Tensor) -> int:
         return self._bank_shard.n_frozen
 
+    def _bank_group(self):
+        return self._bank_shard.group
+
     @torch.no_grad()
     def _set_bank(self, *, shard: _Shard | None = None, **bank: Tensor) -> None:
         """:meth:`MoRAMLinear._set_bank`, with this rank's slice of the frozen bank and,
@@ -163,6 +171,9 @@ class ShardedMoRAMLinear(MoRAMLinear):
                                **bank)
 
     def forward(self, x: Tensor) -> Tensor:
+        ddp = ACTIVE_DDP._active_ddp_module
+        if ddp is not None:
+            self._check_ddp(ddp)             # the same on every rank: all raise alike
         if self.num_atoms == 0:
             return self.base_layer(x)
         d, gid = _sharded_delta(self, x)     # first: it checks x on every rank together
@@ -200,13 +211,115 @@ def _rows(t0: Tensor, t1: Tensor, idx: Tensor) -> Tensor:
     return torch.where((idx < n0)[..., None], r0, r1)
 
 
-def _checksum(x2: Tensor) -> int:
-    """Order-independent exact sum of the bits of ``x2``: equal on ranks that hold equal x."""
-    bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x2.element_size()]
-    return int(x2.detach().contiguous().view(bits).sum(dtype=torch.int64))
+def _checksum_t(t: Tensor) -> Tensor:
+    """A 0-d int64 hash of the bits of ``t`` (on its device, no host sync): equal on ranks
+    that hold equal tensors, and sensitive to position: each element is weighted by its
+    row's and its column's place (``t`` seen as ``[rows, last dim]``), so permuted rows
+    or columns hash differently. Integer overflow wraps, the same way on every rank."""
+    bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    b = t.detach().contiguous().view(bits)
+    b = b.reshape(-1, b.shape[-1]) if b.dim() else b.reshape(1, 1)
+    w_col = torch.arange(1, b.shape[1] + 1, dtype=torch.int64, device=b.device) * 2654435761 + 1
+    w_row = torch.arange(1, b.shape[0] + 1, dtype=torch.int64, device=b.device) * 40503 + 7
+    return ((b.to(torch.int64) * w_col).sum(1) * w_row).sum()
 
+
+def _checksum(t: Tensor) -> int:
+    return int(_checksum_t(t))
+
+
+def _same_on_every_rank(t: Tensor, world: int, dtype: torch.dtype) -> Tensor:
+    """Words to append to a summing all-reduce that tell whether ``t`` is the same on every
+    rank, with no collective of their own: 48 bits of ``t``'s hash cut into small digits
+    ``c``, then their squares. Summed over the ``P`` ranks, ``P * sum(c^2) == sum(c)^2``
+    holds for every digit exactly when every rank has the same digits (Cauchy-Schwarz);
+    the digits are small enough that the sums are exact in ``dtype`` (fp32 or fp64)."""
+    width = 8 if world <= 256 else 4
+    shifts = torch.arange(0, 48, width, device=t.device)
+    c = ((_checksum_t(t) >> shifts) & ((1 << width) - 1)).to(dtype)
+    return torch.cat([c, c * c])
+
+
+def _check_same(sums: Tensor, world: int, what: str) -> None:
+    """Raise on every rank alike unless the summed words of :func:`_same_on_every_rank`
+    say that every rank had the same tensor."""
+    n = sums.numel() // 2
+    s1, s2 = sums[:n].double(), sums[n:].double()
+    if bool((world * s2 != s1 * s1).any()):
+        raise RuntimeError(f"MoRAM sharded bank: {what} differs across ranks; with a sharded "
+                           "bank every rank must back-propagate the same loss through the "
+                           "layer (the output is replicated, so is its gradient)")
+
+
+def _bits(v: float) -> int:
+    """A float's IEEE double bits as an int64, to compare hyper-parameters exactly."""
+    return struct.unpack("<q", struct.pack("<d", float(v)))[0]
+
+
+#: What the header of every sharded forward carries, one int64 each. Every rank must agree
+#: on all of them but ``failed`` and ``wants x's gradient`` (OR-ed: every rank then runs the
+#: same collectives); ``tokens`` and ``x checksum`` only with ``same_input=True`` (with data
+#: parallelism each rank has its own batch, and the checksum is not computed).
+HEADER = ("failed", "tokens", "x checksum", "same_input", "x dtype", "training", "records a graph",
+          "wants x's gradient", "atoms", "k", "tau", "delta", "eps", "scaling")
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)   # codes in the header
+
+
+def _header(layer, x2: Tensor | None, failed: bool, graph: bool, need_x: bool) -> Tensor:
+    """This rank's header (see :data:`HEADER`), built on the bank's device without a host
+    sync: the checksum of x stays a device tensor."""
+    st: _Shard = layer._bank_shard
+    dev = layer.frozen_keys.device
+    delta = 0.0 if layer.training else layer.delta     # the threshold is an eval-time rule
+    dtype = -1 if x2 is None or x2.dtype not in _DTYPES else _DTYPES.index(x2.dtype)
+    fields = [int(failed), -1 if x2 is None else x2.shape[0], 0, int(st.same_input), dtype,
+              int(layer.training), int(graph), int(need_x), layer.num_atoms, layer.k,
+              _bits(layer.tau), _bits(delta), _bits(layer.eps), _bits(layer.scaling)]
+    head = torch.tensor(fields, dtype=torch.int64, device=dev)
+    if x2 is not None and st.same_input:
+        head[2] = _checksum_t(x2).to(dev)
+    return head
+
+
+def _check_headers(heads: Tensor, err: Exception | None, same_input: bool) -> None:
+    """Raise, the same on every rank, unless every rank's header agrees: ``err`` (this
+    rank's own) first, then the ranks that raised, then the fields in :data:`HEADER`
+    order. One host sync for the whole table."""
+    rows = heads.tolist()
+    failed = [r for r, h in enumerate(rows) if h[0]]
+    if err is not None:
+        raise err
+    if failed:
+        raise RuntimeError(f"MoRAM sharded bank: rank(s) {failed} of the group raised in this "
+                           "forward (see their error); every rank stops here so none waits")
+    per_rank = ("wants x's gradient",) if same_input else ("tokens", "x checksum", "wants x's gradient")
+    for i, name in enumerate(HEADER[1:], start=1):
+        seen = [h[i] for h in rows]
+        if len(set(seen)) == 1 or name in per_rank:
+            continue
+        if name == "tokens":
+            raise RuntimeError("MoRAM sharded bank: every rank must pass the same x, got token "
+                               f"counts {seen} by rank (sharded with same_input=True; the "
+                               "default, same_input=False, takes a batch per rank)")
+        if name == "x checksum":
+            raise RuntimeError("MoRAM sharded bank: x differs across ranks (its checksum, "
+                               "which also sees the order of the rows, does); a bank sharded "
+                               "with same_input=True needs the same input on every rank, and "
+                               "with dropout > 0 the same random seed on every rank")
+        if name == "x dtype":   # rows and candidates cross as raw bytes
+            names = [str(_DTYPES[c]) if c >= 0 else "other" for c in seen]
+            raise RuntimeError(f"MoRAM sharded bank: x has dtype {names} by rank; every rank "
+                               "must pass the same dtype (the same autocast setting everywhere)")
+        if name in ("tau", "delta", "eps", "scaling"):
+            seen = [struct.unpack("<d", struct.pack("<q", v))[0] for v in seen]
+        hint = {"same_input": " (shard_bank(..., same_input=) must be the same on every rank)",
+                "training": " (call .train() / .eval() alike on every rank)",
+                "records a graph": " (a forward under torch.no_grad() on some ranks only would "
+                                   "leave the backward's collectives unmatched)",
+                "atoms": " (add_task must run on every rank of the group)"}.get(name, "")
+        raise RuntimeError(f"MoRAM sharded bank: the ranks disagree on {name}: {seen} by "
+                           f"rank{hint}")
 
 
 def _sharded_delta(layer, x: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -215,49 +328,27 @@ def _sharded_delta(layer, x: Tensor) -> tuple[Tensor, Tensor | None]:
     runs before the header exchange, so that every rank learns of it there."""
     st: _Shard = layer._bank_shard
     err = x2 = local = None
-    check = 0
+    graph = torch.is_grad_enabled() and (x.requires_grad or layer.keys.requires_grad
+                                         or layer.values.requires_grad)
+    dev_type = layer.frozen_keys.device.type
     try:
         if x.shape[-1] != layer.in_features:
             raise ValueError(f"x has d_in = {x.shape[-1]}, this layer takes {layer.in_features}")
         x2 = layer.adapter_dropout(x).reshape(-1, layer.in_features)
-        local = _local_candidates(layer, x2, layer.keys, layer.values, st.owns_trainable)
-        if st.same_input:
-            check = _checksum(x2)
+        with autocast_off(dev_type):     # every rank computes and reduces in the same dtype
+            local = _local_candidates(layer, x2, layer.keys, layer.values, st.owns_trainable)
     except Exception as e:  # re-raised below, once every rank has heard of it
         err = e
     need_x = x2 is not None and x2.requires_grad and torch.is_grad_enabled()
-    dtype = -1 if x2 is None or x2.dtype not in _DTYPES else _DTYPES.index(x2.dtype)
-    head = torch.tensor([err is not None, -1 if x2 is None else x2.shape[0], check, need_x, dtype],
-                        dtype=torch.int64, device=layer.frozen_keys.device)
+    head = _header(layer, x2, err is not None, graph, need_x)
     heads = _all_gather(head, st.group, "header exchange of the sharded forward")
     traffic["forward"] += head.numel() * head.element_size()
     traffic["calls"] += 1
-    failed = [r for r in range(st.world) if heads[r, 0]]
-    if err is not None:
-        raise err
-    if failed:
-        raise RuntimeError(f"MoRAM sharded bank: rank(s) {failed} of the group raised in this "
-                           "forward (see their error); every rank stops here so none waits")
-    if len(set(heads[:, 4].tolist())) != 1:   # rows and candidates cross as raw bytes
-        names = [str(_DTYPES[c]) if c >= 0 else "other" for c in heads[:, 4].tolist()]
-        raise RuntimeError(f"MoRAM sharded bank: x has dtype {names} by rank; every rank must "
-                           "pass the same dtype (the same autocast setting everywhere)")
-    counts = None
-    if st.same_input:
-        if len(set(heads[:, 1].tolist())) != 1:
-            raise RuntimeError("MoRAM sharded bank: every rank must pass the same x, got token "
-                               f"counts {heads[:, 1].tolist()} by rank (sharded with "
-                               "same_input=True; the default, same_input=False, takes a batch "
-                               "per rank)")
-        if len(set(heads[:, 2].tolist())) != 1:
-            raise RuntimeError("MoRAM sharded bank: x differs across ranks (its checksum does); "
-                               "a bank sharded with same_input=True needs the same input on "
-                               "every rank, and with dropout > 0 the same random seed on "
-                               "every rank")
-    else:
-        counts = heads[:, 1].tolist()
-    d, gid = _ShardedMoRAM.apply(x2, layer.keys, layer.values, layer, local, counts,
-                                 bool(heads[:, 3].any()))
+    _check_headers(heads, err, st.same_input)
+    counts = None if st.same_input else heads[:, 1].tolist()
+    with autocast_off(dev_type):
+        d, gid = _ShardedMoRAM.apply(x2, layer.keys, layer.values, layer, local, counts,
+                                     bool(heads[:, HEADER.index("wants x's gradient")].any()))
     return d.reshape(*x.shape[:-1], layer.out_features), gid
 
 
@@ -365,6 +456,11 @@ class _ShardedMoRAM(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy, _ggid):
+        with autocast_off(gy.device.type):
+            return _ShardedMoRAM._backward(ctx, gy)
+
+    @staticmethod
+    def _backward(ctx, gy):
         layer = ctx.layer
         need_x, need_k1, need_v1 = ctx.needs_input_grad[:3]
         if ctx.empty:   # zero gradients, still part of the graph
@@ -393,8 +489,15 @@ class _ShardedMoRAM(torch.autograd.Function):
             gc = torch.where(lidx >= 0, gc, torch.zeros_like(gc))
         else:
             gc = torch.zeros_like(p_sel)
-        _all_reduce(gc, st.group, "all-reduce of the selected atoms' value gradients")
-        traffic["backward"] += gc.numel() * gc.element_size()
+        # with the same x, the same gy on every rank is checked in this same all-reduce (see
+        # _same_on_every_rank); with data parallelism each rank's gy is its own
+        check = _same_on_every_rank(gy, st.world, acc) if counts is None else gc.new_zeros(0)
+        flat = torch.cat([gc.reshape(-1), check])
+        _all_reduce(flat, st.group, "all-reduce of the selected atoms' value gradients")
+        traffic["backward"] += flat.numel() * flat.element_size()
+        gc = flat[:gc.numel()].view_as(gc)
+        if counts is None:
+            _check_same(flat[gc.numel():], st.world, "the gradient of the output (gy)")
         g_sel, alpha = gate_backward(gc, p_sel, norm, layer.tau, ctx.delta, layer.eps)
 
         # same x: one all-reduce for the rest, [gx (sparse at the owners + local dense term)
@@ -407,7 +510,7 @@ class _ShardedMoRAM(torch.autograd.Function):
             if n_loc:
                 sel = torch.where(lidx >= 0, g_sel, torch.zeros_like(g_sel))
                 gx = torch.einsum("tk,tkd->td", sel, _rows(fk, k1, safe).to(acc))
-                gram0 = layer._frozen_gram() if layer.frozen_keys is fk else None
+                gram0 = layer._frozen_gram(acc) if layer.frozen_keys is fk else None
                 if counts is None:
                     gx -= alpha[:, None] * gram_apply(xf, ((fk, gram0), (k1, None)))
                 else:
@@ -498,17 +601,6 @@ def _fingerprint(layer: MoRAMLinear) -> list[int]:
         _checksum(getattr(layer, f)) for f in MoRAMLinear.BANK_FIELDS]
 
 
-def _set_ddp_ignore(model: nn.Module, names: list[str], add: bool) -> None:
-    """Keep DistributedDataParallel from broadcasting the per-rank slices from rank 0."""
-    cur = [n for n in getattr(model, _IGNORE_ATTR, []) if n not in names]
-    if add:
-        cur += names
-    if cur:
-        setattr(model, _IGNORE_ATTR, cur)
-    elif _IGNORE_ATTR in model.__dict__:
-        delattr(model, _IGNORE_ATTR)
-
-
 @torch.no_grad()
 def shard_bank(model: nn.Module, group=None, same_input: bool = False) -> nn.Module:
     """Shard, in place, the frozen bank of every ``MoRAMLinear`` in ``model`` (or of
@@ -570,7 +662,7 @@ def shard_bank(model: nn.Module, group=None, same_input: bool = False) -> nn.Mod
         except BaseException:
             layer.__class__ = MoRAMLinear
             raise
-    _set_ddp_ignore(model, [f"{n}.{b}" if n else b for n in layers for b in _FROZEN], True)
+    _keep_frozen_banks_out_of_ddp(model)     # each rank's own slice: DDP must not broadcast it
     return model
 
 
@@ -602,5 +694,5 @@ def unshard_bank(model: nn.Module) -> nn.Module:
         layer.__class__ = MoRAMLinear
         del layer._bank_shard
         layer._set_bank(frozen_keys=keys, frozen_values=values)
-    _set_ddp_ignore(model, [f"{n}.{b}" if n else b for n in layers for b in _FROZEN], False)
+    _keep_frozen_banks_out_of_ddp(model)     # the same on every rank again: still left alone
     return model

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ._cache import DerivedCaches
 from ._checks import check_real as _check_real
-from ._dist import _assign_full, _broadcast_from_rank0, _full, _local
+from ._dist import ACTIVE_DDP, _assign_full, _broadcast_from_rank0, _ddp_class, _ddp_ignore, _full, _local
 from ._precision import acc_dtype, call_dtypes
 from .functional import moram_segments
 
@@ -127,6 +127,7 @@ class MoRAMLinear(nn.Module):
         self._caches = DerivedCaches("gram", "bank", "scale")
         # [N] int64 while usage counting is on (not a buffer: never saved); None = off
         self.usage_counts: Tensor | None = None
+        _keep_frozen_banks_out_of_ddp(self)      # for DDP wrapping this layer alone
 
     # ---- sizes ---------------------------------------------------------------------------
 
@@ -253,8 +254,9 @@ class MoRAMLinear(nn.Module):
         ``mk.add_task(model, optimizer=...)``). The first task (0 -> r atoms) creates them.
 
         Under an initialised ``torch.distributed`` process group this is a collective call
-        (every rank must make it): the new keys are broadcast from rank 0, so every rank holds
-        the same atoms whatever its RNG state. FSDP2-sharded parameters (DTensors) are
+        (every rank must make it): the new keys are broadcast from rank 0 (from the first
+        rank of the bank's group when it is sharded over one), so every rank holds the same
+        atoms whatever its RNG state. FSDP2-sharded parameters (DTensors) are
         gathered in full for the frozen bank and written back shard by shard.
 
         A non-finite trainable atom raises ``ValueError`` and changes nothing.
@@ -263,7 +265,7 @@ class MoRAMLinear(nn.Module):
         keys = torch.empty(self.r, self.in_features, dtype=self.keys.dtype,
                            device=_local(self.keys).device)
         nn.init.kaiming_uniform_(keys, a=math.sqrt(5))
-        _broadcast_from_rank0(keys)
+        _broadcast_from_rank0(keys, self._bank_group())
         in_place = self.keys.shape[0] == self.r and self.values.shape[0] == self.r
         bank = {"task_sizes": torch.cat([self.task_sizes, self.task_sizes.new_tensor([self.r])])}
         if not in_place:
@@ -278,6 +280,11 @@ class MoRAMLinear(nn.Module):
         if in_place:    # after the frozen bank took the old values
             _assign_full(self.keys, keys)
             _assign_full(self.values, torch.zeros_like(keys[:, :1]).expand(-1, self.out_features))
+
+    def _bank_group(self):
+        """The process group whose ranks hold this bank (None: the world); ``add_task``
+        broadcasts the new keys within it."""
+        return None
 
     @torch.no_grad()
     def _append_frozen(self, keys: Tensor, values: Tensor, **bank: Tensor) -> None:
@@ -338,6 +345,9 @@ class MoRAMLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:      # before the base layer's own, less clear error
             raise ValueError(f"x has d_in = {x.shape[-1]}, this layer takes {self.in_features}")
+        ddp = ACTIVE_DDP._active_ddp_module
+        if ddp is not None:
+            self._check_ddp(ddp)
         y = self.base_layer(x)
         # each module attribute read once: nn.Module's lookups cost about a µs apiece
         fk, fv, keys, values = self.frozen_keys, self.frozen_values, self.keys, self.values
@@ -360,6 +370,29 @@ class MoRAMLinear(nn.Module):
         if self.usage_counts is not None and idx is not None:
             self._count_usage(idx)
         return y + d.to(y.dtype)
+
+    def _check_ddp(self, ddp) -> None:
+        """At this layer's first forward under the DDP wrapper ``ddp``: every frozen bank
+        of the wrapped model goes on DDP's list of what it leaves alone (a model built by
+        hand, or a layer injected after wrapping, was not on it: the bank was broadcast
+        once, identical, and is not again). A sharded bank that was not on it has just been
+        overwritten by rank 0's slice: refused (see :func:`_keep_frozen_banks_out_of_ddp`)."""
+        if self.__dict__.get("_ddp_seen") == id(ddp):
+            return
+        names = _frozen_bank_names(ddp.module)
+        lost = sorted({n.rpartition(".")[0] or "<root>" for n, layer in names.items()
+                       if n not in ddp.parameters_to_ignore
+                       and getattr(layer, "_bank_shard", None) is not None})
+        if lost:
+            raise RuntimeError(
+                f"DistributedDataParallel broadcast rank 0's slice of the sharded bank of layers "
+                f"{lost[:5]} over the other ranks' (DDP reads the names to leave alone from the "
+                "module it wraps, once, when it is built, and they were not there). The slices "
+                "of ranks > 0 are lost: rebuild the bank, then call "
+                "moram_kernels.distributed.shard_bank on the module DDP wraps (or on the DDP "
+                "wrapper itself), not only on a submodule")
+        _ddp_ignore(ddp, list(names))
+        self.__dict__["_ddp_seen"] = id(ddp)
 
     # ---- atom-usage statistics -------------------------------------------------------------
 
@@ -428,3 +461,30 @@ class MoRAMLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"N={self.num_atoms}, trainable={self.num_trainable_atoms}, r={self.r}, k={self.k}, "
                 f"tau={self.tau}, delta={self.delta}, alpha={self.alpha}")
+
+
+# ---- DistributedDataParallel leaves the frozen banks alone --------------------------------------
+
+_FROZEN_FIELDS = ("frozen_keys", "frozen_values")
+
+
+def _frozen_bank_names(model: nn.Module) -> dict[str, MoRAMLinear]:
+    """``{"<layer>.frozen_keys": layer, "<layer>.frozen_values": layer, ...}`` for every
+    ``MoRAMLinear`` of ``model``, names relative to ``model``."""
+    return {f"{n}.{f}" if n else f: m for n, m in model.named_modules()
+            if isinstance(m, MoRAMLinear) for f in _FROZEN_FIELDS}
+
+
+def _keep_frozen_banks_out_of_ddp(model: nn.Module) -> None:
+    """Put the frozen bank of every ``MoRAMLinear`` of ``model`` on DistributedDataParallel's
+    list of what it neither broadcasts nor all-reduces. ``model`` is the module DDP wraps
+    (or will wrap), or a DDP wrapper (whose live list is updated too).
+
+    Replicated, the bank is the same on every rank by construction (``add_task`` broadcasts
+    the new keys, DDP keeps the trainable atoms in step, ``load_moram`` reads one file), so
+    DDP's buffer broadcast from rank 0 before every training forward would move the whole
+    bank for nothing; sharded, each rank holds its own slice, which must not be
+    overwritten. ``mk.inject``, ``mk.add_task``, ``shard_bank`` and a ``MoRAMLinear`` itself
+    (for DDP wrapping the layer alone) call this on the module they are given."""
+    inner = model.module if isinstance(model, _ddp_class()) else model
+    _ddp_ignore(model, list(_frozen_bank_names(inner)))

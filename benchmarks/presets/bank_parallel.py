@@ -56,7 +56,8 @@ def _ring_scatter(size: float, p: int) -> tuple[float, int]:
 
 
 RING = {"all_gather": _ring_gather, "all_reduce": _ring_reduce, "reduce_scatter": _ring_scatter}
-HEADER_BYTES = 5 * 8       # the header all-gather: 5 int64 words per rank
+HEADER_BYTES = 14 * 8      # the header all-gather: one int64 per field of distributed.HEADER
+GY_CHECK_WORDS = 12        # same input: words checking gy ride on the gc all-reduce
 
 
 def collectives(counts, d_in, d_out, k, r, train, *, need_x=True, same_input=False, elt=4, acc=4):
@@ -71,7 +72,7 @@ def collectives(counts, d_in, d_out, k, r, train, *, need_x=True, same_input=Fal
         t = counts[0]
         if t:
             fwd += [("all_gather", t * (2 * k + 1) * acc), ("all_reduce", t * d_out * acc)]
-            bwd += [("all_reduce", t * k * acc),
+            bwd += [("all_reduce", (t * k + GY_CHECK_WORDS) * acc),
                     ("all_reduce", (need_x * t * d_in + r * (d_in + d_out)) * acc)]
     elif t:
         def own_rows(width):   # reduce-scatter of padded blocks unless the padding costs more

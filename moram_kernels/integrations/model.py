@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..nn import MoRAMLinear, _is_conv1d, _linear_dims
+from ..nn import MoRAMLinear, _is_conv1d, _keep_frozen_banks_out_of_ddp, _linear_dims
 
 __all__ = ["MoRAMConfig", "InjectionSummary", "inject", "remove", "add_task", "save_moram",
            "load_moram", "moram_layers", "trainable_parameters"]
@@ -156,6 +156,7 @@ def inject(model: nn.Module, config: MoRAMConfig) -> nn.Module:
     setattr(model, _STATE_ATTR, {"requires_grad": requires_grad})
     model.moram_config = config
     model.moram_summary = summary
+    _keep_frozen_banks_out_of_ddp(model)     # identical on every rank: DDP need not broadcast them
     logger.info("%s", summary)
     return model
 
@@ -214,6 +215,7 @@ def add_task(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -
         layer._check_finite_atoms(name)
     for layer in layers:
         layer.add_task()
+    _keep_frozen_banks_out_of_ddp(model)     # identical on every rank: DDP need not broadcast them
     if optimizer is not None:
         for m in moram_layers(model).values():
             for p in (m.keys, m.values):

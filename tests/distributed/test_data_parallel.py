@@ -110,7 +110,22 @@ def _worker(rank, port, mode, outdir):
                 return m
         torch.manual_seed(7 + rank)      # ranks disagree on RNG before the first add_task too
         rows = slice(rank * B, (rank + 1) * B)
-        res = _sequence(model, wrap, rows, seed_before_task2=100 + rank)
+        # DDP broadcasts buffers with _broadcast_coalesced: count the frozen banks' bytes in it
+        real, sent = dist._broadcast_coalesced, []
+
+        def counting(group, tensors, *args, **kwargs):
+            bank = {getattr(layer, f).data_ptr() for layer in mk.integrations.moram_layers(model).values()
+                    for f in ("frozen_keys", "frozen_values") if getattr(layer, f).numel()}
+            sent.append(sum(t.numel() * t.element_size() for t in tensors if t.data_ptr() in bank))
+            return real(group, tensors, *args, **kwargs)
+
+        dist._broadcast_coalesced = counting
+        try:
+            res = _sequence(model, wrap, rows, seed_before_task2=100 + rank)
+        finally:
+            dist._broadcast_coalesced = real
+        res["bank_bytes_broadcast"] = sum(sent)
+        res["broadcasts"] = len(sent)
         if mode == "fsdp2":
             res["sharded"] = all(hasattr(p, "device_mesh") for p in mk.trainable_parameters(model))
         torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
@@ -151,6 +166,10 @@ def test_wrapped_training_across_tasks_matches_one_process(mode, tmp_path):
     if mode == "fsdp2":
         assert all(r["sharded"] for r in ranks), "fully_shard did not shard the atoms"
     for r, res in enumerate(ranks):
+        # the frozen bank is the same on every rank: DDP must never broadcast it
+        assert res["bank_bytes_broadcast"] == 0, f"rank {r}: {res['bank_bytes_broadcast']} bank bytes"
+        if mode == "ddp":
+            assert res["broadcasts"] >= 4, "the count saw no DDP broadcast: the check is hollow"
         assert res["same_params"], f"rank {r}: add_task replaced the trainable parameters"
         assert res["state_cleared"], f"rank {r}: the optimiser kept state for the new atoms"
         # identical atoms on every rank after add_task, although each rank was seeded apart

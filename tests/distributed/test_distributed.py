@@ -495,12 +495,245 @@ def sc_dp_bytes_match_the_model(rank, world):
             assert got == want, (same, train, need_x, got, want)
 
 
+def _tiny_model(world, *, inject=True):
+    """``Sequential(MoRAMLinear(8 -> 6), Tanh, Linear(6 -> 4))`` with ``2 * world``
+    frozen atoms (even slices: DDP's broadcast of unequal slices aborts the process) and 2
+    trainable ones with nonzero values; by :func:`mk.inject` or built by hand."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 4))
+    if inject:
+        mk.inject(model, mk.MoRAMConfig(target_modules=["0"], r=2, k=2, tau=0.5))
+        add = mk.add_task
+    else:
+        model[0] = mk.MoRAMLinear(model[0], r=2, k=2, tau=0.5)
+        add = type(model[0]).add_task
+    for _ in range(world + 1):
+        add(model if inject else model[0])
+        with torch.no_grad():
+            model[0].values.normal_()
+    assert model[0].frozen_keys.shape[0] == 2 * world
+    return model
+
+
+def _counting_broadcasts():
+    """Count the bytes DDP broadcasts (it calls ``torch.distributed._broadcast_coalesced``
+    for parameters and buffers) and the ids of the tensors broadcast; returns ``(log,
+    undo)``."""
+    real = dist._broadcast_coalesced
+    log = {"bytes": 0, "tensors": set()}
+
+    def counting(group, tensors, *args, **kwargs):
+        for t in tensors:
+            log["bytes"] += t.numel() * t.element_size()
+            log["tensors"].add(t.data_ptr())
+        return real(group, tensors, *args, **kwargs)
+
+    dist._broadcast_coalesced = counting
+
+    def undo():
+        dist._broadcast_coalesced = real
+    return log, undo
+
+
+def _ddp_step(model, ddp, x, g):
+    """One forward and backward through ``ddp`` (every rank the same x): the output and
+    the trainable atoms' gradients."""
+    model.zero_grad(set_to_none=True)
+    y = ddp(x)
+    (y * g).sum().backward()
+    return [y.detach()] + [p.grad.clone() for p in mk.trainable_parameters(model)]
+
+
+def sc_plain_ddp_leaves_the_bank_alone(rank, world):
+    """Plain DDP, bank replicated: no forward broadcasts the frozen bank (nor does the
+    wrap), for an injected model and for one built by hand (whose layers are found at the
+    first forward), and the results are those of one process."""
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
+    g = torch.randn(5, 4, generator=torch.Generator().manual_seed(4))
+    for inject in (True, False):
+        model = _tiny_model(world, inject=inject)
+        ref = copy.deepcopy(model)
+        bank = {model[0].frozen_keys.data_ptr(), model[0].frozen_values.data_ptr()}
+        log, undo = _counting_broadcasts()
+        try:
+            ddp = nn.parallel.DistributedDataParallel(model)
+            if inject:
+                assert not bank & log["tensors"], "DDP broadcast the frozen bank when wrapping"
+            got = [_ddp_step(model, ddp, x, g) for _ in range(3)]
+            log["tensors"].clear()
+            log["bytes"] = 0
+            got.append(_ddp_step(model, ddp, x, g))
+        finally:
+            undo()
+        assert not bank & log["tensors"], f"inject={inject}: DDP broadcast the frozen bank"
+        assert "0.frozen_keys" not in ddp.named_module_buffers, ddp.named_module_buffers.keys()
+        # what one forward still broadcasts: the task sizes, a few int64 (no other buffer)
+        assert log["bytes"] == model[0].task_sizes.numel() * 8, log["bytes"]
+        want = _ddp_step(ref, ref, x, g)
+        for step in got:
+            for a, b in zip(step, want):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def sc_ddp_and_shard_bank_in_either_order(rank, world):
+    """``shard_bank`` before or after DDP wraps the model, on the wrapped module, a child
+    of it or the wrapper: correct, or refused with a clear error before any result."""
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
+    g = torch.randn(5, 4, generator=torch.Generator().manual_seed(4))
+    want = _ddp_step(*(2 * [_tiny_model(world)]), x, g)
+
+    def check(model, ddp, how):
+        mine = model[0].frozen_keys.clone()
+        for _ in range(2):
+            got = _ddp_step(model, ddp, x, g)
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{how}: {m}")
+        assert torch.equal(model[0].frozen_keys, mine), f"{how}: DDP overwrote this rank's slice"
+    # injected model: its root lists the banks, so every order is correct
+    model = _tiny_model(world)
+    mk.distributed.shard_bank(model[0])                      # a child, then DDP on the root
+    check(model, nn.parallel.DistributedDataParallel(model), "child sharded, then DDP")
+    model = _tiny_model(world)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    mk.distributed.shard_bank(model)                         # DDP first
+    check(model, ddp, "DDP, then shard_bank")
+    # built by hand: sharding the wrapper (or after a first forward) is correct ...
+    model = _tiny_model(world, inject=False)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    mk.distributed.shard_bank(ddp)
+    check(model, ddp, "DDP, then shard_bank(ddp)")
+    # ... a child sharded before DDP wraps the root, or the inner module sharded before the
+    # wrapper's first forward, is refused at that forward on every rank
+    for order in ("child first", "DDP first"):
+        model = _tiny_model(world, inject=False)
+        if order == "child first":
+            mk.distributed.shard_bank(model[0])
+        ddp = nn.parallel.DistributedDataParallel(model)
+        if order == "DDP first":
+            mk.distributed.shard_bank(model)
+        with pytest.raises(RuntimeError, match="broadcast rank 0's slice of the sharded bank of layers \\['0'\\]"):
+            ddp(x)
+
+
+def _spy_all_reduce():
+    """Record the dtype of every tensor the sharded bank all-reduces; returns ``(seen, undo)``."""
+    real, seen = mk.distributed._all_reduce, []
+
+    def spy(t, group, what):
+        seen.append(t.dtype)
+        return real(t, group, what)
+
+    mk.distributed._all_reduce = spy
+
+    def undo():
+        mk.distributed._all_reduce = real
+    return seen, undo
+
+
+def sc_autocast(rank, world):
+    """Under CPU autocast (bf16): with ranks that hold no atom (right after the first task)
+    and without, every rank reduces in fp32, and the result is the one-process layer's."""
+    g = torch.randn(7, 6, generator=torch.Generator().manual_seed(2))
+    for n_frozen in (0, 20):       # 0: every rank but the last holds nothing
+        layer, x = _layer(12, 6, n_frozen, 4, k=3)
+        sharded = mk.distributed.shard_bank(copy.deepcopy(layer))
+        seen, undo = _spy_all_reduce()
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got = _run(sharded, x, g)
+                want = _run(layer, x, g)
+        finally:
+            undo()
+        assert seen and set(seen) == {torch.float32}, f"N_f = {n_frozen}: all-reduced {seen}"
+        assert got[0].dtype == want[0].dtype == torch.bfloat16
+        for name, a, b in zip(("y", "grad x", "grad keys", "grad values"), got, want):
+            _close(a, b, f"N_f = {n_frozen} autocast {name}", torch.bfloat16, factor=2.0)
+
+
+def sc_ranks_must_agree(rank, world):
+    """What the header compares across ranks: each disagreement is refused on every rank,
+    before any other collective, and the group stays usable; a different upstream
+    gradient is refused in the backward."""
+    layer, x = _layer(8, 4, 9, 2, k=2, delta=0.1)
+    mk.distributed.shard_bank(layer, same_input=True)     # x and gy are compared in this mode
+    odd = rank == world - 1
+    for attr, value, what in (("k", 3, "k"), ("tau", 0.25, "tau"), ("eps", 1e-6, "eps"),
+                              ("alpha", 4.0, "scaling")):
+        old = getattr(layer, attr)
+        if odd:
+            setattr(layer, attr, value)
+        with pytest.raises(RuntimeError, match=f"disagree on {what}:"):
+            layer(x)
+        setattr(layer, attr, old)
+    layer.eval()
+    if odd:
+        layer.delta = 0.3
+    with pytest.raises(RuntimeError, match="disagree on delta:"):
+        layer(x)
+    layer.delta = 0.1
+    layer.train(odd)
+    with pytest.raises(RuntimeError, match="disagree on training:"):
+        layer(x)
+    layer.train()
+    perm = torch.arange(x.shape[0]).roll(1) if odd else torch.arange(x.shape[0])
+    with pytest.raises(RuntimeError, match="x differs across ranks"):
+        layer(x[perm])                                          # the same rows, another order
+    with pytest.raises(RuntimeError, match="disagree on records a graph:"):
+        with torch.set_grad_enabled(not odd):
+            layer(x)
+    y = layer(x)
+    g = torch.ones_like(y) * (2.0 if odd else 1.0)
+    with pytest.raises(RuntimeError, match="gradient of the output \\(gy\\) differs"):
+        y.backward(g)
+    layer(x).sum().backward()                                   # the group still works
+
+
+def sc_fp64_backward(rank, world):
+    """fp64 with a slice at least as large as d_in (the backward then uses the cached Gram
+    of the slice): as exact as the package's fp64 tolerance."""
+    layer, x = _layer(6, 5, 8 * world, 3, k=3, dtype=torch.float64)
+    _compare(layer, x, torch.float64)
+
+
+def sc_add_task_in_a_subgroup(rank, world):
+    """A bank sharded over a subgroup: add_task broadcasts the new keys within that group,
+    from its first rank, not over the world from global rank 0."""
+    groups = [[0], [1]] if world == 2 else [[0], [1, 2]]
+    handles = [dist.new_group(gr) for gr in groups]
+    mine = next(i for i, gr in enumerate(groups) if rank in gr)
+    layer, _ = _layer(8, 4, 6, 2, k=2)
+    mk.distributed.shard_bank(layer, group=handles[mine])
+    torch.manual_seed(100 + rank)
+    mk.add_task(layer)
+    every = [torch.empty_like(layer.keys) for _ in range(world)]
+    dist.all_gather(every, layer.keys.detach().contiguous())
+    for i, gr in enumerate(groups):
+        for r in gr:
+            assert torch.equal(every[r], every[gr[0]]), f"ranks {gr} got different keys"
+    assert not torch.equal(every[0], every[1]), "rank 0 sent its keys outside its group"
+
+
+def sc_collectives_per_call(rank, world):
+    """The collectives of one call: three in the forward (header, candidates, output),
+    two in the backward (same input; data parallelism adds the x and gy rows' gathers)."""
+    layer, x = _layer(8, 4, 9, 2, k=2)
+    mk.distributed.shard_bank(layer, same_input=True)
+    traffic = mk.distributed.traffic
+    before = traffic["collectives"]
+    y = layer(x.requires_grad_(True))
+    assert traffic["collectives"] - before == 3, traffic["collectives"] - before
+    y.sum().backward()
+    assert traffic["collectives"] - before == 5, traffic["collectives"] - before
+
+
 SCENARIOS = {f.__name__[3:]: f for f in (
     sc_forward_backward, sc_fewer_atoms_than_candidates, sc_empty_slice, sc_eval_threshold,
     sc_bf16, sc_dropout_same_seed, sc_ties_across_ranks, sc_add_task_while_sharded, sc_bad_input_on_one_rank,
     sc_ddp_wrapped, sc_rules_the_audit_found_unpinned, sc_dp_uneven_batches,
     sc_dp_dropout_and_autocast, sc_dp_ranks_must_agree, sc_dp_ddp_and_fsdp2_step,
-    sc_dp_bytes_match_the_model)}
+    sc_dp_bytes_match_the_model, sc_plain_ddp_leaves_the_bank_alone,
+    sc_ddp_and_shard_bank_in_either_order, sc_autocast, sc_ranks_must_agree, sc_fp64_backward,
+    sc_add_task_in_a_subgroup, sc_collectives_per_call)}
 
 
 def sc_hang_rank_raises(rank, world):
@@ -629,7 +862,7 @@ def test_benchmark_model_of_bytes():
     from benchmarks.presets import bank_parallel as bp
 
     a = bp.sharded_traffic(64, 256, 128, 16, 8, 4, train=False)
-    assert a[0] == 3 * (5 * 8 + 64 * 33 * 4) + 2 * 3 / 4 * 64 * 128 * 4
+    assert a[0] == 3 * (8 * len(mk.distributed.HEADER) + 64 * 33 * 4) + 2 * 3 / 4 * 64 * 128 * 4
     assert bp.sharded_traffic(64, 256, 128, 16, 8, 1, train=True)[0] == 0
     b1 = bp.gather_bank_traffic(1000, 256, 128, 2, 4, train=False)[0]
     b2 = bp.gather_bank_traffic(2000, 256, 128, 2, 4, train=False)[0]
