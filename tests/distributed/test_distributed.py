@@ -871,7 +871,7 @@ def test_benchmark_model_of_bytes():
     # data parallelism, 64 tokens per rank: x rows gathered, every rank's candidates, y's
     # rows reduce-scattered; the backward adds gy rows, gc and x's gradient
     dp = bp.data_parallel_traffic(64, 256, 128, 16, 4, train=False)
-    assert dp[0] == 3 * (5 * 8 + 64 * 256 * 4 + 4 * 64 * 33 * 4) + 3 / 4 * 4 * 64 * 128 * 4
+    assert dp[0] == 3 * (8 * len(mk.distributed.HEADER) + 64 * 256 * 4 + 4 * 64 * 33 * 4) + 3 / 4 * 4 * 64 * 128 * 4
     dp_train = bp.data_parallel_traffic(64, 256, 128, 16, 4, train=True)
     assert dp_train[0] - dp[0] == 3 * 64 * 128 * 4 + 2 * 3 / 4 * 4 * 64 * 16 * 4 + 3 / 4 * 4 * 64 * 256 * 4
     assert bp.data_parallel_traffic(64, 256, 128, 16, 1, train=True) == (0, 0)
