@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._dist import _all_gather, _all_reduce, traffic
+from ._dist import _all_gather, _all_reduce, _all_to_all_rows, traffic
 from ._precision import acc_dtype
 from .backends import Inputs, select
 from .backends.reference import _gate, effective_k, gate_backward, gram_apply, segment_grads
@@ -47,24 +47,60 @@ _IGNORE_ATTR = "_ddp_params_and_buffers_to_ignore"   # read by DistributedDataPa
 _FROZEN = tuple(f for f in MoRAMLinear.BANK_FIELDS if f.startswith("frozen_"))   # the sharded ones
 
 
-def _balanced(n: int, parts: int) -> list[int]:
-    """Sizes of ``parts`` contiguous slices of ``n`` atoms, lower ranks taking the extras."""
-    return [n // parts + (1 if r < n % parts else 0) for r in range(parts)]
+def _chunks(n: int, parts: int) -> list[int]:
+    """Sizes of the ``parts`` contiguous slices of ``n`` atoms, cut as ``torch.chunk`` and
+    DTensor's ``Shard(0)`` cut them: ``ceil(n / parts)`` atoms each, the last slices
+    smaller or empty. A rank never holds more than ``ceil(n / parts)`` atoms, and a
+    rank's slice is a DTensor's local shard as it is (see ``state_dict``)."""
+    c = -(-n // parts)
+    return [max(0, min(c, n - r * c)) for r in range(parts)]
+
+
+def _starts(counts: list[int]) -> list[int]:
+    return [sum(counts[:r]) for r in range(len(counts))]
 
 
 class _Shard:
-    """Where one layer's frozen atoms live: ``gids [n_local]`` (increasing) are the global
-    ids of this rank's atoms, ``counts`` the frozen atoms of every rank. A copy shares the
-    process group (which cannot be copied); a pickled one refers to the default group of
-    the process that loads it, so only a layer sharded over the default group pickles."""
+    """Where one layer's frozen atoms live: rank ``r`` of the group holds the contiguous
+    rows ``[lo, lo + counts[r])`` of the whole frozen bank (``_chunks`` sizes); ``gids
+    [n_local]`` are those rows' global ids. A copy shares the process group (which cannot
+    be copied); a pickled one refers to the default group of the process that loads it,
+    so only a layer sharded over the default group pickles."""
 
     def __init__(self, group, rank: int, world: int, counts: list[int], gids: Tensor):
         self.group, self.rank, self.world = group, rank, world
         self.counts, self.gids = list(counts), gids
+        self._meshes: dict = {}
+
+    @classmethod
+    def chunked(cls, group, rank: int, world: int, n_frozen: int, device) -> "_Shard":
+        """The layout of ``n_frozen`` atoms over ``world`` ranks (``_chunks``)."""
+        counts = _chunks(n_frozen, world)
+        lo = sum(counts[:rank])
+        return cls(group, rank, world, counts, torch.arange(lo, lo + counts[rank], device=device))
 
     @property
     def n_frozen(self) -> int:
         return sum(self.counts)
+
+    @property
+    def lo(self) -> int:
+        return sum(self.counts[:self.rank])
+
+    def dtensor(self, local: Tensor):
+        """``local`` (this rank's rows, not copied) as the rows of a DTensor sharded on dim
+        0 over the group: what ``state_dict`` holds, and what ``torch.distributed.checkpoint``
+        saves and reshards. Builds no collective."""
+        from torch.distributed.device_mesh import DeviceMesh
+        from torch.distributed.tensor import DTensor, Shard
+
+        kind = local.device.type
+        if kind not in self._meshes:
+            group = dist.group.WORLD if self.group is None else self.group
+            self._meshes[kind] = DeviceMesh.from_group(group, kind)
+        shape = (self.n_frozen, *local.shape[1:])
+        return DTensor.from_local(local, self._meshes[kind], [Shard(0)], run_check=False,
+                                  shape=shape, stride=torch.empty(shape, device="meta").stride())
 
     @property
     def owns_trainable(self) -> bool:
@@ -111,6 +147,19 @@ class ShardedMoRAMLinear(MoRAMLinear):
     def _frozen_count(self, frozen_keys: Tensor) -> int:
         return self._bank_shard.n_frozen
 
+    def _check_bank(self, bank: dict[str, Tensor] | None = None, what: str | None = None, *,
+                    shard: _Shard | None = None) -> None:
+        """:meth:`MoRAMLinear._check_bank` of this rank's part of a bank laid out as
+        ``shard`` (default: the current layout)."""
+        if shard is None:
+            return super()._check_bank(bank, what)
+        old = self._bank_shard
+        self._bank_shard = shard
+        try:
+            super()._check_bank(bank, what)
+        finally:
+            self._bank_shard = old
+
     @torch.no_grad()
     def _set_bank(self, *, shard: _Shard | None = None, **bank: Tensor) -> None:
         """:meth:`MoRAMLinear._set_bank`, with this rank's slice of the frozen bank and,
@@ -129,19 +178,30 @@ class ShardedMoRAMLinear(MoRAMLinear):
             self._bank_shard = old
             raise
 
+    def _slice_of(self, bank: dict[str, Tensor]) -> tuple[dict[str, Tensor], _Shard]:
+        """This rank's part of a whole bank (frozen atoms of every rank, as an unsharded
+        layer holds them) and the layout it belongs to; no copy, no communication."""
+        st = self._bank_shard
+        n_f = bank["frozen_keys"].shape[0]
+        new = _Shard.chunked(st.group, st.rank, st.world, n_f, st.gids.device)
+        part = dict(bank)
+        for f in _FROZEN:
+            if bank[f].shape[0] != n_f:
+                raise ValueError(f"frozen_keys has {n_f} atoms but {f} {bank[f].shape[0]}")
+            part[f] = bank[f][new.lo:new.lo + new.counts[new.rank]]
+        return part, new
+
     @torch.no_grad()
     def _append_frozen(self, keys: Tensor, values: Tensor, **bank: Tensor) -> None:
-        # Each rank takes a contiguous piece of the new atoms so the slices stay balanced;
-        # no communication: every rank derives the same split from the same counts.
+        # The whole bank stays cut as _chunks cuts it (a DTensor's layout), so the slices
+        # move by about the number of new atoms: a collective that carries at most that
+        # many rows per rank, never the bank. The new atoms are on every rank already.
         st = self._bank_shard
-        counts = _balanced(st.n_frozen + keys.shape[0], st.world)
-        take = [c - o for c, o in zip(counts, st.counts)]
-        lo = sum(take[:st.rank])
-        hi = lo + take[st.rank]
-        gids = torch.cat([st.gids, torch.arange(st.n_frozen + lo, st.n_frozen + hi,
-                                                device=st.gids.device)])
-        super()._append_frozen(keys[lo:hi], values[lo:hi],
-                               shard=_Shard(st.group, st.rank, st.world, counts, gids), **bank)
+        new = _Shard.chunked(st.group, st.rank, st.world, st.n_frozen + keys.shape[0],
+                             st.gids.device)
+        fk = _move_rows(self.frozen_keys, st, new, keys.to(self.frozen_keys))
+        fv = _move_rows(self.frozen_values, st, new, values.to(self.frozen_values))
+        self._set_bank(frozen_keys=fk, frozen_values=fv, shard=new, **bank)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.num_atoms == 0:
@@ -164,6 +224,28 @@ class ShardedMoRAMLinear(MoRAMLinear):
 
 def is_sharded(layer: nn.Module) -> bool:
     return isinstance(layer, ShardedMoRAMLinear)
+
+
+def _move_rows(local: Tensor, old: _Shard, new: _Shard, tail: Tensor) -> Tensor:
+    """This rank's rows under layout ``new`` of a bank whose first ``old.n_frozen`` rows are
+    laid out as ``old`` (``local``: this rank's) and whose last rows are ``tail`` (the same
+    on every rank). One all-to-all moves the rows that change rank; every rank derives the
+    same plan from the counts, so a plan that moves nothing moves nothing."""
+    n_old, r = old.n_frozen, old.rank
+    o_lo, n_lo = _starts(old.counts), _starts(new.counts)
+
+    def overlap(s: int, d: int) -> int:
+        return max(0, min(o_lo[s] + old.counts[s], n_lo[d] + new.counts[d]) - max(o_lo[s], n_lo[d]))
+
+    lo, hi = n_lo[r], n_lo[r] + new.counts[r]
+    if any(overlap(s, d) for s in range(old.world) for d in range(old.world) if s != d):
+        send = [overlap(r, d) for d in range(old.world)]
+        recv = [overlap(s, r) for s in range(old.world)]
+        kept = _all_to_all_rows(local, send, recv, old.group, "move of the sharded bank's rows")
+    else:
+        a = max(lo, o_lo[r]) - o_lo[r]
+        kept = local[a:a + overlap(r, r)]
+    return torch.cat([kept, tail[max(lo, n_old) - n_old:max(hi, n_old) - n_old]])
 
 
 # ---- one call --------------------------------------------------------------------------------
@@ -406,8 +488,9 @@ def shard_bank(model: nn.Module, group=None) -> nn.Module:
     ``model`` itself) over the ranks of ``group`` (default: the world). Returns ``model``.
 
     Every rank must call it, holding the same atoms (checked: a mismatch raises on every
-    rank). Rank ``r`` keeps a contiguous slice of each frozen bank, sizes balanced to within
-    one atom; the trainable atoms stay replicated. Afterwards every rank must call the model
+    rank). Rank ``r`` keeps a contiguous slice of each frozen bank, cut as ``torch.chunk``
+    and DTensor's ``Shard(0)`` cut it (``ceil(N_f / P)`` atoms, the last ranks fewer);
+    the trainable atoms stay replicated. Afterwards every rank must call the model
     with the same input; forward and backward equal the unsharded layer's, ``num_atoms``
     is the global N, and ``add_task`` keeps the bank sharded. ``unshard_bank`` undoes it.
     """
@@ -435,11 +518,8 @@ def shard_bank(model: nn.Module, group=None) -> nn.Module:
         raise ValueError(f"the ranks hold different atoms in layers {differ[:5]}; shard_bank "
                          "needs the same bank on every rank (e.g. load it on each, then shard)")
     for layer in layers.values():
-        n_f = layer.frozen_keys.shape[0]
-        counts = _balanced(n_f, world)
-        lo = sum(counts[:rank])
-        hi = lo + counts[rank]
-        st = _Shard(group, rank, world, counts, torch.arange(lo, hi, device=layer.frozen_keys.device))
+        st = _Shard.chunked(group, rank, world, layer.frozen_keys.shape[0], layer.frozen_keys.device)
+        lo, hi = st.lo, st.lo + st.counts[rank]
         fk = layer.frozen_keys[lo:hi].clone()        # the rest can be freed
         fv = layer.frozen_values[lo:hi].clone()
         layer.__class__ = ShardedMoRAMLinear

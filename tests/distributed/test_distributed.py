@@ -77,7 +77,8 @@ def _compare(layer, x, dtype=torch.float32, factor=1.0, train=True):
     n_f = layer.frozen_keys.shape[0]
     assert sharded.num_atoms == layer.num_atoms, (sharded.num_atoms, layer.num_atoms)
     mine = sharded.frozen_keys.shape[0]
-    assert mine == n_f // world + (rank < n_f % world), f"rank {rank} holds {mine} of {n_f}"
+    c = -(-n_f // world)                        # torch.chunk's cut
+    assert mine == max(0, min(c, n_f - rank * c)), f"rank {rank} holds {mine} of {n_f}"
     g = torch.randn(x.shape[0], layer.out_features, generator=torch.Generator().manual_seed(1))
     if not train:
         with torch.no_grad():
@@ -207,36 +208,39 @@ def _stable_oracle(x, keys, values, scale, k, tau):
 
 
 def sc_ties_across_ranks(rank, world):
-    """Exact ties (integer scores) at the K-th place between atoms on different ranks: for
-    token 0 the lower id is on rank 0; for token 1 it is on the last rank, because the tied
-    atom of rank 0 was appended while sharded (a higher id)."""
+    """Exact ties (integer scores) at the K-th place between atoms on different ranks, after
+    a task appended while sharded moved rows between ranks (4P atoms cut 4 a rank, then 6P
+    cut 6 a rank: rank r holds [6r, 6r + 6)). Token 0: atom 1 (rank 0) ties with the last,
+    appended atom (last rank). Token 1: atom 5, which moved from rank 1 to rank 0, ties
+    with atom 6 (rank 1). Both go to the lower global id."""
     d_in, d_out, n_f, m = 6, 5, 4 * world, 2 * world
     v0 = torch.tensor([1.0, 1, 1, 0, 0, 0])
     v1 = torch.tensor([0.0, 0, 0, 1, 1, 1])
     gen = torch.Generator().manual_seed(3)
     keys = torch.randint(-1, 2, (n_f + m, d_in), generator=gen).float() * 0.5
     values = torch.randn(n_f + m, d_out, generator=gen)
-    last_lo = n_f - n_f // world               # first atom of the last rank's initial slice
-    keys[0], keys[1], keys[last_lo] = 3 * v0, 2 * v0, 2 * v0       # token 0: {0, 1}
-    keys[2], keys[n_f], keys[last_lo + 1] = 3 * v1, 2 * v1, 2 * v1  # token 1: {2, last_lo + 1}
+    keys[0], keys[1], keys[n_f + m - 1] = 3 * v0, 2 * v0, 2 * v0   # token 0: {0, 1}
+    keys[2], keys[5], keys[6] = 3 * v1, 2 * v1, 2 * v1             # token 1: {2, 5}
     x = torch.stack([v0, v1, v0])
     torch.manual_seed(0)
     layer = mk.MoRAMLinear(nn.Linear(d_in, d_out), r=2, k=2, tau=1.0)
     layer._set_bank(frozen_keys=keys[:n_f].clone(), frozen_values=values[:n_f].clone(),
                     task_sizes=torch.tensor([n_f]))
     mk.distributed.shard_bank(layer)
-    # the hook add_task uses: rank 0 gets n_f
+    assert layer._bank_shard.gids.tolist() == list(range(4 * rank, 4 * rank + 4))
+    # the hook add_task uses: the slices move to the new cut
     layer._append_frozen(keys[n_f:], values[n_f:], task_sizes=torch.tensor([n_f, m]))
     assert layer.num_atoms == n_f + m
-    if rank == 0:
-        assert keys[n_f].tolist() in layer.frozen_keys.tolist(), "the setup is hollow"
+    mine = list(range(6 * rank, 6 * rank + 6))
+    assert layer._bank_shard.gids.tolist() == mine, layer._bank_shard.gids
+    assert torch.equal(layer.frozen_keys, keys[mine]) and torch.equal(layer.frozen_values, values[mine])
     want, want_idx = _stable_oracle(x, keys, values, torch.ones(n_f + m), 2, 1.0)
-    assert [sorted(r) for r in want_idx.tolist()] == [[0, 1], [2, last_lo + 1], [0, 1]]
+    assert [sorted(r) for r in want_idx.tolist()] == [[0, 1], [2, 5], [0, 1]]
     layer.start_usage()
     got = layer(x) - layer.base_layer(x)
     _close(got.detach(), want, "tied output")
     picked = sorted(torch.nonzero(layer.usage_counts).flatten().tolist())
-    assert picked == [0, 1, 2, last_lo + 1], f"selected {picked}"
+    assert picked == [0, 1, 2, 5], f"selected {picked}"
     mk.distributed.unshard_bank(layer)
     assert torch.equal(layer.frozen_keys, keys) and torch.equal(layer.frozen_values, values)
 
@@ -263,8 +267,8 @@ def sc_add_task_while_sharded(rank, world):
         n = sharded.num_atoms
         assert n == plain.num_atoms == 3 * (task + 2), (n, plain.num_atoms)
         held = sharded.frozen_keys.shape[0]
-        n_f = n - 3
-        assert n_f // world <= held <= n_f // world + 1, f"rank {rank} holds {held} of {n_f}"
+        n_f, c = n - 3, -(-(n - 3) // world)
+        assert held == max(0, min(c, n_f - rank * c)), f"rank {rank} holds {held} of {n_f}"
         _close(sharded(x).detach(), plain(x).detach(), f"output after task {task}")
     with pytest.raises(RuntimeError, match="unshard_bank"):
         mk.save_moram(sharded, "/nonexistent/never-written.safetensors")
