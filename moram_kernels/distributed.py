@@ -31,17 +31,28 @@ then says so.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._dist import _all_gather, _all_reduce, _all_to_all_rows, traffic
+from ._dist import _all_gather, _all_reduce, _all_to_all_rows, _collective, _is_dtensor, traffic
 from ._precision import acc_dtype
 from .backends import Inputs, select
 from .backends.reference import _gate, effective_k, gate_backward, gram_apply, segment_grads
 from .nn import MoRAMLinear
 
 __all__ = ["shard_bank", "unshard_bank", "is_sharded", "ShardedMoRAMLinear"]
+
+#: What the sharded ``load_moram`` / ``save_moram`` did in this process: ``read``, bytes of
+#: atoms read from files; ``buffer``, the largest buffer of atoms held beside the bank
+#: while saving (the writer's receive buffer). Tests and the benchmark read it.
+checkpoint_io: dict[str, int] = {"read": 0, "buffer": 0}
+#: Largest piece of a slice that crosses to the writer of a sharded ``save_moram``.
+SAVE_CHUNK_BYTES = 64 << 20
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
+              torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32"}
 
 _IGNORE_ATTR = "_ddp_params_and_buffers_to_ignore"   # read by DistributedDataParallel
 _FROZEN = tuple(f for f in MoRAMLinear.BANK_FIELDS if f.startswith("frozen_"))   # the sharded ones
@@ -130,8 +141,11 @@ class ShardedMoRAMLinear(MoRAMLinear):
 
     Not built directly: :func:`shard_bank` turns a ``MoRAMLinear`` into one in place (its
     class changes, its parameters stay the same objects) and :func:`unshard_bank` turns it
-    back. A state dict cannot be loaded into it; ``copy.deepcopy`` keeps the process group,
-    and pickling works for a layer sharded over the default group.
+    back. Its ``state_dict()`` holds the frozen bank as DTensors sharded on dim 0 over the
+    group (``torch.distributed.checkpoint`` saves and reshards them); ``load_state_dict``
+    is a collective that takes this rank's rows of a sharded or a whole bank.
+    ``copy.deepcopy`` keeps the process group, and pickling works for a layer sharded over
+    the default group.
     """
 
     _bank_shard: _Shard
@@ -212,9 +226,81 @@ class ShardedMoRAMLinear(MoRAMLinear):
             self._count_usage(gid)
         return y + d.to(y.dtype)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        raise RuntimeError(f"layer {prefix.rstrip('.') or '<root>'} has a sharded bank; call "
-                           "moram_kernels.distributed.unshard_bank(model) before loading a state dict")
+    # ---- state dict: the frozen bank as DTensors sharded on dim 0 --------------------------
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for f in _FROZEN:
+            destination[prefix + f] = self._bank_shard.dtensor(destination[prefix + f])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # A collective: every rank takes its rows of the frozen bank (from a DTensor sharded
+        # on dim 0 over this group, or from the whole bank), and the ranks agree that all
+        # could before any changes, so the slices never disagree with the cut.
+        st = self._bank_shard
+        where = prefix[:-1] or "(root)"
+        problem = self._hyper_mismatch(local_metadata, prefix)
+        given = {f: state_dict.get(prefix + f) for f in _FROZEN}
+        bank, new, n_f = {}, None, -1
+        if problem is None and any(t is not None for t in given.values()):
+            try:
+                bank, new = self._rows_from_state(state_dict, prefix, given)
+                n_f = new.n_frozen
+            except (ValueError, TypeError) as e:
+                problem = f"MoRAMLinear {where}: {e} (this layer was left unchanged)"
+        problem = _agree(st.group, problem, [n_f], self.frozen_keys.device,
+                         f"load_state_dict of the sharded layer {where}")
+        if problem:
+            error_msgs.append(problem)
+            return
+        if new is not None:
+            self._set_bank(shard=new, **bank)     # checked above: cannot fail here
+            state_dict = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
+            for f in _FROZEN:
+                state_dict[prefix + f] = getattr(self, f)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def _rows_from_state(self, state_dict, prefix, given) -> tuple[dict[str, Tensor], _Shard]:
+        """This rank's bank from a state dict (frozen rows, and the other fields whose shape
+        changes), converted and checked, and the layout it belongs to."""
+        from torch.distributed.tensor import Shard
+
+        st = self._bank_shard
+        ranks = list(range(st.world)) if st.group is None else dist.get_process_group_ranks(st.group)
+        whole, rows = {}, {}
+        for f, t in given.items():
+            if _is_dtensor(t):
+                mesh = t.device_mesh.mesh.flatten().tolist()
+                if tuple(t.placements) != (Shard(0),) or mesh != ranks:
+                    raise ValueError(f"{f} is a DTensor placed {tuple(t.placements)} over ranks "
+                                     f"{mesh}; this layer takes Shard(0) over ranks {ranks}")
+                rows[f] = t.to_local()
+            elif isinstance(t, Tensor) and t.dim() == 2:
+                whole[f] = t
+            else:
+                raise TypeError(f"{f} must be a 2-D tensor or a DTensor, got "
+                                f"{type(t).__name__}{'' if t is None else tuple(t.shape)}")
+            given[f] = t.shape[0]
+        if len(set(given.values())) != 1:
+            raise ValueError(f"frozen_keys and frozen_values hold {given['frozen_keys']} and "
+                             f"{given['frozen_values']} atoms")
+        n_f = given["frozen_keys"]
+        new = _Shard.chunked(st.group, st.rank, st.world, n_f, st.gids.device)
+        for f, t in whole.items():
+            rows[f] = t[new.lo:new.lo + new.counts[new.rank]]
+        bank = {}
+        for f in MoRAMLinear.BANK_FIELDS:
+            t = rows.get(f, state_dict.get(prefix + f))
+            cur = getattr(self, f)
+            if not isinstance(t, Tensor) or t.dim() != cur.dim():
+                continue        # left to the errors of the plain load
+            if f in _FROZEN or t.shape != cur.shape:
+                bank[f] = t.detach().to(device=cur.device, dtype=cur.dtype, copy=True)
+        self._check_bank({f: bank.get(f, getattr(self, f)) for f in MoRAMLinear.BANK_FIELDS},
+                         shard=new)
+        return bank, new
 
     def extra_repr(self) -> str:
         st = self._bank_shard
@@ -224,6 +310,23 @@ class ShardedMoRAMLinear(MoRAMLinear):
 
 def is_sharded(layer: nn.Module) -> bool:
     return isinstance(layer, ShardedMoRAMLinear)
+
+
+def _agree(group, problem: str | None, facts: list[int], device, what: str) -> str | None:
+    """A collective: whether every rank of ``group`` can go on. Returns this rank's
+    ``problem``, or a message when another rank has one or the ranks' ``facts`` differ,
+    or None: every rank gets a message, or none does."""
+    mine = torch.tensor([problem is not None, *facts], dtype=torch.int64, device=device)
+    every = _all_gather(mine, group, what).cpu()
+    failed = [r for r in range(every.shape[0]) if every[r, 0]]
+    if problem is not None:
+        return problem
+    if failed:
+        return f"{what}: rank(s) {failed} could not (see their errors); nothing was changed"
+    if not bool((every[:, 1:] == every[0, 1:]).all()):
+        return (f"{what}: the ranks were given different banks ({every[:, 1:].tolist()} by "
+                "rank); nothing was changed")
+    return None
 
 
 def _move_rows(local: Tensor, old: _Shard, new: _Shard, tail: Tensor) -> Tensor:
@@ -562,3 +665,135 @@ def unshard_bank(model: nn.Module) -> nn.Module:
         layer._set_bank(frozen_keys=keys, frozen_values=values)
     _set_ddp_ignore(model, [f"{n}.{b}" if n else b for n in layers for b in _FROZEN], False)
     return model
+
+
+# ---- single-file checkpoints of a sharded model (save_moram / load_moram) --------------------
+
+_NOT_SHARDED = object()
+
+
+def _bank_group(layers: dict[str, MoRAMLinear]):
+    """The process group the sharded layers of a model share, or ``_NOT_SHARDED``."""
+    groups = {id(l._bank_shard.group): l._bank_shard.group for l in layers.values() if is_sharded(l)}
+    if not groups:
+        return _NOT_SHARDED
+    if len(groups) > 1:
+        raise ValueError("save_moram / load_moram take a model whose sharded layers share one "
+                         "process group; this one has several")
+    return next(iter(groups.values()))
+
+
+def _read_part(f, key: str, layer: MoRAMLinear, attr: str) -> tuple[Tensor, _Shard | None]:
+    """A tensor of an open safetensors file, as ``layer`` will hold it: for the frozen bank
+    of a sharded layer only this rank's rows (the file's other bytes are not read) and the
+    layout they belong to."""
+    if is_sharded(layer) and attr in _FROZEN:
+        sl = f.get_slice(key)
+        shape = sl.get_shape()
+        st = layer._bank_shard
+        new = _Shard.chunked(st.group, st.rank, st.world, shape[0], st.gids.device)
+        t = sl[new.lo:new.lo + new.counts[new.rank]]
+    else:
+        t, new = f.get_tensor(key), None
+    checkpoint_io["read"] += t.numel() * t.element_size()
+    return t, new
+
+
+def _write_bytes(f, t: Tensor) -> None:
+    f.write(memoryview(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))
+
+
+def _pieces(n: int, row_bytes: int) -> list[tuple[int, int]]:
+    step = max(1, SAVE_CHUNK_BYTES // max(1, row_bytes))
+    return [(a, min(n, a + step)) for a in range(0, n, step)]
+
+
+def _save_sharded(layers: dict[str, MoRAMLinear], fields, path, metadata: dict[str, str], group) -> None:
+    """Write the file :func:`~moram_kernels.integrations.save_moram` writes, from a model
+    whose layers shard their frozen bank over ``group``: a collective. The group's first
+    rank writes (crash-safe, as ``save_moram``); every other rank sends it its rows, in
+    pieces of at most ``SAVE_CHUNK_BYTES``, so no rank holds more than its slice and one
+    piece. A failure on any rank raises on every rank and leaves ``path`` as it was."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    entries = []      # (key, this rank's tensor, the layer when sharded rows, whole shape)
+    for name, layer in layers.items():
+        for attr in fields:
+            t = getattr(layer, attr).detach()
+            if t.dtype not in _ST_DTYPES:
+                raise TypeError(f"layer {name}: {attr} is {t.dtype}, which the file format does not take")
+            sharded = is_sharded(layer) and attr in _FROZEN
+            shape = [layer._bank_shard.n_frozen, *t.shape[1:]] if sharded else list(t.shape)
+            entries.append((f"{name}.{attr}", t, layer if sharded else None, shape))
+    dev = next(iter(layers.values())).frozen_keys.device
+    err = None
+    try:
+        if rank == 0:
+            _write_sharded(entries, path, metadata, group, world)
+        else:
+            for key, t, layer, _ in entries:
+                if layer is None:
+                    continue
+                raw = t.contiguous().view(torch.uint8)
+                for a, b in _pieces(t.shape[0], raw.shape[1]):
+                    _collective(f"send of {key} to the writer",
+                                lambda: dist.send(raw[a:b].contiguous(), group=group, group_dst=0))
+    except Exception as e:  # noqa: BLE001  (re-raised below, once every rank has heard of it)
+        err = e
+    # after the writer renamed the file: every rank returns with the file in place, or raises
+    problem = _agree(group, None if err is None else f"{type(err).__name__}: {err}", [], dev,
+                     "save_moram of a sharded model")
+    if err is not None:
+        raise err
+    if problem:
+        raise RuntimeError(problem)
+
+
+def _write_sharded(entries, path, metadata: dict[str, str], group, world: int) -> None:
+    """The writer's side of :func:`_save_sharded`: the header, then each tensor, a sharded
+    one as this rank's rows followed by every other rank's, received in pieces. An error
+    while writing still receives every piece (so no rank waits), then raises; the file
+    at ``path`` changes only once complete."""
+    import contextlib
+
+    from ._io import atomic_path, safetensors_header
+
+    err = None
+    with contextlib.ExitStack() as stack:
+        f = None
+        try:
+            tmp = stack.enter_context(atomic_path(path))
+            f = stack.enter_context(open(tmp, "wb"))
+            sizes = [math.prod(shape) * t.element_size() for _, t, _, shape in entries]
+            f.write(safetensors_header([(k, _ST_DTYPES[t.dtype], shape, n) for (k, t, _, shape), n
+                                        in zip(entries, sizes)], metadata))
+        except Exception as e:  # noqa: BLE001  (the other ranks still send: drain, then raise)
+            err = e
+
+        def write(piece: Tensor) -> None:
+            nonlocal err
+            if err is None:
+                try:
+                    _write_bytes(f, piece)
+                except Exception as e:  # noqa: BLE001  (drain the other ranks, then raise)
+                    err = e
+
+        for key, t, layer, _ in entries:
+            raw = t.contiguous().view(torch.uint8) if t.dim() == 2 else t
+            for a, b in _pieces(t.shape[0], raw[:1].numel()) if t.dim() == 2 else [(0, None)]:
+                write(raw[a:b])                      # this rank's rows (all of a whole tensor)
+            if layer is None:
+                continue
+            st = layer._bank_shard
+            for s in range(1, world):                # then every other rank's, in rank order
+                todo = _pieces(st.counts[s], raw.shape[1])
+                if not todo:
+                    continue
+                buf = torch.empty(todo[0][1], raw.shape[1], dtype=torch.uint8, device=t.device)
+                checkpoint_io["buffer"] = max(checkpoint_io["buffer"], buf.numel())
+                for a, b in todo:
+                    piece = buf[:b - a]
+                    _collective(f"receive of {key} from rank {s}",
+                                lambda: dist.recv(piece, group=group, group_src=s))
+                    write(piece)
+        if err is not None:
+            raise err
