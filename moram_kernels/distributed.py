@@ -296,7 +296,7 @@ class ShardedMoRAMLinear(MoRAMLinear):
             cur = getattr(self, f)
             if not isinstance(t, Tensor) or t.dim() != cur.dim():
                 continue        # left to the errors of the plain load
-            if f in _FROZEN or t.shape != cur.shape:
+            if not isinstance(cur, nn.Parameter) or t.shape != cur.shape:   # as a plain load
                 bank[f] = t.detach().to(device=cur.device, dtype=cur.dtype, copy=True)
         self._check_bank({f: bank.get(f, getattr(self, f)) for f in MoRAMLinear.BANK_FIELDS},
                          shard=new)

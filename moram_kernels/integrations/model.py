@@ -316,6 +316,10 @@ def _check_layer_state(name: str, layer: MoRAMLinear, st: dict[str, Tensor], sha
         layer._check_bank(st, f"layer {name}")
     else:
         layer._check_bank(st, f"layer {name}", shard=shard)
+    _check_finite(name, layer, st)
+
+
+def _check_finite(name: str, layer: MoRAMLinear, st: dict[str, Tensor]) -> None:
     fk, fv, k, v, _ = (st[a] for a in _STATE)
     for a, t in (("frozen_keys", fk), ("frozen_values", fv), ("keys", k), ("values", v)):
         # as the layer will hold it: a finite fp32 value may overflow the layer's fp16
