@@ -529,6 +529,9 @@ def sc_shard_bank_frees_the_whole_bank(rank, world):
     mk.distributed.shard_bank(layer)
     gc.collect()
     assert all(r() is None for r in refs), "the whole bank is still referenced after shard_bank"
+    for f in _FROZEN:           # and no slice is a view that keeps the whole storage alive
+        t = getattr(layer, f)
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), f
 
 
 def sc_dcp_reshards(rank, world):
