@@ -695,7 +695,7 @@ def _read_part(f, key: str, layer: MoRAMLinear, attr: str) -> tuple[Tensor, _Sha
         t = sl[new.lo:new.lo + new.counts[new.rank]]
     else:
         t, new = f.get_tensor(key), None
-    checkpoint_io["read"] += t.numel() * t.element_size()
+    checkpoint_io["read"] += t.untyped_storage().nbytes()     # all it pulled, not a view's part
     return t, new
 
 
