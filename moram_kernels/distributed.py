@@ -1,11 +1,15 @@
 """Banks larger than one device: the frozen atoms of a MoRAM layer sharded across the ranks
 of a ``torch.distributed`` process group, with results equal to one process.
 
-Every rank holds a slice of the frozen bank (balanced to within one atom) and the few
+Every rank holds a contiguous slice of the frozen bank (cut as ``torch.chunk`` cuts it,
+the layout of a DTensor sharded on dim 0) and the few
 trainable atoms (replicated; the last rank of the group owns them in the arithmetic below).
 Every rank must pass the same ``x`` (tensor-parallel style); the output is replicated.
 :func:`shard_bank` turns each ``MoRAMLinear`` into a :class:`ShardedMoRAMLinear` in place
 and :func:`unshard_bank` turns it back.
+Checkpoints stay sharded: ``state_dict()`` holds DTensors (``torch.distributed.checkpoint``
+reshards them), and ``save_moram`` / ``load_moram`` move only each rank's rows (see the
+section at the end of this module).
 The only coupling across atoms is the per-token norm and the top-K, so one call is:
 
 1. each rank runs the ordinary backend on its slice: local top-K ``(score, global id)`` and
