@@ -142,3 +142,13 @@ def _reduce_scatter(t: Tensor, group, what: str) -> Tensor:
     out = t.new_empty(t.shape[1:])
     _collective(what, lambda: torch.distributed.reduce_scatter_tensor(out, flat, group=group))
     return out
+
+
+def _all_to_all_rows(t: Tensor, send: list[int], recv: list[int], group, what: str) -> Tensor:
+    """Rank ``r`` sends ``send[r']`` rows of ``t [n, d]`` (consecutive, in rank order) to
+    each rank ``r'`` and receives ``recv[s]`` rows from each rank ``s``; the received rows,
+    in rank order. Exchanged as raw bytes, so any dtype travels bit-exactly."""
+    raw = t.contiguous().view(torch.uint8)
+    out = raw.new_empty(sum(recv), raw.shape[1])
+    _collective(what, lambda: torch.distributed.all_to_all_single(out, raw, recv, send, group=group))
+    return out.view(t.dtype)

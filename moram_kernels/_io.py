@@ -13,12 +13,13 @@ beside it, which nothing reads.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import stat
 from collections.abc import Iterator
 
-__all__ = ["atomic_path"]
+__all__ = ["atomic_path", "safetensors_header"]
 
 
 def _fsync_dir(directory: str) -> None:
@@ -84,3 +85,18 @@ def atomic_path(path) -> Iterator[str]:
             os.unlink(tmp)
         raise
     _fsync_dir(directory)
+
+
+def safetensors_header(entries: list[tuple[str, str, list[int], int]], metadata: dict[str, str]) -> bytes:
+    """The first bytes of a safetensors file whose tensors follow in the order of
+    ``entries`` (``(name, dtype name such as "F32", shape, bytes)``), back to back: the
+    8-byte little-endian length of the JSON header, then the header, padded with spaces
+    to a multiple of 8 bytes. For writers that stream the data instead of holding it."""
+    head: dict = {"__metadata__": metadata}
+    at = 0
+    for name, dtype, shape, nbytes in entries:
+        head[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [at, at + nbytes]}
+        at += nbytes
+    text = json.dumps(head, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text

@@ -1,9 +1,10 @@
 """Banks larger than one device: the frozen atoms of a MoRAM layer sharded across the ranks
 of a ``torch.distributed`` process group, with results equal to one process.
 
-Every rank holds a slice of the frozen bank (balanced to within one atom) and the few
-trainable atoms (replicated). :func:`shard_bank` turns each ``MoRAMLinear`` into a
-:class:`ShardedMoRAMLinear` in place and :func:`unshard_bank` turns it back. Two modes:
+Every rank holds a contiguous slice of the frozen bank (cut as ``torch.chunk`` cuts it,
+the layout of a DTensor sharded on dim 0) and the few trainable atoms (replicated).
+:func:`shard_bank` turns each ``MoRAMLinear`` into a :class:`ShardedMoRAMLinear` in place
+and :func:`unshard_bank` turns it back. Two modes:
 
 * data parallelism (``same_input=False``, the default): each rank passes its own batch
   (any number of tokens, 0 included) and gets its own rows of the output. The T tokens
@@ -14,6 +15,9 @@ trainable atoms (replicated). :func:`shard_bank` turns each ``MoRAMLinear`` into
 * the same x on every rank (``same_input=True``, tensor-parallel style): the output is
   replicated; the trainable atoms are counted on the last rank.
 
+Checkpoints stay sharded: ``state_dict()`` holds DTensors (``torch.distributed.checkpoint``
+reshards them), and ``save_moram`` / ``load_moram`` move only each rank's rows (see the
+section at the end of this module).
 The only coupling across atoms is the per-token norm and the top-K, so one call is:
 
 1. each rank runs the ordinary backend on its slice: local top-K ``(score, global id)`` and
@@ -49,13 +53,15 @@ a sharded layer refuses to run under a DDP that did not leave its slice alone.
 
 from __future__ import annotations
 
+import math
 import struct
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._dist import ACTIVE_DDP, _all_gather, _all_reduce, _reduce_scatter, traffic
+from ._dist import (ACTIVE_DDP, _all_gather, _all_reduce, _all_to_all_rows, _collective, _is_dtensor,
+                    _reduce_scatter, traffic)
 from ._precision import acc_dtype, autocast_off
 from .backends import Inputs, select
 from .backends.reference import _gate, effective_k, gate_backward, gram_apply, segment_grads
@@ -63,28 +69,77 @@ from .nn import MoRAMLinear, _keep_frozen_banks_out_of_ddp
 
 __all__ = ["shard_bank", "unshard_bank", "is_sharded", "ShardedMoRAMLinear"]
 
+#: What the sharded ``load_moram`` / ``save_moram`` did in this process: ``read``, bytes of
+#: atoms read from files; ``buffer``, the largest buffer of atoms held beside the bank
+#: while saving (the writer's receive buffer). Tests and the benchmark read it.
+checkpoint_io: dict[str, int] = {"read": 0, "buffer": 0}
+#: Largest piece of a slice that crosses to the writer of a sharded ``save_moram``.
+SAVE_CHUNK_BYTES = 64 << 20
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
+              torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32"}
 
-def _balanced(n: int, parts: int) -> list[int]:
-    """Sizes of ``parts`` contiguous slices of ``n`` atoms, lower ranks taking the extras."""
-    return [n // parts + (1 if r < n % parts else 0) for r in range(parts)]
+_FROZEN = tuple(f for f in MoRAMLinear.BANK_FIELDS if f.startswith("frozen_"))   # the sharded ones
+
+
+def _chunks(n: int, parts: int) -> list[int]:
+    """Sizes of the ``parts`` contiguous slices of ``n`` atoms, cut as ``torch.chunk`` and
+    DTensor's ``Shard(0)`` cut them: ``ceil(n / parts)`` atoms each, the last slices
+    smaller or empty. A rank never holds more than ``ceil(n / parts)`` atoms, and a
+    rank's slice is a DTensor's local shard as it is (see ``state_dict``)."""
+    c = -(-n // parts)
+    return [max(0, min(c, n - r * c)) for r in range(parts)]
+
+
+def _starts(counts: list[int]) -> list[int]:
+    return [sum(counts[:r]) for r in range(len(counts))]
 
 
 class _Shard:
-    """Where one layer's frozen atoms live: ``gids [n_local]`` (increasing) are the global
-    ids of this rank's atoms, ``counts`` the frozen atoms of every rank; ``same_input``:
-    every rank passes the same x (else each passes its own batch). A copy shares the
-    process group (which cannot be copied); a pickled one refers to the default group of
-    the process that loads it, so only a layer sharded over the default group pickles."""
+    """Where one layer's frozen atoms live: rank ``r`` of the group holds the contiguous
+    rows ``[lo, lo + counts[r])`` of the whole frozen bank (``_chunks`` sizes); ``gids
+    [n_local]`` are those rows' global ids; ``same_input``: every rank passes the same x
+    (else each passes its own batch). A copy shares the process group (which cannot be
+    copied); a pickled one refers to the default group of the process that loads it, so
+    only a layer sharded over the default group pickles."""
 
     def __init__(self, group, rank: int, world: int, counts: list[int], gids: Tensor,
                  same_input: bool = False):
         self.group, self.rank, self.world = group, rank, world
         self.counts, self.gids = list(counts), gids
         self.same_input = same_input
+        self._meshes: dict = {}
+
+    @classmethod
+    def chunked(cls, group, rank: int, world: int, n_frozen: int, device,
+                same_input: bool = False) -> "_Shard":
+        """The layout of ``n_frozen`` atoms over ``world`` ranks (``_chunks``)."""
+        counts = _chunks(n_frozen, world)
+        lo = sum(counts[:rank])
+        return cls(group, rank, world, counts, torch.arange(lo, lo + counts[rank], device=device),
+                   same_input)
 
     @property
     def n_frozen(self) -> int:
         return sum(self.counts)
+
+    @property
+    def lo(self) -> int:
+        return sum(self.counts[:self.rank])
+
+    def dtensor(self, local: Tensor):
+        """``local`` (this rank's rows, not copied) as the rows of a DTensor sharded on dim
+        0 over the group: what ``state_dict`` holds, and what ``torch.distributed.checkpoint``
+        saves and reshards. Builds no collective."""
+        from torch.distributed.device_mesh import DeviceMesh
+        from torch.distributed.tensor import DTensor, Shard
+
+        kind = local.device.type
+        if kind not in self._meshes:
+            group = dist.group.WORLD if self.group is None else self.group
+            self._meshes[kind] = DeviceMesh.from_group(group, kind)
+        shape = (self.n_frozen, *local.shape[1:])
+        return DTensor.from_local(local, self._meshes[kind], [Shard(0)], run_check=False,
+                                  shape=shape, stride=torch.empty(shape, device="meta").stride())
 
     @property
     def owns_trainable(self) -> bool:
@@ -117,8 +172,11 @@ class ShardedMoRAMLinear(MoRAMLinear):
 
     Not built directly: :func:`shard_bank` turns a ``MoRAMLinear`` into one in place (its
     class changes, its parameters stay the same objects) and :func:`unshard_bank` turns it
-    back. A state dict cannot be loaded into it; ``copy.deepcopy`` keeps the process group,
-    and pickling works for a layer sharded over the default group.
+    back. Its ``state_dict()`` holds the frozen bank as DTensors sharded on dim 0 over the
+    group (``torch.distributed.checkpoint`` saves and reshards them); ``load_state_dict``
+    is a collective that takes this rank's rows of a sharded or a whole bank.
+    ``copy.deepcopy`` keeps the process group, and pickling works for a layer sharded over
+    the default group.
     """
 
     _bank_shard: _Shard
@@ -136,6 +194,19 @@ class ShardedMoRAMLinear(MoRAMLinear):
 
     def _bank_group(self):
         return self._bank_shard.group
+
+    def _check_bank(self, bank: dict[str, Tensor] | None = None, what: str | None = None, *,
+                    shard: _Shard | None = None) -> None:
+        """:meth:`MoRAMLinear._check_bank` of this rank's part of a bank laid out as
+        ``shard`` (default: the current layout)."""
+        if shard is None:
+            return super()._check_bank(bank, what)
+        old = self._bank_shard
+        self._bank_shard = shard
+        try:
+            super()._check_bank(bank, what)
+        finally:
+            self._bank_shard = old
 
     @torch.no_grad()
     def _set_bank(self, *, shard: _Shard | None = None, **bank: Tensor) -> None:
@@ -155,20 +226,30 @@ class ShardedMoRAMLinear(MoRAMLinear):
             self._bank_shard = old
             raise
 
+    def _slice_of(self, bank: dict[str, Tensor]) -> tuple[dict[str, Tensor], _Shard]:
+        """This rank's part of a whole bank (frozen atoms of every rank, as an unsharded
+        layer holds them) and the layout it belongs to; no copy, no communication."""
+        st = self._bank_shard
+        n_f = bank["frozen_keys"].shape[0]
+        new = _Shard.chunked(st.group, st.rank, st.world, n_f, st.gids.device, st.same_input)
+        part = dict(bank)
+        for f in _FROZEN:
+            if bank[f].shape[0] != n_f:
+                raise ValueError(f"frozen_keys has {n_f} atoms but {f} {bank[f].shape[0]}")
+            part[f] = bank[f][new.lo:new.lo + new.counts[new.rank]]
+        return part, new
+
     @torch.no_grad()
     def _append_frozen(self, keys: Tensor, values: Tensor, **bank: Tensor) -> None:
-        # Each rank takes a contiguous piece of the new atoms so the slices stay balanced;
-        # no communication: every rank derives the same split from the same counts.
+        # The whole bank stays cut as _chunks cuts it (a DTensor's layout), so the slices
+        # move by about the number of new atoms: a collective that carries at most that
+        # many rows per rank, never the bank. The new atoms are on every rank already.
         st = self._bank_shard
-        counts = _balanced(st.n_frozen + keys.shape[0], st.world)
-        take = [c - o for c, o in zip(counts, st.counts)]
-        lo = sum(take[:st.rank])
-        hi = lo + take[st.rank]
-        gids = torch.cat([st.gids, torch.arange(st.n_frozen + lo, st.n_frozen + hi,
-                                                device=st.gids.device)])
-        super()._append_frozen(keys[lo:hi], values[lo:hi],
-                               shard=_Shard(st.group, st.rank, st.world, counts, gids, st.same_input),
-                               **bank)
+        new = _Shard.chunked(st.group, st.rank, st.world, st.n_frozen + keys.shape[0],
+                             st.gids.device, st.same_input)
+        fk = _move_rows(self.frozen_keys, st, new, keys.to(self.frozen_keys))
+        fv = _move_rows(self.frozen_values, st, new, values.to(self.frozen_values))
+        self._set_bank(frozen_keys=fk, frozen_values=fv, shard=new, **bank)
 
     def forward(self, x: Tensor) -> Tensor:
         ddp = ACTIVE_DDP._active_ddp_module
@@ -182,9 +263,81 @@ class ShardedMoRAMLinear(MoRAMLinear):
             self._count_usage(gid)
         return y + d.to(y.dtype)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        raise RuntimeError(f"layer {prefix.rstrip('.') or '<root>'} has a sharded bank; call "
-                           "moram_kernels.distributed.unshard_bank(model) before loading a state dict")
+    # ---- state dict: the frozen bank as DTensors sharded on dim 0 --------------------------
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for f in _FROZEN:
+            destination[prefix + f] = self._bank_shard.dtensor(destination[prefix + f])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # A collective: every rank takes its rows of the frozen bank (from a DTensor sharded
+        # on dim 0 over this group, or from the whole bank), and the ranks agree that all
+        # could before any changes, so the slices never disagree with the cut.
+        st = self._bank_shard
+        where = prefix[:-1] or "(root)"
+        problem = self._hyper_mismatch(local_metadata, prefix)
+        given = {f: state_dict.get(prefix + f) for f in _FROZEN}
+        bank, new, n_f = {}, None, -1
+        if problem is None and any(t is not None for t in given.values()):
+            try:
+                bank, new = self._rows_from_state(state_dict, prefix, given)
+                n_f = new.n_frozen
+            except (ValueError, TypeError) as e:
+                problem = f"MoRAMLinear {where}: {e} (this layer was left unchanged)"
+        problem = _agree(st.group, problem, [n_f], self.frozen_keys.device,
+                         f"load_state_dict of the sharded layer {where}")
+        if problem:
+            error_msgs.append(problem)
+            return
+        if new is not None:
+            self._set_bank(shard=new, **bank)     # checked above: cannot fail here
+            state_dict = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
+            for f in _FROZEN:
+                state_dict[prefix + f] = getattr(self, f)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def _rows_from_state(self, state_dict, prefix, given) -> tuple[dict[str, Tensor], _Shard]:
+        """This rank's bank from a state dict (frozen rows, and the other fields whose shape
+        changes), converted and checked, and the layout it belongs to."""
+        from torch.distributed.tensor import Shard
+
+        st = self._bank_shard
+        ranks = list(range(st.world)) if st.group is None else dist.get_process_group_ranks(st.group)
+        whole, rows = {}, {}
+        for f, t in given.items():
+            if _is_dtensor(t):
+                mesh = t.device_mesh.mesh.flatten().tolist()
+                if tuple(t.placements) != (Shard(0),) or mesh != ranks:
+                    raise ValueError(f"{f} is a DTensor placed {tuple(t.placements)} over ranks "
+                                     f"{mesh}; this layer takes Shard(0) over ranks {ranks}")
+                rows[f] = t.to_local()
+            elif isinstance(t, Tensor) and t.dim() == 2:
+                whole[f] = t
+            else:
+                raise TypeError(f"{f} must be a 2-D tensor or a DTensor, got "
+                                f"{type(t).__name__}{'' if t is None else tuple(t.shape)}")
+            given[f] = t.shape[0]
+        if len(set(given.values())) != 1:
+            raise ValueError(f"frozen_keys and frozen_values hold {given['frozen_keys']} and "
+                             f"{given['frozen_values']} atoms")
+        n_f = given["frozen_keys"]
+        new = _Shard.chunked(st.group, st.rank, st.world, n_f, st.gids.device, st.same_input)
+        for f, t in whole.items():
+            rows[f] = t[new.lo:new.lo + new.counts[new.rank]]
+        bank = {}
+        for f in MoRAMLinear.BANK_FIELDS:
+            t = rows.get(f, state_dict.get(prefix + f))
+            cur = getattr(self, f)
+            if not isinstance(t, Tensor) or t.dim() != cur.dim():
+                continue        # left to the errors of the plain load
+            if not isinstance(cur, nn.Parameter) or t.shape != cur.shape:   # as a plain load
+                bank[f] = t.detach().to(device=cur.device, dtype=cur.dtype, copy=True)
+        self._check_bank({f: bank.get(f, getattr(self, f)) for f in MoRAMLinear.BANK_FIELDS},
+                         shard=new)
+        return bank, new
 
     def extra_repr(self) -> str:
         st = self._bank_shard
@@ -195,6 +348,45 @@ class ShardedMoRAMLinear(MoRAMLinear):
 
 def is_sharded(layer: nn.Module) -> bool:
     return isinstance(layer, ShardedMoRAMLinear)
+
+
+def _agree(group, problem: str | None, facts: list[int], device, what: str) -> str | None:
+    """A collective: whether every rank of ``group`` can go on. Returns this rank's
+    ``problem``, or a message when another rank has one or the ranks' ``facts`` differ,
+    or None: every rank gets a message, or none does."""
+    mine = torch.tensor([problem is not None, *facts], dtype=torch.int64, device=device)
+    every = _all_gather(mine, group, what).cpu()
+    failed = [r for r in range(every.shape[0]) if every[r, 0]]
+    if problem is not None:
+        return problem
+    if failed:
+        return f"{what}: rank(s) {failed} could not (see their errors); nothing was changed"
+    if not bool((every[:, 1:] == every[0, 1:]).all()):
+        return (f"{what}: the ranks were given different banks ({every[:, 1:].tolist()} by "
+                "rank); nothing was changed")
+    return None
+
+
+def _move_rows(local: Tensor, old: _Shard, new: _Shard, tail: Tensor) -> Tensor:
+    """This rank's rows under layout ``new`` of a bank whose first ``old.n_frozen`` rows are
+    laid out as ``old`` (``local``: this rank's) and whose last rows are ``tail`` (the same
+    on every rank). One all-to-all moves the rows that change rank; every rank derives the
+    same plan from the counts, so a plan that moves nothing moves nothing."""
+    n_old, r = old.n_frozen, old.rank
+    o_lo, n_lo = _starts(old.counts), _starts(new.counts)
+
+    def overlap(s: int, d: int) -> int:
+        return max(0, min(o_lo[s] + old.counts[s], n_lo[d] + new.counts[d]) - max(o_lo[s], n_lo[d]))
+
+    lo, hi = n_lo[r], n_lo[r] + new.counts[r]
+    if any(overlap(s, d) for s in range(old.world) for d in range(old.world) if s != d):
+        send = [overlap(r, d) for d in range(old.world)]
+        recv = [overlap(s, r) for s in range(old.world)]
+        kept = _all_to_all_rows(local, send, recv, old.group, "move of the sharded bank's rows")
+    else:
+        a = max(lo, o_lo[r]) - o_lo[r]
+        kept = local[a:a + overlap(r, r)]
+    return torch.cat([kept, tail[max(lo, n_old) - n_old:max(hi, n_old) - n_old]])
 
 
 # ---- one call --------------------------------------------------------------------------------
@@ -608,7 +800,8 @@ def shard_bank(model: nn.Module, group=None, same_input: bool = False) -> nn.Mod
 
     Every rank must call it, holding the same atoms and passing the same ``same_input``
     (checked: a mismatch raises on every rank). Rank ``r`` keeps a contiguous slice of each
-    frozen bank, sizes balanced to within one atom; the trainable atoms stay replicated.
+    frozen bank, cut as ``torch.chunk`` and DTensor's ``Shard(0)`` cut it (``ceil(N_f / P)``
+    atoms, the last ranks fewer); the trainable atoms stay replicated.
 
     ``same_input=False`` (data parallelism): each rank passes its own batch (any number of
     tokens, 0 included) and gets, for its x, the output and gradients of one process
@@ -648,12 +841,9 @@ def shard_bank(model: nn.Module, group=None, same_input: bool = False) -> nn.Mod
         raise ValueError(f"the ranks hold different atoms in layers {differ[:5]}; shard_bank "
                          "needs the same bank on every rank (e.g. load it on each, then shard)")
     for layer in layers.values():
-        n_f = layer.frozen_keys.shape[0]
-        counts = _balanced(n_f, world)
-        lo = sum(counts[:rank])
-        hi = lo + counts[rank]
-        st = _Shard(group, rank, world, counts, torch.arange(lo, hi, device=layer.frozen_keys.device),
-                    same_input)
+        st = _Shard.chunked(group, rank, world, layer.frozen_keys.shape[0], layer.frozen_keys.device,
+                            same_input)
+        lo, hi = st.lo, st.lo + st.counts[rank]
         fk = layer.frozen_keys[lo:hi].clone()        # the rest can be freed
         fv = layer.frozen_values[lo:hi].clone()
         layer.__class__ = ShardedMoRAMLinear
@@ -696,3 +886,137 @@ def unshard_bank(model: nn.Module) -> nn.Module:
         layer._set_bank(frozen_keys=keys, frozen_values=values)
     _keep_frozen_banks_out_of_ddp(model)     # the same on every rank again: still left alone
     return model
+
+
+# ---- single-file checkpoints of a sharded model (save_moram / load_moram) --------------------
+
+_NOT_SHARDED = object()
+
+
+def _bank_group(layers: dict[str, MoRAMLinear]):
+    """The process group the sharded layers of a model share, or ``_NOT_SHARDED``."""
+    groups = {id(l._bank_shard.group): l._bank_shard.group for l in layers.values() if is_sharded(l)}
+    if not groups:
+        return _NOT_SHARDED
+    if len(groups) > 1:
+        raise ValueError("save_moram / load_moram take a model whose sharded layers share one "
+                         "process group; this one has several")
+    return next(iter(groups.values()))
+
+
+def _read_part(f, key: str, layer: MoRAMLinear, attr: str) -> tuple[Tensor, _Shard | None]:
+    """A tensor of an open safetensors file, as ``layer`` will hold it: for the frozen bank
+    of a sharded layer only this rank's rows (the file's other bytes are not read) and the
+    layout they belong to."""
+    if is_sharded(layer) and attr in _FROZEN:
+        sl = f.get_slice(key)
+        shape = sl.get_shape()
+        st = layer._bank_shard
+        new = _Shard.chunked(st.group, st.rank, st.world, shape[0], st.gids.device, st.same_input)
+        t = sl[new.lo:new.lo + new.counts[new.rank]]
+    else:
+        t, new = f.get_tensor(key), None
+    # rows taken from the file. safetensors returns them as a view of the tensor's bytes in
+    # the file's memory map, so only these rows' pages are read (the benchmark's RSS shows it)
+    checkpoint_io["read"] += t.numel() * t.element_size()
+    return t, new
+
+
+def _write_bytes(f, t: Tensor) -> None:
+    f.write(memoryview(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))
+
+
+def _pieces(n: int, row_bytes: int) -> list[tuple[int, int]]:
+    step = max(1, SAVE_CHUNK_BYTES // max(1, row_bytes))
+    return [(a, min(n, a + step)) for a in range(0, n, step)]
+
+
+def _save_sharded(layers: dict[str, MoRAMLinear], fields, path, metadata: dict[str, str], group) -> None:
+    """Write the file :func:`~moram_kernels.integrations.save_moram` writes, from a model
+    whose layers shard their frozen bank over ``group``: a collective. The group's first
+    rank writes (crash-safe, as ``save_moram``); every other rank sends it its rows, in
+    pieces of at most ``SAVE_CHUNK_BYTES``, so no rank holds more than its slice and one
+    piece. A failure on any rank raises on every rank and leaves ``path`` as it was."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    entries = []      # (key, this rank's tensor, the layer when sharded rows, whole shape)
+    for name, layer in layers.items():
+        for attr in fields:
+            t = getattr(layer, attr).detach()
+            if t.dtype not in _ST_DTYPES:
+                raise TypeError(f"layer {name}: {attr} is {t.dtype}, which the file format does not take")
+            sharded = is_sharded(layer) and attr in _FROZEN
+            shape = [layer._bank_shard.n_frozen, *t.shape[1:]] if sharded else list(t.shape)
+            entries.append((f"{name}.{attr}", t, layer if sharded else None, shape))
+    dev = next(iter(layers.values())).frozen_keys.device
+    err = None
+    try:
+        if rank == 0:
+            _write_sharded(entries, path, metadata, group, world)
+        else:
+            for key, t, layer, _ in entries:
+                if layer is None:
+                    continue
+                raw = t.contiguous().view(torch.uint8)
+                for a, b in _pieces(t.shape[0], raw.shape[1]):
+                    _collective(f"send of {key} to the writer",
+                                lambda: dist.send(raw[a:b].contiguous(), group=group, group_dst=0))
+    except Exception as e:  # noqa: BLE001  (re-raised below, once every rank has heard of it)
+        err = e
+    # after the writer renamed the file: every rank returns with the file in place, or raises
+    problem = _agree(group, None if err is None else f"{type(err).__name__}: {err}", [], dev,
+                     "save_moram of a sharded model")
+    if err is not None:
+        raise err
+    if problem:
+        raise RuntimeError(problem)
+
+
+def _write_sharded(entries, path, metadata: dict[str, str], group, world: int) -> None:
+    """The writer's side of :func:`_save_sharded`: the header, then each tensor, a sharded
+    one as this rank's rows followed by every other rank's, received in pieces. An error
+    while writing still receives every piece (so no rank waits), then raises; the file
+    at ``path`` changes only once complete."""
+    import contextlib
+
+    from ._io import atomic_path, safetensors_header
+
+    err = None
+    with contextlib.ExitStack() as stack:
+        f = None
+        try:
+            tmp = stack.enter_context(atomic_path(path))
+            f = stack.enter_context(open(tmp, "wb"))
+            sizes = [math.prod(shape) * t.element_size() for _, t, _, shape in entries]
+            f.write(safetensors_header([(k, _ST_DTYPES[t.dtype], shape, n) for (k, t, _, shape), n
+                                        in zip(entries, sizes)], metadata))
+        except Exception as e:  # noqa: BLE001  (the other ranks still send: drain, then raise)
+            err = e
+
+        def write(piece: Tensor) -> None:
+            nonlocal err
+            if err is None:
+                try:
+                    _write_bytes(f, piece)
+                except Exception as e:  # noqa: BLE001  (drain the other ranks, then raise)
+                    err = e
+
+        for key, t, layer, _ in entries:
+            raw = t.contiguous().view(torch.uint8) if t.dim() == 2 else t
+            for a, b in _pieces(t.shape[0], raw[:1].numel()) if t.dim() == 2 else [(0, None)]:
+                write(raw[a:b])                      # this rank's rows (all of a whole tensor)
+            if layer is None:
+                continue
+            st = layer._bank_shard
+            for s in range(1, world):                # then every other rank's, in rank order
+                todo = _pieces(st.counts[s], raw.shape[1])
+                if not todo:
+                    continue
+                buf = torch.empty(todo[0][1], raw.shape[1], dtype=torch.uint8, device=t.device)
+                checkpoint_io["buffer"] = max(checkpoint_io["buffer"], buf.numel())
+                for a, b in todo:
+                    piece = buf[:b - a]
+                    _collective(f"receive of {key} from rank {s}",
+                                lambda: dist.recv(piece, group=group, group_src=s))
+                    write(piece)
+        if err is not None:
+            raise err

@@ -9,7 +9,8 @@ from torch import Tensor, nn
 
 from ._cache import DerivedCaches
 from ._checks import check_real as _check_real
-from ._dist import ACTIVE_DDP, _assign_full, _broadcast_from_rank0, _ddp_class, _ddp_ignore, _full, _local
+from ._dist import (ACTIVE_DDP, _assign_full, _broadcast_from_rank0, _ddp_class, _ddp_ignore, _full,
+                    _is_dtensor, _local)
 from ._precision import acc_dtype, call_dtypes
 from .functional import moram_segments
 
@@ -425,18 +426,43 @@ class MoRAMLinear(nn.Module):
         if meta is not None:
             meta.setdefault(prefix[:-1], {})["moram"] = {h: getattr(self, h) for h in self._HYPER}
 
+    def _hyper_mismatch(self, local_metadata, prefix: str) -> str | None:
+        """Why a state dict saved with this metadata cannot be loaded (other
+        hyper-parameters), or None."""
+        saved = (local_metadata or {}).get("moram")
+        if saved is None:
+            return None
+        diff = {h: (saved[h], getattr(self, h)) for h in self._HYPER
+                if h in saved and saved[h] != getattr(self, h)}
+        if not diff:
+            return None
+        return (f"MoRAMLinear {prefix[:-1] or '(root)'}: the state dict was saved with other "
+                f"hyper-parameters, as (saved, this layer): {diff}; build the layer with the "
+                "saved ones (this layer was left unchanged)")
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        saved = (local_metadata or {}).get("moram")
-        if saved is not None:
-            diff = {h: (saved[h], getattr(self, h)) for h in self._HYPER
-                    if h in saved and saved[h] != getattr(self, h)}
-            if diff:
-                error_msgs.append(
-                    f"MoRAMLinear {prefix[:-1] or '(root)'}: the state dict was saved with other "
-                    f"hyper-parameters, as (saved, this layer): {diff}; build the layer with the "
-                    "saved ones (this layer was left unchanged)")
-                return
+        problem = self._hyper_mismatch(local_metadata, prefix)
+        if problem:
+            error_msgs.append(problem)
+            return
+        # A sharded layer's state dict holds its frozen bank as DTensors (each rank's
+        # rows): gathered whole here, which works while every rank of its group loads
+        gathered = {}
+        for name in self.BANK_FIELDS:
+            t = state_dict.get(prefix + name)
+            if _is_dtensor(t):
+                try:
+                    gathered[prefix + name] = _full(t)
+                except Exception as e:  # noqa: BLE001  (no process group, a missing rank, ...)
+                    error_msgs.append(
+                        f"MoRAMLinear {prefix[:-1] or '(root)'}: {name} is a sharded bank (a "
+                        f"DTensor) that could not be gathered here ({type(e).__name__}: {e}); "
+                        "load it on every rank of its group, or through "
+                        "torch.distributed.checkpoint (this layer was left unchanged)")
+                    return
+        if gathered:
+            state_dict = {k: gathered.get(k, v) for k, v in state_dict.items() if k.startswith(prefix)}
         # the bank takes the state dict's shapes (and task sizes) first, checked as a whole;
         # a tensor that is missing or of another kind is left to the errors of super()
         bank = {}

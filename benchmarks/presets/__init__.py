@@ -27,6 +27,9 @@ PRESETS: dict[str, Preset] = {
     "bank-parallel": Preset("bank_parallel", "the frozen bank sharded over P = 1, 2, 4 gloo processes: per-rank "
                                              "compute, bytes per call, and the NVLink / Ethernet model "
                                              "against all-gathering the bank"),
+    "sharded-checkpoint": Preset("sharded_checkpoint", "load_moram / save_moram of banks sharded over 8 gloo "
+                                                       "processes: each rank's peak memory growth against "
+                                                       "its share of the file"),
     "fsdp-bank-memory": Preset("fsdp_bank_memory", "bytes each FSDP2 rank holds (base and trainable shards, the "
                                                    "replicated frozen bank), task after task, on gloo processes"),
     "generation": Preset("generation", "ms per generated token of a small random Llama, bare and with MoRAM in "

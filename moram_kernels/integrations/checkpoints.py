@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..nn import MoRAMLinear
-from .model import _check_layer_state, _install, moram_layers
+from .model import _all_ranks, _check_finite, _check_layer_state, _install, _own_part, moram_layers
 
 __all__ = ["import_trace_state_dict", "import_xtail_state_dict"]
 
@@ -141,16 +141,28 @@ def _import(model, state_dict, parts, *, adapter_name, task_sizes, new_scaling, 
     if not layers:
         raise ValueError("model has no MoRAM layers; inject() it first with the targets the "
                          "checkpoint adapted")
-    found = _parse(state_dict, parts, adapter_name)
-    mapping = _match_layers(found, layers, strict)
-    states = {}
-    for pre, slot in found.items():
-        name = mapping[pre]
-        st = _to_state(pre, slot, layers[name], task_sizes, new_scaling)
-        _check_layer_state(name, layers[name], st)
-        states[name] = st
-    for name, st in states.items():       # only now, with everything checked, change the model
-        _install(layers[name], st)
+
+    def checked():
+        found = _parse(state_dict, parts, adapter_name)
+        mapping = _match_layers(found, layers, strict)
+        states = {}
+        for pre, slot in found.items():
+            name = mapping[pre]
+            whole = _to_state(pre, slot, layers[name], task_sizes, new_scaling)
+            # a sharded layer keeps this rank's rows, cut for the checkpoint's atoms (every
+            # rank checks every atom: each holds the whole checkpoint, and all raise alike)
+            st, shard = _own_part(layers[name], whole)
+            _check_layer_state(name, layers[name], st, shard)
+            if shard is not None:
+                _check_finite(name, layers[name], whole)
+            states[name] = (st, shard)
+        n_frozen = sum(s.n_frozen for _, s in states.values() if s is not None)
+        return (found, mapping, states), n_frozen
+
+    # into a sharded model a collective: every rank imports, or none does
+    found, mapping, states = _all_ranks(layers, "checkpoint import into a sharded model", checked)[0]
+    for name, (st, shard) in states.items():   # only now, with everything checked, change the model
+        _install(layers[name], st, shard)
     return {mapping[pre]: pre for pre in found}
 
 

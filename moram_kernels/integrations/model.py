@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..distributed import _NOT_SHARDED, _agree, _bank_group, _read_part, _save_sharded, is_sharded
 from ..nn import MoRAMLinear, _is_conv1d, _keep_frozen_banks_out_of_ddp, _linear_dims
 
 __all__ = ["MoRAMConfig", "InjectionSummary", "inject", "remove", "add_task", "save_moram",
@@ -237,12 +238,26 @@ def _config_of(model: nn.Module) -> dict | None:
     return asdict(cfg) if cfg is not None else None
 
 
-def _refuse_sharded(layers: dict[str, MoRAMLinear], what: str) -> None:
-    sharded = [n or "<root>" for n, l in layers.items() if getattr(l, "_bank_shard", None) is not None]
-    if sharded:
-        raise RuntimeError(f"{what}: layers {sharded[:5]} hold only this rank's slice of their "
-                           "bank; call moram_kernels.distributed.unshard_bank(model) first (on "
-                           "every rank)")
+def _all_ranks(layers: dict[str, MoRAMLinear], what: str, fn):
+    """``fn()``; for a model with a sharded bank a collective in which the ranks of its
+    group learn whether every one of them succeeded (and was given the same number of
+    frozen atoms, ``fn``'s second result), so that all go on or all raise."""
+    group = _bank_group(layers)
+    if group is _NOT_SHARDED:
+        return fn()
+    err = res = None
+    try:
+        res = fn()
+    except Exception as e:  # noqa: BLE001  (re-raised below, once every rank has heard of it)
+        err = e
+    dev = next(iter(layers.values())).frozen_keys.device
+    problem = _agree(group, None if err is None else f"{type(err).__name__}: {err}",
+                     [-1 if err is not None else res[1]], dev, what)
+    if err is not None:
+        raise err
+    if problem:
+        raise RuntimeError(problem)
+    return res
 
 
 def save_moram(model: nn.Module, path) -> None:
@@ -253,6 +268,10 @@ def save_moram(model: nn.Module, path) -> None:
     The file is written beside ``path`` under a temporary name and renamed onto it once
     complete and flushed to disk, so a job killed while saving leaves the previous
     checkpoint at ``path`` whole (and at worst a stray ``.<name>.<random>.tmp.safetensors``).
+
+    A model whose bank is sharded (``mk.distributed.shard_bank``) is saved by a collective:
+    every rank of the group calls it, the group's first rank writes the same file, and the
+    other ranks send it their rows in bounded pieces (the bank is never gathered).
     """
     from safetensors.torch import save_file
 
@@ -262,9 +281,6 @@ def save_moram(model: nn.Module, path) -> None:
     layers = moram_layers(model)
     if not layers:
         raise ValueError("model has no MoRAM layers to save")
-    _refuse_sharded(layers, "save_moram")
-    tensors = {f"{name}.{attr}": getattr(layer, attr).detach().contiguous().cpu()
-               for name, layer in layers.items() for attr in _STATE}
     meta = {
         "format": _FORMAT,
         "format_version": _FORMAT_VERSION,
@@ -276,16 +292,36 @@ def save_moram(model: nn.Module, path) -> None:
                                   "hyper": {h: getattr(l, h) for h in _HYPER if h != "dropout"}}
                               for n, l in layers.items()}),
     }
+    group = _bank_group(layers)
+    if group is not _NOT_SHARDED:
+        _save_sharded(layers, _STATE, path, meta, group)
+        return
+    tensors = {f"{name}.{attr}": getattr(layer, attr).detach().contiguous().cpu()
+               for name, layer in layers.items() for attr in _STATE}
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=meta)
 
 
-def _check_layer_state(name: str, layer: MoRAMLinear, st: dict[str, Tensor]) -> None:
-    """Raise ``ValueError`` unless ``st`` is a consistent state for ``layer``."""
+def _own_part(layer: MoRAMLinear, st: dict[str, Tensor]):
+    """``(st, None)`` for a plain layer; for a sharded one, this rank's part of the whole
+    bank ``st`` and the layout it belongs to."""
+    return layer._slice_of(st) if is_sharded(layer) else (st, None)
+
+
+def _check_layer_state(name: str, layer: MoRAMLinear, st: dict[str, Tensor], shard=None) -> None:
+    """Raise ``ValueError`` unless ``st`` is a consistent state for ``layer`` (for a
+    sharded layer: this rank's part of a bank laid out as ``shard``)."""
     missing = [a for a in _STATE if a not in st]
     if missing:
         raise ValueError(f"layer {name}: the file lacks {missing}")
-    layer._check_bank(st, f"layer {name}")
+    if shard is None:
+        layer._check_bank(st, f"layer {name}")
+    else:
+        layer._check_bank(st, f"layer {name}", shard=shard)
+    _check_finite(name, layer, st)
+
+
+def _check_finite(name: str, layer: MoRAMLinear, st: dict[str, Tensor]) -> None:
     fk, fv, k, v, _ = (st[a] for a in _STATE)
     for a, t in (("frozen_keys", fk), ("frozen_values", fv), ("keys", k), ("values", v)):
         # as the layer will hold it: a finite fp32 value may overflow the layer's fp16
@@ -297,10 +333,14 @@ def _check_layer_state(name: str, layer: MoRAMLinear, st: dict[str, Tensor]) -> 
 
 
 @torch.no_grad()
-def _install(layer: MoRAMLinear, st: dict[str, Tensor]) -> None:
+def _install(layer: MoRAMLinear, st: dict[str, Tensor], shard=None) -> None:
     """Replace the layer's atoms by ``st`` (already checked), on its device and dtypes."""
     dev = layer.frozen_keys.device
-    layer._set_bank(**{a: st[a].to(dev, getattr(layer, a).dtype, copy=True) for a in _STATE})
+    bank = {a: st[a].to(dev, getattr(layer, a).dtype, copy=True) for a in _STATE}
+    if shard is None:
+        layer._set_bank(**bank)
+    else:
+        layer._set_bank(shard=shard, **bank)
     if layer.usage_counts is not None:
         layer.start_usage()
 
@@ -317,18 +357,43 @@ def load_moram(model: nn.Module, path) -> nn.Module:
     Everything is checked before anything changes: a mismatch raises ``ValueError`` and
     leaves the model untouched. Atoms take the model's device and dtype. The trainable
     atoms become new ``nn.Parameter`` objects, so build the optimiser after loading.
-    """
-    from safetensors import safe_open
 
+    Into a model whose bank is sharded this is a collective: every rank of the group calls
+    it and reads only its own rows of each frozen bank from the file (cut for the file's
+    number of atoms); a failure on any rank raises on every rank, and nothing changes.
+    """
     layers = moram_layers(model)
     if not layers:
         raise ValueError("model has no MoRAM layers; inject() it before load_moram()")
-    _refuse_sharded(layers, "load_moram")
+    states = _all_ranks(layers, "load_moram into a sharded model",
+                        lambda: _read_checked(model, layers, path))[0]
+    for name, layer in layers.items():
+        _install(layer, *states[name])
+    return model
+
+
+def _read_checked(model: nn.Module, layers: dict[str, MoRAMLinear], path):
+    """``({layer: (state, layout)}, frozen atoms read)`` from a save_moram file, every check
+    of :func:`load_moram` passed; a sharded layer's state holds only this rank's rows."""
+    from safetensors import safe_open
+
+    per_layer: dict[str, dict[str, Tensor]] = {}
+    shards: dict = {}
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except FileNotFoundError:
+            if meta.get("format") == _FORMAT and meta.get("format_version") == _FORMAT_VERSION:
+                for key in f.keys():
+                    name, _, attr = key.rpartition(".")
+                    if attr not in _STATE:
+                        raise ValueError(f"{path}: unexpected tensor {key!r}")
+                    if name in layers:
+                        t, shard = _read_part(f, key, layers[name], attr)
+                        shards[name] = shard or shards.get(name)
+                    else:
+                        t = f.get_slice(key)[:0]    # a layer the model lacks: raised below
+                    per_layer.setdefault(name, {})[attr] = t
+    except (FileNotFoundError, ValueError):
         raise
     except Exception as e:   # safetensors raises its own error types for a corrupt header
         raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
@@ -344,12 +409,6 @@ def load_moram(model: nn.Module, path) -> nn.Module:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: corrupt metadata ({e})") from None
 
-    per_layer: dict[str, dict[str, Tensor]] = {}
-    for key, t in tensors.items():
-        name, _, attr = key.rpartition(".")
-        if attr not in _STATE:
-            raise ValueError(f"{path}: unexpected tensor {key!r}")
-        per_layer.setdefault(name, {})[attr] = t
     if set(per_layer) != set(layers):
         raise _layer_set_error("the file's layers", set(per_layer), set(layers))
     if set(saved_layers) != set(per_layer):
@@ -366,7 +425,8 @@ def load_moram(model: nn.Module, path) -> nn.Module:
         diff = {h: (v, getattr(layer, h)) for h, v in hyper.items() if getattr(layer, h) != v}
         if diff:
             raise ValueError(f"layer {name}: hyper-parameters differ, as (file, model): {diff}")
-        _check_layer_state(name, layer, per_layer[name])
-    for name, layer in layers.items():
-        _install(layer, per_layer[name])
-    return model
+        if is_sharded(layer) and shards.get(name) is None:
+            raise ValueError(f"layer {name}: the file lacks its frozen bank")
+        _check_layer_state(name, layer, per_layer[name], shards.get(name))
+    states = {n: (per_layer[n], shards.get(n)) for n in layers}
+    return states, sum(s.n_frozen for s in shards.values() if s is not None)

@@ -88,7 +88,8 @@ def _compare(layer, x, dtype=torch.float32, factor=1.0, train=True):
     n_f = layer.frozen_keys.shape[0]
     assert sharded.num_atoms == layer.num_atoms, (sharded.num_atoms, layer.num_atoms)
     mine = sharded.frozen_keys.shape[0]
-    assert mine == n_f // world + (rank < n_f % world), f"rank {rank} holds {mine} of {n_f}"
+    c = -(-n_f // world)                        # torch.chunk's cut
+    assert mine == max(0, min(c, n_f - rank * c)), f"rank {rank} holds {mine} of {n_f}"
     g = torch.randn(x.shape[0], layer.out_features, generator=torch.Generator().manual_seed(1))
     if not train:
         with torch.no_grad():
@@ -243,36 +244,39 @@ def _stable_oracle(x, keys, values, scale, k, tau):
 
 
 def sc_ties_across_ranks(rank, world):
-    """Exact ties (integer scores) at the K-th place between atoms on different ranks: for
-    token 0 the lower id is on rank 0; for token 1 it is on the last rank, because the tied
-    atom of rank 0 was appended while sharded (a higher id)."""
+    """Exact ties (integer scores) at the K-th place between atoms on different ranks, after
+    a task appended while sharded moved rows between ranks (4P atoms cut 4 a rank, then 6P
+    cut 6 a rank: rank r holds [6r, 6r + 6)). Token 0: atom 1 (rank 0) ties with the last,
+    appended atom (last rank). Token 1: atom 5, which moved from rank 1 to rank 0, ties
+    with atom 6 (rank 1). Both go to the lower global id."""
     d_in, d_out, n_f, m = 6, 5, 4 * world, 2 * world
     v0 = torch.tensor([1.0, 1, 1, 0, 0, 0])
     v1 = torch.tensor([0.0, 0, 0, 1, 1, 1])
     gen = torch.Generator().manual_seed(3)
     keys = torch.randint(-1, 2, (n_f + m, d_in), generator=gen).float() * 0.5
     values = torch.randn(n_f + m, d_out, generator=gen)
-    last_lo = n_f - n_f // world               # first atom of the last rank's initial slice
-    keys[0], keys[1], keys[last_lo] = 3 * v0, 2 * v0, 2 * v0       # token 0: {0, 1}
-    keys[2], keys[n_f], keys[last_lo + 1] = 3 * v1, 2 * v1, 2 * v1  # token 1: {2, last_lo + 1}
+    keys[0], keys[1], keys[n_f + m - 1] = 3 * v0, 2 * v0, 2 * v0   # token 0: {0, 1}
+    keys[2], keys[5], keys[6] = 3 * v1, 2 * v1, 2 * v1             # token 1: {2, 5}
     x = torch.stack([v0, v1, v0])
     torch.manual_seed(0)
     layer = mk.MoRAMLinear(nn.Linear(d_in, d_out), r=2, k=2, tau=1.0)
     layer._set_bank(frozen_keys=keys[:n_f].clone(), frozen_values=values[:n_f].clone(),
                     task_sizes=torch.tensor([n_f]))
     mk.distributed.shard_bank(layer)
-    # the hook add_task uses: rank 0 gets n_f
+    assert layer._bank_shard.gids.tolist() == list(range(4 * rank, 4 * rank + 4))
+    # the hook add_task uses: the slices move to the new cut
     layer._append_frozen(keys[n_f:], values[n_f:], task_sizes=torch.tensor([n_f, m]))
     assert layer.num_atoms == n_f + m
-    if rank == 0:
-        assert keys[n_f].tolist() in layer.frozen_keys.tolist(), "the setup is hollow"
+    mine = list(range(6 * rank, 6 * rank + 6))
+    assert layer._bank_shard.gids.tolist() == mine, layer._bank_shard.gids
+    assert torch.equal(layer.frozen_keys, keys[mine]) and torch.equal(layer.frozen_values, values[mine])
     want, want_idx = _stable_oracle(x, keys, values, torch.ones(n_f + m), 2, 1.0)
-    assert [sorted(r) for r in want_idx.tolist()] == [[0, 1], [2, last_lo + 1], [0, 1]]
+    assert [sorted(r) for r in want_idx.tolist()] == [[0, 1], [2, 5], [0, 1]]
     layer.start_usage()
     got = layer(x) - layer.base_layer(x)
     _close(got.detach(), want, "tied output")
     picked = sorted(torch.nonzero(layer.usage_counts).flatten().tolist())
-    assert picked == [0, 1, 2, last_lo + 1], f"selected {picked}"
+    assert picked == [0, 1, 2, 5], f"selected {picked}"
     mk.distributed.unshard_bank(layer)
     assert torch.equal(layer.frozen_keys, keys) and torch.equal(layer.frozen_values, values)
 
@@ -299,11 +303,9 @@ def sc_add_task_while_sharded(rank, world):
         n = sharded.num_atoms
         assert n == plain.num_atoms == 3 * (task + 2), (n, plain.num_atoms)
         held = sharded.frozen_keys.shape[0]
-        n_f = n - 3
-        assert n_f // world <= held <= n_f // world + 1, f"rank {rank} holds {held} of {n_f}"
+        n_f, c = n - 3, -(-(n - 3) // world)
+        assert held == max(0, min(c, n_f - rank * c)), f"rank {rank} holds {held} of {n_f}"
         _close(sharded(x).detach(), plain(x).detach(), f"output after task {task}")
-    with pytest.raises(RuntimeError, match="unshard_bank"):
-        mk.save_moram(sharded, "/nonexistent/never-written.safetensors")
     mk.distributed.unshard_bank(sharded)
     assert type(sharded) is mk.MoRAMLinear
     for name in ("frozen_keys", "frozen_values", "keys", "values", "task_sizes"):
@@ -726,6 +728,264 @@ def sc_collectives_per_call(rank, world):
     assert traffic["collectives"] - before == 5, traffic["collectives"] - before
 
 
+# ---- checkpoints of a sharded bank ---------------------------------------------------------
+
+OUT_DIR = None      # a folder every rank of the group sees (set by _worker)
+_FROZEN = ("frozen_keys", "frozen_values")
+
+
+def _cut(n, world):
+    """The rows [lo, hi) of every rank: torch.chunk's cut, which DTensor's Shard(0) uses."""
+    c = -(-n // world)
+    sizes = [max(0, min(c, n - r * c)) for r in range(world)]
+    return [(sum(sizes[:r]), sum(sizes[:r + 1])) for r in range(world)]
+
+
+def _model(tasks, seed):
+    """Two injected layers (d 6 -> 5 -> 4, r = 4) after ``tasks`` tasks whose atoms depend on
+    ``seed``; the base weights do not."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4))
+    mk.inject(m, mk.MoRAMConfig(target_modules=["0", "2"], r=4, k=3, tau=0.5))
+    torch.manual_seed(seed)
+    for _ in range(tasks):
+        mk.add_task(m)
+        with torch.no_grad():
+            for layer in mk.integrations.moram_layers(m).values():
+                layer.values.normal_()
+    return m
+
+
+def _x():
+    return torch.randn(5, 6, generator=torch.Generator().manual_seed(4))
+
+
+def _same_output(model, ref, what):
+    with torch.no_grad():
+        _close(model(_x()), ref(_x()), what)
+
+
+def sc_state_dict_holds_dtensors(rank, world):
+    """state_dict(): the frozen bank as DTensors sharded on dim 0 (this rank's rows, not
+    copied, at the offsets DCP will use); load_state_dict takes each rank's rows of a
+    sharded or a whole bank of any size, and a plain layer gathers a sharded one whole."""
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    layer, x = _layer(7, 5, 11, 3, k=3)
+    sharded = mk.distributed.shard_bank(copy.deepcopy(layer))
+    sd = sharded.state_dict()
+    lo, hi = _cut(11, world)[rank]
+    for f in _FROZEN:
+        t = sd[f]
+        assert isinstance(t, DTensor) and tuple(t.placements) == (Shard(0),), (f, type(t))
+        assert t.shape == getattr(layer, f).shape, (f, t.shape)
+        assert t.to_local().data_ptr() == getattr(sharded, f).data_ptr(), "the rows were copied"
+        size, off = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+        assert (off[0], off[0] + size[0]) == (lo, hi), (off, size)
+        assert torch.equal(t.to_local(), getattr(layer, f)[lo:hi])
+    # a plain layer gets the whole bank, gathered (every rank loads), never one slice
+    plain = _layer(7, 5, 2, 3, k=3, seed=1)[0]
+    plain.load_state_dict(sd)
+    for f in mk.MoRAMLinear.BANK_FIELDS:
+        assert torch.equal(getattr(plain, f), getattr(layer, f)), f
+    # into sharded layers of other sizes: a whole state dict and a sharded one
+    for what, src in (("whole", layer.state_dict()), ("sharded", sd)):
+        for n in (2, 30):
+            other = mk.distributed.shard_bank(_layer(7, 5, n, 3, k=3, seed=2)[0])
+            other.load_state_dict(src)
+            assert other._bank_shard.gids.tolist() == list(range(lo, hi)), (what, n)
+            assert torch.equal(other.frozen_keys, layer.frozen_keys[lo:hi]), (what, n)
+            with torch.no_grad():
+                _close(other(x), layer(x), f"output after loading a {what} state dict")
+    # refused on every rank, every layer unchanged: other hyper-parameters; banks that
+    # differ by rank
+    wrong = mk.distributed.shard_bank(_layer(7, 5, 2, 3, k=4, seed=1)[0])
+    with pytest.raises(RuntimeError, match="hyper-parameters"):
+        wrong.load_state_dict(sd)
+    assert wrong.num_atoms == 5 and wrong.frozen_keys.shape[0] == _cut(2, world)[rank][1] - _cut(2, world)[rank][0]
+    target = mk.distributed.shard_bank(_layer(7, 5, 2, 3, k=3, seed=1)[0])
+    mine = _layer(7, 5, 11 + rank, 3, k=3)[0].state_dict()
+    with pytest.raises(RuntimeError, match="different banks"):
+        target.load_state_dict(mine)
+    assert target.num_atoms == 5
+
+
+def sc_save_load_moram_sharded(rank, world):
+    """save_moram of a sharded model writes the one-process file, no rank holding more than
+    its rows and one bounded piece; load_moram reads only each rank's rows, for a file of
+    any bank size; failures raise on every rank and change nothing."""
+    from safetensors import safe_open
+
+    io = mk.distributed.checkpoint_io
+    plain = _model(5, seed=1)                        # 16 frozen atoms a layer
+    sharded = mk.distributed.shard_bank(copy.deepcopy(plain))
+    path = os.path.join(OUT_DIR, "sharded.safetensors")
+    mk.distributed.SAVE_CHUNK_BYTES = 3 * 6 * 4      # 3 keys of layer 0 a piece: several pieces
+    try:
+        io.update(read=0, buffer=0)
+        mk.save_moram(sharded, path)
+        held = io["buffer"]
+    finally:
+        mk.distributed.SAVE_CHUNK_BYTES = 64 << 20
+    assert 0 < held <= 3 * 6 * 4 if rank == 0 else held == 0, held
+    want = {f"{n}.{a}": getattr(l, a) for n, l in mk.integrations.moram_layers(plain).items()
+            for a in mk.MoRAMLinear.BANK_FIELDS}
+    with safe_open(path, "pt") as f:
+        assert set(f.keys()) == set(want)
+        for k in want:
+            assert torch.equal(f.get_tensor(k), want[k]), k
+    # one process reads it as its own file
+    single = _model(1, seed=2)
+    mk.load_moram(single, path)
+    _same_output(single, plain, "a plain model loading the sharded save")
+    # a sharded model of another size reads its rows, and nothing else of the banks
+    target = mk.distributed.shard_bank(_model(2, seed=3))
+    io["read"] = 0
+    mk.load_moram(target, path)
+    lo, hi = _cut(16, world)[rank]
+    share = sum((hi - lo) * (l.in_features + l.out_features) * 4 + 4 * (l.in_features + l.out_features) * 4
+                + 5 * 8 for l in mk.integrations.moram_layers(plain).values())
+    assert io["read"] == share, (io["read"], share)
+    for n, l in mk.integrations.moram_layers(target).items():
+        assert l._bank_shard.gids.tolist() == list(range(lo, hi)), n
+    _same_output(target, plain, "a sharded model loading the sharded save")
+    # a save that cannot write: every rank raises, the old file stays
+    before = open(path, "rb").read()
+    bad = os.path.join(OUT_DIR, "no-such-dir", "x.safetensors")
+    with pytest.raises((FileNotFoundError, RuntimeError)) as info:
+        mk.save_moram(target, bad)
+    if rank:
+        assert "rank(s) [0]" in str(info.value), info.value
+    real = mk.distributed._write_bytes
+    calls = []
+
+    def failing(f, piece):      # the disk fills up after the first piece
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        real(f, piece)
+    mk.distributed._write_bytes = failing
+    try:
+        with pytest.raises((OSError, RuntimeError), match=r"No space left|rank\(s\) \[0\]"):
+            mk.save_moram(target, path)
+    finally:
+        mk.distributed._write_bytes = real
+    assert open(path, "rb").read() == before, "a failed save changed the file"
+    assert not [p for p in os.listdir(OUT_DIR) if p.endswith(".tmp.safetensors")], "a temp file was left"
+    # ranks given different files: every rank raises, nothing changes
+    other = os.path.join(OUT_DIR, "plain.safetensors")
+    smaller = _model(3, seed=5)                     # 8 frozen atoms a layer
+    if rank == 0:
+        mk.save_moram(smaller, other)               # a plain model: no collective
+    dist.barrier()
+    with pytest.raises(RuntimeError, match="different banks"):
+        mk.load_moram(target, other if rank == 0 else path)
+    _same_output(target, plain, "a sharded model after a refused load")
+
+
+def sc_import_into_sharded(rank, world):
+    """The authors' checkpoints imported into a sharded model: each rank keeps its rows of
+    the imported bank (any size); a refused import changes no rank."""
+    g = torch.Generator().manual_seed(1)
+    sd = {"0.lora_A.weight": torch.randn(9, 6, generator=g), "0.lora_B.weight": torch.randn(5, 9, generator=g),
+          "0.loranew_A.weight": torch.randn(4, 6, generator=g),
+          "0.loranew_B.weight": torch.randn(5, 4, generator=g)}
+    plain, sharded = _model(2, seed=1), mk.distributed.shard_bank(_model(2, seed=1))
+    for m in (plain, sharded):
+        mk.integrations.import_trace_state_dict(m, sd, strict=False, task_sizes=[9])
+    lo, hi = _cut(9, world)[rank]
+    assert sharded[0]._bank_shard.gids.tolist() == list(range(lo, hi))
+    assert torch.equal(sharded[0].frozen_keys, sd["0.lora_A.weight"][lo:hi])
+    _same_output(sharded, plain, "imported")
+    bad = dict(sd)
+    bad["0.lora_A.weight"] = sd["0.lora_A.weight"].clone()
+    bad["0.lora_A.weight"][8, 0] = float("nan")     # on the last rank's rows only
+    with pytest.raises(ValueError, match="non-finite"):
+        mk.integrations.import_trace_state_dict(sharded, bad, strict=False, task_sizes=[9])
+    _same_output(sharded, plain, "after a refused import")
+
+
+def sc_empty_bank_lifecycle(rank, world):
+    """A bank with no atom at all shards, grows task by task while sharded, saves, loads
+    and unshards as the same layers that never sharded."""
+    plain, sharded = _model(0, seed=1), mk.distributed.shard_bank(_model(0, seed=1))
+    path = os.path.join(OUT_DIR, "empty.safetensors")
+    mk.save_moram(sharded, path)
+    mk.load_moram(sharded, path)
+    for task in range(3):
+        for m in (plain, sharded):
+            torch.manual_seed(10 + task)
+            mk.add_task(m)
+        _same_output(sharded, plain, f"after task {task}")
+    mk.save_moram(sharded, path)
+    fresh = mk.distributed.shard_bank(_model(0, seed=2))
+    mk.load_moram(fresh, path)
+    _same_output(fresh, plain, "loaded")
+    mk.distributed.unshard_bank(fresh)
+    for n, l in mk.integrations.moram_layers(fresh).items():
+        assert torch.equal(l.frozen_keys, mk.integrations.moram_layers(plain)[n].frozen_keys), n
+
+
+def sc_shard_bank_frees_the_whole_bank(rank, world):
+    """After shard_bank nothing holds the whole bank (nor a cast of it): it is freed now,
+    not at the next task."""
+    import gc
+    import weakref
+
+    layer, x = _layer(8, 6, 40, 3, k=3)
+    layer._frozen_bank(torch.bfloat16)       # a cached cast of the whole bank
+    refs = [weakref.ref(layer.frozen_keys), weakref.ref(layer.frozen_values)]
+    cast = layer._caches.bank.value
+    assert cast is not None
+    refs += [weakref.ref(t) for t in cast]
+    del cast
+    mk.distributed.shard_bank(layer)
+    gc.collect()
+    assert all(r() is None for r in refs), "the whole bank is still referenced after shard_bank"
+    for f in _FROZEN:           # and no slice is a view that keeps the whole storage alive
+        t = getattr(layer, f)
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), f
+
+
+def sc_dcp_reshards(rank, world):
+    """torch.distributed.checkpoint: a model sharded over ranks [0, P - 1) saves; the model
+    sharded over all P ranks loads it, resharded (at P = 3: 8 + 8 rows, then 6 + 6 + 4);
+    rank 0 alone loads it into plain models, with dcp.load in place (no_dist) and through
+    dcp_to_torch_save into a model of another size: the saved model's outputs each time."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    path = os.path.join(OUT_DIR, "dcp")
+    ref, src, target = _model(5, seed=1), _model(5, seed=1), _model(5, seed=2)  # 16 frozen a layer
+    plain, fresh = _model(5, seed=3), _model(1, seed=3)
+    savers = dist.new_group(list(range(world - 1)))
+    if rank < world - 1:
+        mk.distributed.shard_bank(src, group=savers)
+        dcp.save(src.state_dict(), checkpoint_id=path, process_group=savers)
+    dist.barrier()
+    mk.distributed.shard_bank(target)
+    with torch.no_grad():
+        assert not torch.allclose(target(_x()), ref(_x())), "the case is hollow"
+    sd = target.state_dict()
+    dcp.load(sd, checkpoint_id=path)
+    target.load_state_dict(sd)
+    lo, hi = _cut(16, world)[rank]
+    for n, layer in mk.integrations.moram_layers(target).items():
+        assert layer._bank_shard.gids.tolist() == list(range(lo, hi)), n
+        assert torch.equal(layer.frozen_keys, mk.integrations.moram_layers(ref)[n].frozen_keys[lo:hi]), n
+    _same_output(target, ref, f"saved at P={world - 1}, loaded at P={world}")
+    if rank == 0:
+        sd = plain.state_dict()
+        dcp.load(sd, checkpoint_id=path, no_dist=True)
+        plain.load_state_dict(sd)
+        _same_output(plain, ref, "loaded by one process")
+        dcp_to_torch_save(path, os.path.join(OUT_DIR, "whole.pt"))
+        fresh.load_state_dict(torch.load(os.path.join(OUT_DIR, "whole.pt")))
+        _same_output(fresh, ref, "through dcp_to_torch_save")
+    dist.barrier()
+
+
 SCENARIOS = {f.__name__[3:]: f for f in (
     sc_forward_backward, sc_fewer_atoms_than_candidates, sc_empty_slice, sc_eval_threshold,
     sc_bf16, sc_dropout_same_seed, sc_ties_across_ranks, sc_add_task_while_sharded, sc_bad_input_on_one_rank,
@@ -733,7 +993,9 @@ SCENARIOS = {f.__name__[3:]: f for f in (
     sc_dp_dropout_and_autocast, sc_dp_ranks_must_agree, sc_dp_ddp_and_fsdp2_step,
     sc_dp_bytes_match_the_model, sc_plain_ddp_leaves_the_bank_alone,
     sc_ddp_and_shard_bank_in_either_order, sc_autocast, sc_ranks_must_agree, sc_fp64_backward,
-    sc_add_task_in_a_subgroup, sc_collectives_per_call)}
+    sc_add_task_in_a_subgroup, sc_collectives_per_call, sc_state_dict_holds_dtensors,
+    sc_save_load_moram_sharded, sc_import_into_sharded, sc_empty_bank_lifecycle,
+    sc_shard_bank_frees_the_whole_bank, sc_dcp_reshards)}
 
 
 def sc_hang_rank_raises(rank, world):
@@ -761,6 +1023,8 @@ class _Expected(Exception):
 # ---- running a group ------------------------------------------------------------------------
 
 def _worker(rank, world, store, out_dir, names, pg_timeout):
+    global OUT_DIR
+    OUT_DIR = out_dir
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=pg_timeout))
