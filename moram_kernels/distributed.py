@@ -410,6 +410,8 @@ def _checksum_t(t: Tensor) -> Tensor:
     or columns hash differently. Integer overflow wraps, the same way on every rank."""
     bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
     b = t.detach().contiguous().view(bits)
+    if b.numel() == 0:     # nothing to hash (an empty bank or task list): equal everywhere
+        return torch.zeros((), dtype=torch.int64, device=b.device)
     b = b.reshape(-1, b.shape[-1]) if b.dim() else b.reshape(1, 1)
     w_col = torch.arange(1, b.shape[1] + 1, dtype=torch.int64, device=b.device) * 2654435761 + 1
     w_row = torch.arange(1, b.shape[0] + 1, dtype=torch.int64, device=b.device) * 40503 + 7
