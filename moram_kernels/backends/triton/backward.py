@@ -220,7 +220,7 @@ def _moram_bwd_db_hit_kernel(idx_ptr, cb_ptr, gy_ptr, gv_ptr, stats_ptr, T, K, l
     m2 = t_mask[:, None] & (slot < K)[None, :]
     ids = tl.load(idx_ptr + rows[:, None] * K + slot[None, :], mask=m2, other=-1)
     inside = m2 & (ids >= lo) & (ids < hi)
-    hit = tl.max(inside.to(tl.int32), 1) > 0
+    hit = tl.max(inside.to(tl.int32), 1) > 0       # the gy rows this program reads
     n_hit = tl.sum(hit.to(tl.int32), 0)
     if STATS:
         tl.atomic_add(stats_ptr, n_hit)
