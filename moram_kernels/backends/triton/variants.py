@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ._common import GROUP, K_BUCKETS, scan_configs, small_block
+from .backward import FOLD_BR
 
 __all__ = ["Variant", "all_variants"]
 
@@ -122,6 +123,20 @@ def all_variants() -> list[Variant]:
             ptrs={"idx_ptr": "i64", "cb_ptr": "fp32", "gy_ptr": dt, "gv_ptr": "fp32"},
             floats=(), consts=dict(BT=bt, BO=bo), unit=("sgd",), div=("DO", "sgt"),
             aligned=True, warps=4, stages=3))
+        for prec in ("tf32", "ieee") if dt == "fp32" else ("tf32",):
+            out.append(_spec(
+                "_moram_bwd_dx_kernel", f"bwd_dx-{dt}" + ("-ieee" if prec == "ieee" else ""),
+                ptrs={"idx_ptr": "i64", "gsel_ptr": "fp32", "alpha_ptr": "fp32", "k0_ptr": dt, "k1_ptr": dt,
+                      "dense_ptr": "fp32", "p0_ptr": "fp32", "p1_ptr": "fp32", "out_ptr": dt},
+                floats=(), consts=dict(BT=bt, BO=bo, BR=FOLD_BR, G=GROUP, UPCAST=False, PREC=prec),
+                unit=("s0d", "s1d", "sdd", "sp0n", "sp1n", "sod"),
+                div=("DO", "s0n", "s1n", "sdt", "sp0t", "sp1t", "sot"), aligned=True, warps=4, stages=3))
+        for kp in K_BUCKETS if dt == "bf16" else (16,):
+            out.append(_spec(
+                "_moram_bwd_db_hit_kernel", f"bwd_db_hit-{dt}-K{kp}",
+                ptrs={"idx_ptr": "i64", "cb_ptr": "fp32", "gy_ptr": dt, "gv_ptr": "fp32", "stats_ptr": "i32"},
+                floats=(), consts=dict(BT=bt, BO=bo, KP=kp, STATS=False), unit=("sgd",), div=("DO", "sgt"),
+                aligned=True, warps=4, stages=3))
         out.append(_spec(
             "_moram_bwd_db_sorted_kernel", f"bwd_db_sorted-{dt}",
             ptrs={"perm_ptr": "i64", "off_ptr": "i64", "cb_ptr": "fp32", "gy_ptr": dt, "gv_ptr": dt},
