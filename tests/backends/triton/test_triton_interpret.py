@@ -247,7 +247,7 @@ def test_gpu_check_script_plan_and_smoke():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run([sys.executable, script, "--dry-run"], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "prefill fwd+bwd" in r.stdout and "decode T=1 fwd" in r.stdout
+    assert "prefill fwd+bwd" in r.stdout and "decode T=1 N=1024" in r.stdout
     r = subprocess.run([sys.executable, script, "--smoke"], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert r.stdout.count(": ok") >= 4 and "FAIL" not in r.stdout
