@@ -1,27 +1,29 @@
-"""One prepared check for a machine with a CUDA GPU (about 4 minutes on an H100/H200).
+"""One prepared check for a machine with a CUDA GPU (about 5 minutes on an H100/H200).
 
-    python -m benchmarks --preset gpu-check            # warm-up, parity, timings, pytest; table last
-    python -m benchmarks --preset gpu-check --dry-run  # the plan, the FLOP/byte model, the predictions
+    python -m benchmarks --preset gpu-check --build    # cuda built first, then the check; table last
+    python -m benchmarks --preset gpu-check --dry-run  # the plan, the model, the timings rehearsed
     python -m benchmarks --preset gpu-check --no-pytest --csv out.csv --budget 200
     python benchmarks/gpu_check.py [same options]      # the same check, as a script
 
-0. Warm-up: every backend runs once at every shape class (prefill forward, forward +
-   backward, decode T in {1, 16, 64}), so first-time Triton compiles (about 70 variants
-   took 111 s on a shared CPU) are paid before any timing and never inside one.
-1. Parity on the GPU: an inline check of every available backend against the reference
-   at realistic sizes (forward and backward).
-2. Timings with ``triton.testing.do_bench`` at d_in = d_out = 4096, N = 16384, k = 16,
-   bf16: T = 4096 forward and forward+backward (training layout: a frozen bank plus 16
-   trainable atoms, gram of the bank cached in bf16), and decode T in {1, 16, 64}.
-   Baselines: the authors' dense path (``reference.moram_dense``), ``torch.compile`` of it,
-   and a bare cuBLAS ``x @ keys.T``. Every backend of ``mk.available_backends()`` is timed,
-   each row printed as soon as it is measured, beside the prediction of the cost model
-   (``benchmarks/cost_model.py``: FLOPs, bytes, floors and predicted times).
-3. ``tests/backends/triton/test_triton_interpret.py`` with the interpreter off (its cases then run on CUDA
-   tensors), in whatever time is left.
+It times issue 18's four rows (:data:`ROWS`: prefill forward and forward + backward at
+T = 4096, N = 16,384; decode T = 1 at N = 1,024 under a CUDA graph and at N = 65,536),
+d_in = d_out = 4096, k = 16, bf16, for every implementation (:func:`plan_jobs`): cuBLAS
+``x @ keys.T``, the authors' dense path, the cuda backend, the triton backend as users get
+it, each forward route ``MORAM_TRITON_FWD`` in ``forward.FWD_ROUTES`` (the routes this
+checkout lacks are printed as skipped, with the reason) and each backward variant
+``MORAM_TRITON_BWD``. Each line shows the cost model's prediction
+(``benchmarks/cost_model.py``, ``predict_ms``) and measured / predicted.
 
-Every phase has a time budget inside ``--budget`` seconds (default 230; one
-``benchmarks.timing.Budget`` shared out between the phases). A phase that runs
+0. Warm-up: every job's call once, so first-time Triton compiles are paid before any
+   timing and never inside one.
+1. Parity on the GPU: every available backend against the reference at realistic sizes
+   (forward and backward), then the other triton variants.
+2. Timings (``triton.testing.do_bench``; ``do_bench_cudagraph`` for graph lines).
+3. The Triton test files (:data:`PYTEST_FILES`) with the interpreter off (their cases then
+   run on CUDA tensors), in whatever time is left.
+
+``--budget`` seconds (default 300) are shared out between the sections
+(:data:`SECTIONS`, printed first; a section's unused time passes on). A section that runs
 out, a timing that raises or a pytest that times out is reported and the check goes on,
 so one slow compile cannot cost the timings; the exit code is non-zero if anything failed
 or was skipped.

@@ -22,7 +22,11 @@ again for dx (sparse sum over the K keys fused with ``-alpha * (G x)``),
 under ``torch.use_deterministic_algorithms(True)``); the dense GEMMs (``x G``,
 ``P_s = x A_s^T`` and ``dA_s = gp_s^T x`` for the segments that need key gradients) are
 torch matmuls. ``G x`` uses ``gram0`` when given, or whichever of building G or
-recomputing ``P A`` costs fewer FLOPs.
+recomputing ``P A`` costs fewer FLOPs. That is backward ``v1``; ``MORAM_TRITON_BWD``
+(read per call, :func:`.backward.bwd_variant`) picks it or ``v2``, the default: a small
+segment's ``P A`` (the trainable atoms) folded into ``_moram_bwd_dx_kernel`` instead of a
+``[T, d_in]`` tensor, a missing Gram built in the compute dtype, and the atomic dB kernel
+reading ``gy`` only for the tokens that selected an atom of its segment.
 
 Design notes
 ------------
