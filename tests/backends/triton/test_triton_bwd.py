@@ -5,26 +5,17 @@ Runs under TRITON_INTERPRET=1 (tests/conftest.py) on tiny shapes, or on a GPU.""
 
 from __future__ import annotations
 
-import os
+import pytest
+import torch
+from helpers import assert_close, make_inputs, oracle, triton_test_device
 
-os.environ.setdefault("TRITON_INTERPRET", "1")   # before triton is imported (conftest does too)
+from moram_kernels.backends import reference as ref
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from helpers import assert_close, make_inputs, oracle  # noqa: E402
-
-import moram_kernels as mk  # noqa: E402
-from moram_kernels.backends import reference as ref  # noqa: E402
-
-if "triton" not in mk.available_backends():
-    pytest.skip(f"triton backend unavailable here: {mk.backends.why_unavailable('triton')}",
-                allow_module_level=True)
+DEV = triton_test_device()       # skips this module where the triton backend is unavailable
 
 from moram_kernels.backends import triton as tk  # noqa: E402
 from moram_kernels.backends.triton import backward as tb  # noqa: E402
 
-INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-DEV = torch.device("cpu" if INTERP else "cuda")
 TAU, EPS = 0.1, 1e-12
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -10,24 +10,14 @@ the fp64 oracle on the unrounded inputs."""
 
 from __future__ import annotations
 
-import os
+import pytest
+import torch
+from helpers import max_rel_err, oracle, triton_test_device
 
-os.environ.setdefault("TRITON_INTERPRET", "1")   # before triton is imported (conftest does too)
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from helpers import max_rel_err, oracle  # noqa: E402
-
-import moram_kernels as mk  # noqa: E402
-
-if "triton" not in mk.available_backends():
-    pytest.skip(f"triton backend unavailable here: {mk.backends.why_unavailable('triton')}",
-                allow_module_level=True)
+DEV = triton_test_device()       # skips this module where the triton backend is unavailable
 
 from moram_kernels.backends import triton as tk  # noqa: E402
 
-INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-DEV = torch.device("cpu" if INTERP else "cuda")
 TAU, EPS = 0.1, 1e-12
 T, BLOCK, K = 4, 8, 3          # token t lives on coordinates [8 t, 8 t + 8): d_in = 32
 #: docs/testing.md, "Tolerances": y against fp64 on the UNROUNDED inputs, relative to
