@@ -180,11 +180,12 @@ def fwd_route(t: int, n: int, d: int) -> str:
     """The forward road of one call, from ``MORAM_TRITON_FWD`` (read on every call):
     ``fused`` (scan + select + gather, no scores in memory), ``split`` (decode: scores
     of every atom block on its own program, then one select), ``gemm`` (cuBLAS scores,
-    then the same select), or ``auto``/unset: the road the cost model
-    (``benchmarks/cost_model.py``: ``route_ms``) predicts fastest, which on an H200 and
-    an A100 is ``split`` up to 64 tokens and ``gemm`` above (the fused scan is modelled
-    at about 2x cuBLAS at prefill; a pinned test checks this rule against the model).
-    ``t, n, d``: tokens, atoms, d_in."""
+    then the same select), or ``auto``/unset: ``split`` up to 64 tokens, ``gemm`` above.
+    That is the road the cost model (``benchmarks/cost_model.py``: ``route_ms``) predicts
+    fastest on an H200 and an A100 for decode and for T >= 1,024 at any N; between, its
+    best road depends on N and ``gemm`` is within 1.25x of it (the fused scan is modelled
+    slower everywhere: its serial merge rounds). ``tests/backends/triton/test_triton_routes.py``
+    pins this rule to the model. ``t, n, d``: tokens, atoms, d_in."""
     v = os.environ.get("MORAM_TRITON_FWD", "").strip().lower() or "auto"
     if v not in FWD_ROUTES:
         raise ValueError(f"MORAM_TRITON_FWD={v!r}: expected one of {', '.join(FWD_ROUTES)}")

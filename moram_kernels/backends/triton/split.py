@@ -226,10 +226,11 @@ SPLIT_BN = (64, 32, 16)   # atoms per program, largest first
 GROUP_ATOMS = 8 if INTERPRET else 16   # GS: atoms per group maximum (divides every BN)
 
 
-def split_config(t: int, bn: int, compute: str, prec: str = "tf32") -> SplitConfig:
+def split_config(t: int, bn: int, compute: str, prec: str = "tf32", interpret: bool = INTERPRET) -> SplitConfig:
     """Scores-kernel config for T tokens (BT 16 up to 16 tokens, else 64), BN atoms per
-    program, dot dtype ``compute`` and fp32 dot precision ``prec``."""
-    if INTERPRET:
+    program, dot dtype ``compute`` and fp32 dot precision ``prec`` (``interpret``: the
+    interpreter's small tiles)."""
+    if interpret:
         return SplitConfig(16, bn, 32, 1, 1)
     bt = 16 if t <= 16 else 64
     if compute == "fp32" and prec == "ieee":
@@ -244,19 +245,21 @@ def pick_config(kp: int) -> tuple[int, int]:
     return 1024, 4
 
 
-def split_plan(n0: int, n1: int, d: int, bd: int, sms: int, bns=None) -> tuple[int, int, int, int]:
+def split_plan(t: int, n0: int, n1: int, d: int, bd: int, sms: int, bns=None) -> tuple[int, int, int, int]:
     """``(BN, atom blocks, d_in slices, d_in per slice)``: at least two programs per SM
     (``sms``) before d_in is cut; the largest BN of ``bns`` that reaches that, else the
     smallest BN with d_in cut into slices of whole BD chunks. Each program streams its
-    BN x d_per keys once."""
+    BN x d_per keys once, and re-reads its T tokens' x from L2: BN is at least
+    ``min(T, 64)``, so those re-reads stay below the keys' bytes."""
     bns = bns or ((16,) if INTERPRET else SPLIT_BN)
+    bns = [b for b in bns if b >= min(t, max(bns))]
     want = 2 * sms
     for bn in bns:
         nb = triton.cdiv(n0, bn) + triton.cdiv(n1, bn)
         if nb >= want:
             return bn, nb, 1, d
-    parts = min(triton.cdiv(want, max(nb, 1)), triton.cdiv(d, bd))
-    per = triton.cdiv(triton.cdiv(d, parts), bd) * bd
+    # whole BD chunks per slice, rounded down so the slices still reach the target
+    per = max(1, triton.cdiv(d, bd) // triton.cdiv(want, max(nb, 1))) * bd
     return bn, nb, triton.cdiv(d, per), per
 
 
@@ -298,7 +301,7 @@ def split_fwd(x, keys0, values0, scale0, keys1, values1, scale1, n0, n1, K, tau,
         return y, idx, p_sel, norm
     sms = sms or sm_count(x.device)
     bd = split_config(T, 16, compute, prec).BD
-    bn, nb, parts, per = split_plan(n0, n1, D, bd, sms)
+    bn, nb, parts, per = split_plan(T, n0, n1, D, bd, sms)
     cfg = split_config(T, bn, compute, prec)
     n = n0 + n1
     groups = parts == 1
