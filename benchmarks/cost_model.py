@@ -52,7 +52,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = ["forward_flops", "forward_bytes", "backward_flops", "backward_bytes", "work", "dense_flops",
-           "floor_s", "HARDWARE", "H200", "GPU_CHECK", "plan", "predict_ms"]
+           "floor_s", "HARDWARE", "H200", "GPU_CHECK", "plan", "predict_ms", "route_ms", "split_ms",
+           "gemm_route_ms", "fused_ms", "simulate_pick", "simulate_fused_rounds", "decode_floor_ms"]
 
 
 # ---- one call ---------------------------------------------------------------------------------
@@ -188,7 +189,9 @@ def _triton_fwd_s(t, d, d_out, n, k, hw=H200):
 
 
 def predict_ms(case: str, impl: str, t: int, hw: dict = H200, s: GpuCheckShape = GPU_CHECK) -> float | None:
-    """Predicted milliseconds of one GPU check row (eager launches), or None if not modelled."""
+    """Predicted milliseconds of one GPU check row (eager launches), or None if not modelled.
+    ``impl`` "triton" is the forward road ``MORAM_TRITON_FWD`` selects now, "triton:split"
+    (or fused, gemm) one road."""
     d, d_out, n, k = s.d_in, s.d_out, s.n, s.k
     gemm = max(2 * t * n * d / hw["tc_blas"], 2 * (n * d + t * d + t * n) / hw["hbm"])
     if impl.startswith("cuBLAS"):
@@ -201,8 +204,11 @@ def predict_ms(case: str, impl: str, t: int, hw: dict = H200, s: GpuCheckShape =
         tn = 10 * 4 * t * n / hw["hbm"]
         f = gemm + value + tn + 12 * hw["launch_s"]
         return 1e3 * (f if fwd_only else 3 * f)   # autograd: two more [T, N] GEMMs and passes
-    if impl == "triton":
-        f = _triton_fwd_s(t, d, d_out, n, k, hw)
+    if impl == "triton" or impl.startswith("triton:"):
+        # "triton:<road>" is one forward road (MORAM_TRITON_FWD); "triton" the one fwd_route takes now
+        from moram_kernels.backends.triton.forward import fwd_route
+        road = impl.partition(":")[2] or fwd_route(t, n, d)
+        f = 1e-3 * route_ms(road, t, d, d_out, n, k, hw)
     elif impl == "cuda":
         # cuBLAS scores in fp32 chunks written and read back, a select kernel, the gather
         f = gemm + 2 * 4 * t * n / hw["hbm"] + 2 * min(t * k, n) * d_out / hw["hbm"] + 4 * hw["launch_s"]

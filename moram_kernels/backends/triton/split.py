@@ -109,9 +109,9 @@ def score_keys(p0_ptr, p1_ptr, row0, row1, sps, n_part, c0, N0, N, ss, BC: tl.co
     return tl.where(ids < N, pack_keys(v, ids), -9223372036854775808), ss + tl.sum(v * v, 1)
 
 
-# sizes that only bound loops and masks are not specialised: a new T or bank size must not
-# compile again (inside a CUDA-graph capture, say)
-@triton.jit(do_not_specialize=["T", "N0", "N1", "d_per", "NB", "NG"])
+# sizes that only bound loops and masks, and the score rows' strides (N, T N), are not
+# specialised: a new T or bank size must not compile again (inside a CUDA-graph capture, say)
+@triton.jit(do_not_specialize=["T", "N0", "N1", "d_per", "NB", "NG", "sct", "scs"])
 def _moram_split_scores_kernel(x_ptr, k0_ptr, k1_ptr, sc_ptr, pss_ptr, gmax_ptr,
                                T, D, N0, N1, d_per, NB, NG,
                                sxt, sxd, s0n, s0d, s1n, s1d, sct, scs,
@@ -162,7 +162,7 @@ def _moram_split_scores_kernel(x_ptr, k0_ptr, k1_ptr, sc_ptr, pss_ptr, gmax_ptr,
         tl.store(gmax_ptr + rows[:, None] * NG + gcol[None, :], g, mask=t_mask[:, None])
 
 
-@triton.jit(do_not_specialize=["T", "N0", "N1", "K", "n_part", "NB", "NG", "BN"])
+@triton.jit(do_not_specialize=["T", "N0", "N1", "K", "n_part", "NB", "NG", "BN", "sp0t", "sp1t", "sps"])
 def _moram_pick_kernel(p0_ptr, p1_ptr, pss_ptr, gmax_ptr, sc0_ptr, sc1_ptr,
                        idx_ptr, psel_ptr, norm_ptr, coef_ptr,
                        T, N0, N1, K, n_part, NB, NG, BN, sp0t, sp1t, sps,
@@ -223,7 +223,17 @@ class SplitConfig:
 
 
 SPLIT_BN = (64, 32, 16)   # atoms per program, largest first
-GROUP_ATOMS = 8 if INTERPRET else 16   # GS: atoms per group maximum (divides every BN)
+GS_GPU = 16                             # GS: atoms per group maximum (divides every BN)
+GROUP_ATOMS = 8 if INTERPRET else GS_GPU   # the interpreter's tiny banks still get many groups
+
+
+def split_variants() -> list[tuple[int, int, bool]]:
+    """Every (BT, BN, GROUPS) of the scores kernel :func:`split_fwd` can launch on a GPU:
+    BT 16 takes any BN, BT 64 (T > 16) BN >= 32; d_in slices (no groups) come with the
+    smallest BN a T allows."""
+    out = [(16, bn, True) for bn in SPLIT_BN] + [(16, 16, False)]
+    out += [(64, bn, True) for bn in (64, 32)] + [(64, bn, False) for bn in (64, 32)]
+    return out
 
 
 def split_config(t: int, bn: int, compute: str, prec: str = "tf32", interpret: bool = INTERPRET) -> SplitConfig:
@@ -238,9 +248,9 @@ def split_config(t: int, bn: int, compute: str, prec: str = "tf32", interpret: b
     return SplitConfig(bt, bn, 64 if compute == "fp32" else 128, 4, 3)
 
 
-def pick_config(kp: int) -> tuple[int, int]:
+def pick_config(kp: int, interpret: bool = INTERPRET) -> tuple[int, int]:
     """(BC scores or groups per chunk, num_warps) of the pick kernel."""
-    if INTERPRET:
+    if interpret:
         return max(64, kp), 1
     return 1024, 4
 
