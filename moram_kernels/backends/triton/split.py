@@ -109,35 +109,15 @@ def score_keys(p0_ptr, p1_ptr, row0, row1, sps, n_part, c0, N0, N, ss, BC: tl.co
     return tl.where(ids < N, pack_keys(v, ids), -9223372036854775808), ss + tl.sum(v * v, 1)
 
 
-# sizes that only bound loops and masks, and the score rows' strides (N, T N), are not
-# specialised: a new T or bank size must not compile again (inside a CUDA-graph capture, say)
-@triton.jit(do_not_specialize=["T", "N0", "N1", "d_per", "NB", "NG", "sct", "scs"])
-def _moram_split_scores_kernel(x_ptr, k0_ptr, k1_ptr, sc_ptr, pss_ptr, gmax_ptr,
-                               T, D, N0, N1, d_per, NB, NG,
-                               sxt, sxd, s0n, s0d, s1n, s1d, sct, scs,
-                               BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-                               GS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                               GROUPS: tl.constexpr):
-    """Program (atom block, d_in slice, token block): fp32 scores of BT tokens against BN
-    keys over d_in ``[pid_d d_per, (pid_d + 1) d_per)``, stored at the atoms' global ids
-    in the slice's partial ``sc [T, N]`` (``+ pid_d scs``). GROUPS (one slice): also the
-    block's sums of squares ``pss [T, NB]`` and its group maxima ``gmax [T, NG]``."""
-    pid_n = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    rows = tl.program_id(2).to(tl.int64) * BT + tl.arange(0, BT)
-    t_mask = rows < T
-    tiles0 = tl.cdiv(N0, BN)
-    in0 = pid_n < tiles0
-    n_loc = tl.where(in0, pid_n, pid_n - tiles0) * BN + tl.arange(0, BN)
-    n_mask = n_loc < tl.where(in0, N0, N1)
-    k_ptr = tl.where(in0, k0_ptr, k1_ptr)
-    skn = tl.where(in0, s0n, s1n)
-    skd = tl.where(in0, s0d, s1d)
+@triton.jit
+def _slab_scores(x_ptr, sxt, sxd, rows, t_mask, k_ptr, skn, skd, n_loc, n_mask, d_lo, d_hi,
+                 BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr,
+                 PREC: tl.constexpr):
+    """fp32 ``[BT, BN]`` scores of tokens ``rows`` against keys ``n_loc`` over d_in
+    ``[d_lo, d_hi)`` (zero where masked)."""
     xb = x_ptr + rows[:, None] * sxt
     kb = k_ptr + n_loc.to(tl.int64)[:, None] * skn
     dk = tl.arange(0, BD).to(tl.int64)      # int64: a transposed view's column x stride passes 2^31
-    d_lo = pid_d * d_per
-    d_hi = tl.minimum(d_lo + d_per, D)
     acc = tl.zeros([BT, BN], dtype=tl.float32)
     for d0 in range(d_lo, d_hi, BD):
         dd = d0 + dk
@@ -152,6 +132,43 @@ def _moram_split_scores_kernel(x_ptr, k0_ptr, k1_ptr, sc_ptr, pss_ptr, gmax_ptr,
                 xa = round_tf32(xa)
                 ka = round_tf32(ka)
         acc = tl.dot(xa, tl.trans(ka), acc, input_precision=PREC)
+    return acc
+
+
+# sizes that only bound loops and masks, and the score rows' strides (N, T N), are not
+# specialised: a new T or bank size must not compile again (inside a CUDA-graph capture, say)
+@triton.jit(do_not_specialize=["T", "N0", "N1", "d_chunks", "NB", "NG", "sct", "scs"])
+def _moram_split_scores_kernel(x_ptr, k0_ptr, k1_ptr, sc_ptr, pss_ptr, gmax_ptr,
+                               T, D, N0, N1, d_chunks, NB, NG,
+                               sxt, sxd, s0n, s0d, s1n, s1d, sct, scs,
+                               BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                               GS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                               GROUPS: tl.constexpr):
+    """Program (atom block, d_in slice, token block): fp32 scores of BT tokens against BN
+    keys over d_in ``[pid_d s, (pid_d + 1) s)``, ``s = d_chunks BD``, stored at the atoms' global ids
+    in the slice's partial ``sc [T, N]`` (``+ pid_d scs``). GROUPS (one slice): also the
+    block's sums of squares ``pss [T, NB]`` and its group maxima ``gmax [T, NG]``."""
+    pid_n = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rows = tl.program_id(2).to(tl.int64) * BT + tl.arange(0, BT)
+    t_mask = rows < T
+    tiles0 = tl.cdiv(N0, BN)
+    in0 = pid_n < tiles0
+    n_loc = tl.where(in0, pid_n, pid_n - tiles0) * BN + tl.arange(0, BN)
+    n_mask = n_loc < tl.where(in0, N0, N1)
+    # a whole number of BD chunks per slice: the compiler sees d_lo % BD == 0, which keeps
+    # the loads vectorised and the cp.async pipeline (an unknown offset gave neither: 255
+    # registers, spills, no shared-memory stages)
+    d_lo = pid_d * d_chunks * BD
+    d_hi = tl.minimum(d_lo + d_chunks * BD, D)
+    # one call per segment, not a select of pointers and strides: each keeps its constant
+    # unit stride (vectorised loads) and its own address arithmetic
+    if in0:
+        acc = _slab_scores(x_ptr, sxt, sxd, rows, t_mask, k0_ptr, s0n, s0d, n_loc, n_mask, d_lo, d_hi,
+                           BT, BN, BD, UPCAST, PREC)
+    else:
+        acc = _slab_scores(x_ptr, sxt, sxd, rows, t_mask, k1_ptr, s1n, s1d, n_loc, n_mask, d_lo, d_hi,
+                           BT, BN, BD, UPCAST, PREC)
     gid = tl.where(in0, 0, N0) + n_loc
     m2 = t_mask[:, None] & n_mask[None, :]
     tl.store(sc_ptr + pid_d.to(tl.int64) * scs + rows[:, None] * sct + gid[None, :], acc, mask=m2)
@@ -244,19 +261,23 @@ def split_config(t: int, bn: int, compute: str, prec: str = "tf32", interpret: b
         return SplitConfig(16, bn, 32, 1, 1)
     bt = 16 if t <= 16 else 64
     if compute == "fp32" and prec == "ieee":
-        return SplitConfig(bt, bn, 32, 4, 2)
-    return SplitConfig(bt, bn, 64 if compute == "fp32" else 128, 4, 3)
+        # CUDA-core FMAs: 64 x 64 on 4 warps took 128 registers and spilled on sm_80
+        return SplitConfig(bt, bn, 32, 8 if bt == 64 else 4, 2)
+    # 3 stages of x and key tiles in shared memory: BD 128 at 16 tokens (80 KB), 64 at 64
+    # tokens (BD 128 took 192 KB, one program per SM)
+    bd = (64 if compute == "fp32" else 128) // (2 if bt == 64 else 1)
+    return SplitConfig(bt, bn, bd, 4, 3)
 
 
 def pick_config(kp: int, interpret: bool = INTERPRET) -> tuple[int, int]:
     """(BC scores or groups per chunk, num_warps) of the pick kernel."""
     if interpret:
         return max(64, kp), 1
-    return 1024, 4
+    return (1024 if kp <= 32 else 512), 8
 
 
 def split_plan(t: int, n0: int, n1: int, d: int, bd: int, sms: int, bns=None) -> tuple[int, int, int, int]:
-    """``(BN, atom blocks, d_in slices, d_in per slice)``: at least two programs per SM
+    """``(BN, atom blocks, d_in slices, d_in per slice: whole BD chunks)``: at least two programs per SM
     (``sms``) before d_in is cut; the largest BN of ``bns`` that reaches that, else the
     smallest BN with d_in cut into slices of whole BD chunks. Each program streams its
     BN x d_per keys once, and re-reads its T tokens' x from L2: BN is at least
@@ -267,7 +288,7 @@ def split_plan(t: int, n0: int, n1: int, d: int, bd: int, sms: int, bns=None) ->
     for bn in bns:
         nb = triton.cdiv(n0, bn) + triton.cdiv(n1, bn)
         if nb >= want:
-            return bn, nb, 1, d
+            return bn, nb, 1, triton.cdiv(d, bd) * bd
     # whole BD chunks per slice, rounded down so the slices still reach the target
     per = max(1, triton.cdiv(d, bd) // triton.cdiv(want, max(nb, 1))) * bd
     return bn, nb, triton.cdiv(d, per), per
@@ -323,7 +344,7 @@ def split_fwd(x, keys0, values0, scale0, keys1, values1, scale1, n0, n1, K, tau,
     with device_ctx(x.device):
         _moram_split_scores_kernel[(nb, parts, triton.cdiv(T, cfg.BT))](
             x, keys0, keys1, sc, pss, gmax,
-            T, D, n0, n1, per, nb, ng,
+            T, D, n0, n1, per // cfg.BD, nb, ng,
             x.stride(0), x.stride(1), keys0.stride(0), keys0.stride(1), keys1.stride(0), keys1.stride(1),
             n, T * n,
             BT=cfg.BT, BN=bn, BD=cfg.BD, GS=GROUP_ATOMS, UPCAST=INTERPRET, PREC=prec, GROUPS=groups,
