@@ -1,7 +1,15 @@
 """The ``triton`` backend: fused MoRAM forward and backward (contract in
 :mod:`moram_kernels.backends.reference`).
 
-Forward, three launches, no ``[T, N]`` tensor in device memory:
+The forward takes one of three roads, chosen per call by ``forward.fwd_route`` from
+``MORAM_TRITON_FWD`` (``auto``: the cost model's fastest, ``split`` up to 64 tokens and
+``gemm`` above): ``fused`` (below), ``split`` and ``gemm`` (:mod:`.split`: scores written
+as fp32 ``[T, N]``, by a BGMV-style kernel that gives every SM two or more programs, or by
+cuBLAS, then one select kernel over packed (score, id) keys with ``tl.topk`` networks;
+no host synchronisation, so a decode step can be captured in a CUDA graph). All three
+save the same idx/p_sel/norm, so the backward is one.
+
+The ``fused`` road, three launches, no ``[T, N]`` tensor in device memory:
 
 1. ``_moram_scan_kernel``, grid (token blocks, N splits): each program streams its atom
    tiles (segment 0 first, then segment 1; global ids), computes the ``[BT, BN]`` scores
@@ -44,8 +52,10 @@ dtype: no 67 MB cast per backward at d = 4096). Gradients return in each input's
 In the interpreter (``UPCAST``) 16-bit operands are upcast exactly and fp32 ones rounded
 to TF32 as ``cvt.rna.tf32`` does, so parity tests see a GPU's operand rounding.
 
-**Grid plan.** ``plan_splits`` splits the atom tiles so that token blocks x splits fill
-the GPU in at most one wave: SM count x ``ScanConfig.per_sm`` programs, where ``per_sm``
+**Grid plan.** ``plan_splits`` splits the atom tiles so that waves x (tiles per program
++ one tile of fixed cost) is least over SM count x ``ScanConfig.per_sm`` slots (a single
+wave is not always best: 133 token blocks on 132 SMs gave two waves, the second one
+program long; 32 blocks x 3 splits left 11 % of an A100 idle), where ``per_sm``
 comes from the compiler's register and shared-memory counts (``.ci/triton_compile_check.py``
 recomputes it and fails when a config claims more, or when any variant the launcher can
 pick spills). Prefill at T = 4096, K <= 16: 128 x 64 tiles, 187 registers, one 8-warp
@@ -60,8 +70,11 @@ transposed view, chunk x T) are int64.
 **Merge.** Inside a split, tiles are merged into the running top-K only above its current
 K-th. Across splits the select kernel prunes first: every split holds K scores at least
 its own K-th best, so a candidate below the largest split K-th cannot be in the global
-top-K and is dropped before the merge. Decode's 256 splits x K candidates per row then
-leave about K to 2K survivors, instead of up to ~200 dependent argmax rounds over 4096.
+top-K and is dropped before the merge. That prunes little at decode: a simulation
+(``benchmarks/cost_model.py``: ``simulate_fused_rounds``) leaves ~2,300 of 4,096
+candidates at N = 65,536 (256 splits, K = 16), ~1,000 merge rounds; the ``split`` road's
+select instead picks the top KP groups of 16 atoms by maximum, then the top K of those
+KP x 16 atoms (two ``tl.topk`` passes, no data-dependent loop).
 Not done yet: seeding each split's threshold from a shared bound in the scan itself, and
 ``tl.topk`` / packed-key merges (both want a GPU to measure).
 

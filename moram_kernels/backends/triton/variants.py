@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from ._common import GROUP, K_BUCKETS, scan_configs, small_block
 from .backward import FOLD_BR
+from .split import GS_GPU, pick_config, split_config, split_variants
 
 __all__ = ["Variant", "all_variants"]
 
@@ -36,8 +37,8 @@ class Variant:
 
 
 def _kernel(name):
-    from . import _common, backward, forward
-    for mod in (forward, backward, _common):
+    from . import _common, backward, forward, split
+    for mod in (forward, split, backward, _common):
         if hasattr(mod, name):
             return getattr(mod, name)
     raise KeyError(name)
@@ -79,8 +80,39 @@ def _scan(xd, kd, kp, cfg, aligned, prec="tf32"):
         warps=cfg.num_warps, stages=cfg.num_stages, per_sm=cfg.per_sm, config=cfg.name)
 
 
+def _split_scores(dt, prec, bt, bn, groups, aligned):
+    cfg = split_config(bt, bn, dt, prec, interpret=False)
+    return _spec(
+        "_moram_split_scores_kernel",
+        f"split_scores-{dt}-T{bt}-N{bn}-{'groups' if groups else 'slices'}" + ("-ieee" if prec == "ieee" else ""),
+        ptrs={"x_ptr": dt, "k0_ptr": dt, "k1_ptr": dt, "sc_ptr": "fp32", "pss_ptr": "fp32", "gmax_ptr": "fp32"},
+        floats=(), consts=dict(BT=cfg.BT, BN=bn, BD=cfg.BD, GS=GS_GPU, UPCAST=False, PREC=prec, GROUPS=groups),
+        unit=("sxd", "s0d", "s1d"), div=("D", "sxt", "s0n", "s1n"), aligned=aligned,
+        warps=cfg.num_warps, stages=cfg.num_stages)
+
+
+def _pick(kp, groups, aligned):
+    bc, warps = pick_config(kp, interpret=False)
+    # p1 (segment 1's scores, column N0 of the split road's buffer) has no alignment to claim
+    return _spec(
+        "_moram_pick_kernel", f"pick-K{kp}-{'groups' if groups else 'stream'}",
+        ptrs={"p0_ptr": "fp32", "p1_ptr": "fp32", "pss_ptr": "fp32", "gmax_ptr": "fp32", "sc0_ptr": "fp32",
+              "sc1_ptr": "fp32", "idx_ptr": "i64", "psel_ptr": "fp32", "norm_ptr": "fp32", "coef_ptr": "fp32"},
+        floats=("tau", "delta", "eps"), consts=dict(KP=kp, BC=bc, GS=GS_GPU, GROUPS=groups),
+        unit=(), div=(), aligned=aligned, warps=warps, stages=3)
+
+
 def all_variants() -> list[Variant]:
     out = []
+    # the split road (decode) and the select of the split and gemm roads
+    for dt, prec in (("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "tf32"), ("fp32", "ieee")):
+        for bt, bn, groups in split_variants():
+            out.append(_split_scores(dt, prec, bt, bn, groups, True))
+    out.append(_split_scores("bf16", "tf32", 16, 64, True, False))
+    for kp in K_BUCKETS:
+        for groups in (True, False):
+            out.append(_pick(kp, groups, True))
+    out.append(_pick(16, True, False))
     # the dtype policy gives both dot operands one dtype: no mixed variant exists; fp32 runs
     # as TF32 unless float32_matmul_precision is "highest" (IEEE, CUDA cores)
     for dt, prec in (("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "tf32"), ("fp32", "ieee")):

@@ -34,6 +34,13 @@ TAU, EPS = 0.1, 1e-12
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+@pytest.fixture(autouse=True)
+def _fused_road(monkeypatch):
+    """These tests pin the fused road (scan, select, gather); ``auto`` would send their
+    shapes to the split and gemm roads, which test_triton_routes.py covers."""
+    monkeypatch.setenv("MORAM_TRITON_FWD", "fused")
+
+
 def _case(t, d_in, d_out, n0, n1, k, dt, *, keys_dt=None, seed=0, scale=True):
     n = n0 + n1
     x, keys, values = make_inputs(t, d_in, d_out, n, k=k, dtype=dt, keys_dtype=keys_dt, seed=seed)
