@@ -4,6 +4,8 @@ the gather kernel sums the K value rows. No ``[T, N]`` tensor is ever written.""
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -12,7 +14,22 @@ from ..._precision import fp32_uses_tf32, lowest
 from ._common import (INTERPRET, device_ctx, k_bucket, launch_gather, merge_topk, scan_config,
                       sm_count, small_block, tl_name)
 
-__all__ = ["moram_fwd", "plan_splits"]
+__all__ = ["moram_fwd", "plan_splits", "fwd_variant", "FWD_VARIANTS"]
+
+#: values of ``MORAM_TRITON_FWD``: ``auto`` (the cost model picks), ``fused`` (the streaming
+#: scan, ``_moram_scan_kernel``), ``split`` and ``gemm`` (the decode road and cuBLAS scores +
+#: select, built on another branch; here they run ``fused``), ``scan2`` (the pipelined
+#: prefill scan, :mod:`.scan2`)
+FWD_VARIANTS = ("auto", "fused", "split", "gemm", "scan2")
+
+
+def fwd_variant() -> str:
+    """The forward variant asked for by ``MORAM_TRITON_FWD`` (read on every call; empty
+    means ``auto``). An unknown value raises ``ValueError`` naming the variable."""
+    v = os.environ.get("MORAM_TRITON_FWD", "").strip().lower() or "auto"
+    if v not in FWD_VARIANTS:
+        raise ValueError(f"MORAM_TRITON_FWD={v!r}: expected one of {', '.join(FWD_VARIANTS)}")
+    return v
 
 
 @triton.jit
@@ -122,9 +139,9 @@ def _moram_select_kernel(pv_ptr, pi_ptr, pss_ptr, pk_ptr, sc0_ptr, sc1_ptr,
 
     Pruned merge: each split holds K scores >= its own K-th best, so nothing below the
     largest split K-th (``bound``) can make the global top-K. Candidates under it are
-    dropped before the merge, which then sees about K to 2K survivors per row however
-    many splits there are (decode: 256 splits, 4096 candidates, would otherwise take up
-    to ~200 dependent argmax rounds)."""
+    dropped before the merge. How many survive depends on the splits' length (simulated
+    in :mod:`.model`, K = 16): about 50 of 64 at prefill's 4 splits, about 1,600 of 4,096
+    at decode's 256 splits of 256 atoms (about 90 merge rounds)."""
     rows = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
     t_mask = rows < T
     slot = tl.arange(0, KP)
@@ -214,7 +231,16 @@ def moram_fwd(x, keys0, values0, scale0, keys1, values1, scale1, K, tau, delta, 
     kp = k_bucket(K)
     compute = tl_name(cd)
     prec = dot_precision(compute)
-    cfg = scan_config(T, kp, compute, prec, gpu_tiles=gpu_tiles)
+    variant = fwd_variant()
+    if variant == "auto":
+        from .model import prefill_route
+        variant = prefill_route(T, D, n0 + n1, kp, compute, prec, sm_count(dev))
+    from . import scan2
+    use_scan2 = variant == "scan2" and T > 0 and scan2.serves(kp, prec)
+    if use_scan2:
+        cfg = scan2.scan2_config(kp, compute, gpu_tiles=gpu_tiles)
+    else:
+        cfg = scan_config(T, kp, compute, prec, gpu_tiles=gpu_tiles)
     n_split, per = plan_splits(T, n0, n1, cfg.BT, cfg.BN, dev, cfg.per_sm)
     f32 = dict(device=dev, dtype=torch.float32)
     pv = torch.empty(T, n_split * kp, **f32)
@@ -228,13 +254,16 @@ def moram_fwd(x, keys0, values0, scale0, keys1, values1, scale1, K, tau, delta, 
     coef = torch.empty(T, K, **f32)
     dummy = p_sel   # pointer for an absent scale vector, never read
     with device_ctx(dev):
-        _moram_scan_kernel[(triton.cdiv(T, cfg.BT), n_split)](
-            x, keys0, keys1, pv, pi, pss, pk,
-            T, D, n0, n1, K, per, n_split,
-            x.stride(0), x.stride(1), keys0.stride(0), keys0.stride(1),
-            keys1.stride(0), keys1.stride(1),
-            BT=cfg.BT, BN=cfg.BN, BD=cfg.BD, KP=kp, UPCAST=INTERPRET, PREC=prec,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if use_scan2:
+            scan2.launch_scan2(x, keys0, keys1, n0, n1, pv, pi, pss, pk, K, kp, cfg, n_split, per, prec)
+        else:
+            _moram_scan_kernel[(triton.cdiv(T, cfg.BT), n_split)](
+                x, keys0, keys1, pv, pi, pss, pk,
+                T, D, n0, n1, K, per, n_split,
+                x.stride(0), x.stride(1), keys0.stride(0), keys0.stride(1),
+                keys1.stride(0), keys1.stride(1),
+                BT=cfg.BT, BN=cfg.BN, BD=cfg.BD, KP=kp, UPCAST=INTERPRET, PREC=prec,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         bt, _, bc = small_block(kp)
         _moram_select_kernel[(triton.cdiv(T, bt),)](
             pv, pi, pss, pk, scale0 if scale0 is not None else dummy,
