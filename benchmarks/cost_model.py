@@ -41,7 +41,8 @@ Floor of a call on hardware ``hw`` (:data:`HARDWARE`)::
 ``tc_blas`` is the bf16 GEMM rate cuBLAS reaches, ``hbm`` the memory bandwidth measured
 with a device copy. :func:`predict_ms` refines the floor per implementation for the
 ``gpu-check`` preset: the Triton scan at ``SCAN_EFF`` of the tensor-core peak plus
-``MERGE_FRAC`` for its running top-K merge, over the SMs its grid keeps busy; the authors'
+its merge rounds counted by simulation (``moram_kernels.backends.triton.model``), over the
+SMs its grid keeps busy; the authors'
 path as two GEMMs plus ten passes over ``[T, N]`` fp32; ``launch_s`` per eager launch.
 The GPU check prints each prediction beside the measured time, so the model is checked on
 every GPU run.
@@ -52,7 +53,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = ["forward_flops", "forward_bytes", "backward_flops", "backward_bytes", "work", "dense_flops",
-           "floor_s", "HARDWARE", "H200", "GPU_CHECK", "plan", "predict_ms"]
+           "floor_s", "HARDWARE", "H200", "GPU_CHECK", "plan", "predict_ms", "issue_rows",
+           "DECODE_MODEL"]
 
 
 # ---- one call ---------------------------------------------------------------------------------
@@ -125,8 +127,7 @@ HARDWARE: dict[str, dict[str, float]] = {
     "H200": dict(sms=132, tc_peak=990e12, tc_blas=790e12, hbm=4.3e12, launch_s=4e-6),
 }
 H200 = HARDWARE["H200"]
-SCAN_EFF = 0.70      # assumed share of the tensor-core peak a Triton scan tile sustains
-MERGE_FRAC = 0.15    # assumed running top-K merge cost on top of a scan tile's MMA time
+from moram_kernels.backends.triton.model import SCAN_EFF  # noqa: E402  (one assumption, one place)
 
 
 def floor_s(flops: float, nbytes: float, hw: dict = H200) -> float:
@@ -168,23 +169,59 @@ def plan(s: GpuCheckShape = GPU_CHECK) -> list[tuple[str, int, float, float]]:
     return rows
 
 
-def _triton_fwd_s(t, d, d_out, n, k, hw=H200):
-    """Scan (one wave: time = FLOPs / (busy SMs x per-SM peak x SCAN_EFF), at least the
-    keys read once from HBM), select (partial lists) and gather (K value rows), plus
-    three launches."""
-    from moram_kernels.backends.triton._common import k_bucket, scan_configs
-    from moram_kernels.backends.triton.forward import plan_splits
-    kp = k_bucket(k)
-    cfgs = scan_configs("bf16", kp)
-    cfg = cfgs["decode16"] if t <= 16 else cfgs["decode64"] if t <= 64 else cfgs["prefill"]
-    splits, per = plan_splits(t, n, 0, cfg.BT, cfg.BN, None, cfg.per_sm, sms=hw["sms"])
-    t_blocks = -(-t // cfg.BT)
-    busy = min(1.0, t_blocks * splits / (hw["sms"] * cfg.per_sm)) if t > 64 else 1.0
-    mma = 2 * (t_blocks * cfg.BT) * n * d / (hw["tc_peak"] * SCAN_EFF * busy) * (1 + MERGE_FRAC)
-    scan = max(mma, 2 * n * d / hw["hbm"])
-    select = (t * splits * kp * 12 + t * k * 24) / hw["hbm"]
-    gather = 2 * (min(t * k, n) * d_out + t * d_out) / hw["hbm"]
-    return scan + select + gather + 3 * hw["launch_s"]
+def _triton_fwd_s(t, d, d_out, n, k, hw=H200, variant=None):
+    """The Triton forward by the package's model (``moram_kernels.backends.triton.model``:
+    scan MMAs, merge rounds counted by simulation, select, gather, launches). ``variant``:
+    "fused", "scan2" or "gemm"; None: what ``MORAM_TRITON_FWD=auto`` picks."""
+    from moram_kernels.backends.triton import model
+    from moram_kernels.backends.triton._common import k_bucket
+    if variant is None:
+        variant = model.prefill_route(t, d, n, k_bucket(k), "bf16", "tf32", hw["sms"])
+    return model.forward_s(variant, t, d, n, k, d_out, "bf16", _gpu(hw))
+
+
+def _gpu(hw):
+    from moram_kernels.backends.triton import model
+    g = model.H200
+    return model.Gpu(g.name, int(hw["sms"]), hw["tc_peak"], hw["tc_blas"], hw["hbm"], g.clock, g.issue,
+                     hw["launch_s"])
+
+
+def _backward_s(t, d, k, r, hw=H200):
+    """Training backward: x G (2 T d^2) on tensor cores, P and dA of the r trainable atoms,
+    the gathers (K rows of A and B per token, mostly L2) and about ten launches."""
+    return (2 * t * d * d + 4 * t * r * d) / hw["tc_blas"] + 3 * 2 * t * d / hw["hbm"] \
+        + 2 * 2 * t * k * d / hw["hbm"] + 10 * hw["launch_s"]
+
+
+#: hook for the decode road's model (another branch): ``f(t, d, n, k, d_out, gpu) -> s`` or None
+DECODE_MODEL = None
+
+
+def issue_rows(hw: dict = H200) -> list[dict]:
+    """Model against floor for the four rows issue 18 tracks (bf16, d = 4096, k = 16):
+    prefill forward and forward + backward at T = 4096, N = 16,384; decode of one token at
+    N = 1,024 and N = 65,536. Per row: the floor and the modelled seconds of each forward
+    variant (``fused`` the old scan, ``scan2``, ``gemm`` cuBLAS scores + select; decode:
+    the old scan, or :data:`DECODE_MODEL` when set)."""
+    from moram_kernels.backends.triton import model
+    g, d, k, r = _gpu(hw), 4096, 16, 16
+    out = []
+    for case, t, n, bwd in (("prefill fwd", 4096, 16384, False), ("prefill fwd+bwd", 4096, 16384, True),
+                            ("decode T=1 N=1024", 1, 1024, False), ("decode T=1 N=65536", 1, 65536, False)):
+        fl = forward_flops(t, d, d, n, k) + (backward_flops(t, d, d, n, k, r) if bwd else 0)
+        by = forward_bytes(t, d, d, n, k, 2) + (backward_bytes(t, d, d, n, k, r, 2) if bwd else 0)
+        row = dict(case=case, t=t, n=n, floor_s=floor_s(fl, by, hw))
+        extra = _backward_s(t, d, k, r, hw) if bwd else 0.0
+        if t <= 64:
+            row["fused"] = model.forward_s("fused", t, d, n, k, d, "bf16", g) + extra
+            if DECODE_MODEL is not None:
+                row["decode"] = DECODE_MODEL(t, d, n, k, d, g)
+        else:
+            for v in ("fused", "scan2", "gemm"):
+                row[v] = model.forward_s(v, t, d, n, k, d, "bf16", g) + extra
+        out.append(row)
+    return out
 
 
 def predict_ms(case: str, impl: str, t: int, hw: dict = H200, s: GpuCheckShape = GPU_CHECK) -> float | None:
@@ -201,8 +238,8 @@ def predict_ms(case: str, impl: str, t: int, hw: dict = H200, s: GpuCheckShape =
         tn = 10 * 4 * t * n / hw["hbm"]
         f = gemm + value + tn + 12 * hw["launch_s"]
         return 1e3 * (f if fwd_only else 3 * f)   # autograd: two more [T, N] GEMMs and passes
-    if impl == "triton":
-        f = _triton_fwd_s(t, d, d_out, n, k, hw)
+    if impl == "triton" or impl.startswith("triton:"):
+        f = _triton_fwd_s(t, d, d_out, n, k, hw, impl.partition(":")[2] or None)
     elif impl == "cuda":
         # cuBLAS scores in fp32 chunks written and read back, a select kernel, the gather
         f = gemm + 2 * 4 * t * n / hw["hbm"] + 2 * min(t * k, n) * d_out / hw["hbm"] + 4 * hw["launch_s"]
@@ -210,8 +247,4 @@ def predict_ms(case: str, impl: str, t: int, hw: dict = H200, s: GpuCheckShape =
         return None
     if fwd_only:
         return 1e3 * f
-    # backward: x G (2 T d^2) on tensor cores, P and dA of the r trainable atoms, the
-    # gathers (K rows of A and B per token, mostly L2) and about ten launches
-    b = (2 * t * d * d + 4 * t * s.r * d) / hw["tc_blas"] + 3 * 2 * t * d / hw["hbm"] \
-        + 2 * 2 * t * k * d / hw["hbm"] + 10 * hw["launch_s"]
-    return 1e3 * (f + b)
+    return 1e3 * (f + _backward_s(t, d, k, s.r, hw))

@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 
-from ..cost_model import (GPU_CHECK, H200, MERGE_FRAC, SCAN_EFF, floor_s, forward_bytes, forward_flops, plan,
+from ..cost_model import (GPU_CHECK, H200, SCAN_EFF, floor_s, forward_bytes, forward_flops, plan,
                           predict_ms)
 from ..timing import Budget
 
@@ -63,7 +63,7 @@ def print_plan(backends):
           f"torch.compile(moram_dense), cuBLAS x @ keys.T")
     hw = H200
     print(f"cost model (benchmarks/cost_model.py, H200): {hw['tc_blas'] / 1e12:.0f} TFLOP/s cuBLAS bf16, "
-          f"{hw['tc_peak'] / 1e12:.0f} peak, Triton scan at {SCAN_EFF:.0%} of peak + {MERGE_FRAC:.0%} merge, "
+          f"{hw['tc_peak'] / 1e12:.0f} peak, Triton scan at {SCAN_EFF:.0%} of peak + simulated merges, "
           f"{hw['hbm'] / 1e12:.1f} TB/s HBM, {hw['launch_s'] * 1e6:.0f} us per eager launch")
     print(f"{'case':22s} {'T':>5s} {'GFLOP':>9s} {'MB':>8s} {'FLOP/B':>7s} {'floor ms':>9s}  predicted ms")
     for name, t, fl, by in plan():
