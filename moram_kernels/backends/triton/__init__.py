@@ -7,9 +7,13 @@ Forward, three launches, no ``[T, N]`` tensor in device memory:
    tiles (segment 0 first, then segment 1; global ids), computes the ``[BT, BN]`` scores
    with ``tl.dot`` (fp32 accumulation), adds their squares to a running sum, and merges
    the tile into a running top-K per token (``merge_topk``: only scores above the current
-   K-th are considered, so warm tiles cost one compare). It writes a partial list
+   K-th are considered; a tile costs one compare only when no row of the block has such
+   a score, which at 128 rows never happens: see **Merge**). It writes a partial list
    ``[T, splits, KP]``, partial sums of squares and its K-th best score ``[T, splits]``:
-   O(T K) bytes.
+   O(T K) bytes. ``MORAM_TRITON_FWD=scan2`` (or ``auto``, when the model prices it lower)
+   runs ``_moram_scan2_kernel`` (:mod:`.scan2`) instead: 128 x 128 tiles in one flattened
+   tile loop, every tile merged by a sorting network over packed (score, id) int64 keys;
+   same outputs.
 2. ``_moram_select_kernel``: merges the partial lists, then the epilogue (norm, s,
    softmax/tau, threshold, ``c = w m p scale``); saves idx/p_sel/norm and c.
 3. ``_moram_gather_kernel``, grid (token blocks, column chunks): ``y = sum_k c_k b_k`` in
@@ -53,13 +57,29 @@ size never recompiles); D and the strides stay specialised, since their divisibi
 16 decides vectorised, pipelined loads. Offsets that can pass 2^31 (column x stride of a
 transposed view, chunk x T) are int64.
 
-**Merge.** Inside a split, tiles are merged into the running top-K only above its current
-K-th. Across splits the select kernel prunes first: every split holds K scores at least
-its own K-th best, so a candidate below the largest split K-th cannot be in the global
-top-K and is dropped before the merge. Decode's 256 splits x K candidates per row then
-leave about K to 2K survivors, instead of up to ~200 dependent argmax rounds over 4096.
-Not done yet: seeding each split's threshold from a shared bound in the scan itself, and
-``tl.topk`` / packed-key merges (both want a GPU to measure).
+**Merge** (counts from :mod:`.model`'s simulation on Gaussian scores, k = 16, d = 4096).
+Inside a split, the old scan merges a tile into the running top-K only above its current
+K-th, with one loop trip per candidate of the busiest row (at most KP). A row's top-K
+changes about ``K ln(N / K)`` times, but the loop runs for the busiest of 128 rows: at
+T = 4096, N = 16,384 a program runs about 280 rounds over its 64 tiles (550 SASS
+instructions each on sm_90) and no tile is ever skipped; only decode's single real row
+makes warm tiles cheap. ``scan2`` merges every tile with no data-dependent loop
+(``tl.topk`` of each column half to KP, a bitonic merge with the running list), a fixed
+cost the model prices per tile. Across splits the select kernel prunes first: every split
+holds K scores at least its own K-th best, so a candidate below the largest split K-th
+cannot be in the global top-K and is dropped before the merge. That leaves about 50 of
+64 candidates at prefill's 4 splits, and about 1,600 of 4,096 at decode's 256 splits
+(N = 65,536), merged in about 90 rounds: pruning is weak when the splits are short.
+Not done yet: seeding each split's threshold from a shared bound in the scan itself.
+
+**Model.** :mod:`.model` prices each forward variant (old scan, ``scan2``, cuBLAS scores +
+select) from the tiles' MMAs, the simulated merge rounds, the select and the gather;
+``MORAM_TRITON_FWD=auto`` sends prefill to the cheapest one this tree has. At the shape
+below (H200, bf16) it gives the old scan ~1.12 ms (64 tiles of 128 x 64 per program,
+each with a pipeline refill, plus ~280 merge rounds), ``scan2`` ~1.11 ms (32 tiles of
+128 x 128, each with a 6,348-instruction merge that nothing overlaps: one 255-register
+program per SM) and the cuBLAS route ~0.87 ms, against the 0.70 ms floor: the merges,
+not the MMA pipeline, hold the scans back. ``benchmarks/cost_model.py: issue_rows()`` prints the four tracked rows.
 
 Floors, for d_in = d_out = d = 4096, N = 16384, k = 16, T = 4096, bf16 (H100/H200:
 ~990 TFLOP/s dense bf16 peak, ~790 reached by cuBLAS; HBM ~4.3 TB/s measured on H200):

@@ -125,8 +125,10 @@ def merge_topk(run_v, run_i, cand_v, cand_i, KP: tl.constexpr, BC: tl.constexpr)
     lists ``run_v/run_i [BT, KP]`` (slots beyond K hold +inf and are never replaced).
 
     Only candidates above the current K-th best are considered, and the loop runs as
-    many times as the row with the most such candidates needs (at most KP): once the
-    lists are warm most tiles cost one compare and one reduction.
+    many times as the row with the most such candidates needs (at most KP). A tile costs
+    one compare and one reduction only when no row has such a candidate: common with one
+    real row (decode), never at 128 rows (about 280 rounds over a prefill program's 64
+    tiles; :mod:`.model` simulates it).
     """
     ninf = float("-inf")
     thr = tl.min(run_v, 1)

@@ -21,7 +21,8 @@ Terms (seconds, one GPU of :data:`H200`'s kind, ``sms`` SMs):
   ``tl.topk`` merge of both column halves, every tile; one program per SM, so nothing
   hides it behind the next tile's MMAs).
 - select: the partial lists' bytes at HBM speed or its merge rounds
-  (:func:`simulate_select`, ``SELECT_ROUND_SASS`` per round), whichever is longer.
+  (:func:`simulate_select`, ``SELECT_ROUND_SASS`` per round, programs sharing an SM
+  sharing its issue slots), whichever is longer.
 - gather: the K value rows per token and y at HBM speed.
 - ``gemm`` (cuBLAS scores + a select kernel, built on another branch: :data:`GEMM_AVAILABLE`
   says whether this tree has it): the GEMM at the cuBLAS rate, the fp32 scores written and
@@ -62,12 +63,12 @@ H200 = Gpu("H200", sms=132, tc_peak=990e12, tc_blas=790e12, hbm=4.3e12, clock=1.
 
 SCAN_EFF = 0.70          # share of the tensor-core peak a Triton scan tile's MMAs sustain (assumed)
 DRAIN_CYCLES = 2000      # old scan: pipeline drain + prologue refill per tile (2 stages from L2, assumed)
-# SASS instructions per warp, sm_90, bf16, K bucket 16 (cuobjdump -sass of the variants in
-# .ci/triton_compile_check.py; recount when the kernels change):
-OLD_ROUND_SASS = 549     # one round of merge_topk in the old scan (128 x 64 tile, 8 warps)
-SCAN2_EPI_SASS = 7300    # scan2's per-tile merge: pack, two tl.topk halves, two bitonic merges
-SELECT_ROUND_SASS = 246  # one round of merge_topk in the select kernel (16 x 64, 4 warps)
-SELECT_RESIDENT = 8      # select programs resident per SM (4 warps, few registers)
+# SASS instructions per warp, sm_90, bf16, K bucket 16: the loop sizes that
+# `.ci/ttgir_facts.py` prints (`sass_loops`) for scan-bf16xbf16-K16-prefill, select-K16 and
+# scan2-bf16-K16-prefill; recount when the kernels change
+OLD_ROUND_SASS = 550     # one trip of the old scan's merge_topk loop (128 x 64 tile, 8 warps)
+SCAN2_EPI_SASS = 6348    # scan2's per-tile merge (pack, two tl.topk halves, two bitonic merges)
+SELECT_ROUND_SASS = 247  # one trip of the select kernel's merge_topk loop (16 x 64, 4 warps)
 
 #: whether this tree has the ``gemm`` forward (cuBLAS scores + select); the branch that
 #: builds it sets this and replaces :func:`gemm_route_s` with its kernel's model
@@ -106,7 +107,8 @@ def simulate_scan(rows: int, bt: int, bn: int, tiles: int, k: int, kp: int, prog
             rounds += n
             gated += n == 0
             new = torch.cat([run, s], 1).topk(k, 1).values
-            inserts += int((new[:rows] > thr[:rows, None]).sum()) if rows else 0
+            # tile scores that entered the list (Gaussian scores: no ties)
+            inserts += int((s[:rows] >= new[:rows, -1:]).sum())
             run = new
     rows_eff = max(1, min(rows, bt))
     return dict(tiles=tiles, rounds=rounds / programs, gated=gated / programs,
@@ -196,13 +198,13 @@ def scan2_s(t, d, n, k, kp, compute="bf16", gpu: Gpu = H200, sms=None) -> dict:
 
 
 def select_s(t, n_split, per_split, k, kp, gpu: Gpu = H200, sms=None) -> dict:
-    """The select kernel: partial lists read at HBM speed, or its merge rounds over the
-    SMs (16-token programs, ``SELECT_RESIDENT`` per SM), whichever is longer."""
+    """The select kernel: partial lists read at HBM speed, or its merge rounds, whichever
+    is longer. Its 16-token programs spread over the SMs; those sharing an SM share its
+    issue slots, so the rounds cost ``ceil(programs / SMs)`` times one program's."""
     sms = sms or gpu.sms
     sim = simulate_select(min(t, 16), n_split, per_split, k, kp)
     programs = -(-t // 16)
-    rounds_s = -(-programs // (sms * SELECT_RESIDENT)) * sim["rounds"] * _instr_s(SELECT_ROUND_SASS, 4, gpu) \
-        * min(programs, SELECT_RESIDENT)
+    rounds_s = -(-programs // sms) * sim["rounds"] * _instr_s(SELECT_ROUND_SASS, 4, gpu)
     nbytes = t * n_split * (kp * 8 + 8) + t * k * 24
     return dict(s=max(nbytes / gpu.hbm, rounds_s), **sim)
 
