@@ -54,7 +54,7 @@ from dataclasses import dataclass
 
 __all__ = ["forward_flops", "forward_bytes", "backward_flops", "backward_bytes", "work", "dense_flops",
            "floor_s", "HARDWARE", "H200", "GPU_CHECK", "plan", "predict_ms", "issue_rows",
-           "DECODE_MODEL"]
+           "DECODE_MODEL", "SCAN_EFF"]
 
 
 # ---- one call ---------------------------------------------------------------------------------

@@ -57,16 +57,22 @@ def _score_tile(x_ptr, sxt, sxd, rows, t_mask, k_ptr, skn, skd, n_loc, n_mask, D
         dm = dd < D
         xa = tl.load(xb + dd[None, :] * sxd, mask=t_mask[:, None] & dm[None, :], other=0.0)
         ka = tl.load(kb + dd[None, :] * skd, mask=n_mask[:, None] & dm[None, :], other=0.0)
-        if UPCAST:
-            # the interpreter only (its 16-bit dot multiplies raw bits): 16-bit operands
-            # upcast exactly, fp32 ones rounded as a GPU's TF32 dot rounds them
-            xa = xa.to(tl.float32)
-            ka = ka.to(tl.float32)
-            if PREC == "tf32":
-                xa = round_tf32(xa)
-                ka = round_tf32(ka)
-        acc = tl.dot(xa, tl.trans(ka), acc, input_precision=PREC)
+        acc = dot_xkt(xa, ka, acc, UPCAST, PREC)
     return acc
+
+
+@triton.jit
+def dot_xkt(xa, ka, acc, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """``acc + xa . ka^T``. With ``UPCAST`` (the interpreter only: its 16-bit dot multiplies
+    raw bits) 16-bit operands are upcast exactly and fp32 ones rounded as a GPU's TF32 dot
+    rounds them."""
+    if UPCAST:
+        xa = xa.to(tl.float32)
+        ka = ka.to(tl.float32)
+        if PREC == "tf32":
+            xa = round_tf32(xa)
+            ka = round_tf32(ka)
+    return tl.dot(xa, tl.trans(ka), acc, input_precision=PREC)
 
 
 # sizes that only bound loops and masks are not specialised (== 1, % 16): a new T or bank
@@ -238,6 +244,7 @@ def moram_fwd(x, keys0, values0, scale0, keys1, values1, scale1, K, tau, delta, 
     from . import scan2
     use_scan2 = variant == "scan2" and T > 0 and scan2.serves(kp, prec)
     if use_scan2:
+        kp = scan2.SCAN2_MAX_KP      # one list width (K <= 8 pins the extra slots): half the variants
         cfg = scan2.scan2_config(kp, compute, gpu_tiles=gpu_tiles)
     else:
         cfg = scan_config(T, kp, compute, prec, gpu_tiles=gpu_tiles)

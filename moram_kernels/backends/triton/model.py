@@ -185,8 +185,9 @@ def scan_old_s(t, d, n, k, kp, compute="bf16", gpu: Gpu = H200, sms=None) -> dic
 def scan2_s(t, d, n, k, kp, compute="bf16", gpu: Gpu = H200, sms=None) -> dict:
     """``scan2``: same keys as :func:`scan_old_s`; every tile is merged (``rounds`` =
     tiles), ``gated`` says how often the old gate would have skipped a 128 x 128 tile."""
-    from .scan2 import scan2_configs
+    from .scan2 import SCAN2_MAX_KP, scan2_configs
     sms = sms or gpu.sms
+    kp = SCAN2_MAX_KP                 # the launcher's list width for scan2
     cfg = scan2_configs(compute, kp)["prefill"]
     splits, per, waves = _grid(t, n, cfg, sms)
     sim = simulate_scan(min(t, cfg.BT), cfg.BT, cfg.BN, per, k, kp)
@@ -226,6 +227,9 @@ def forward_s(variant, t, d, n, k, d_out, compute="bf16", gpu: Gpu = H200, sms=N
     kp = k_bucket(k)
     if variant == "gemm":
         return gemm_route_s(t, d, n, k, d_out, gpu)
+    if variant == "scan2":
+        from .scan2 import SCAN2_MAX_KP
+        kp = SCAN2_MAX_KP
     scan = (scan2_s if variant == "scan2" else scan_old_s)(t, d, n, k, kp, compute, gpu, sms)
     sel = select_s(t, scan["splits"], scan["tiles"] * scan["cfg"].BN, k, kp, gpu, sms)
     return scan["s"] + sel["s"] + gather_s(t, n, k, d_out, gpu) + 3 * gpu.launch_s

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRET, ScanConfig, device_ctx
-from .forward import round_tf32
+from .forward import dot_xkt
 
 __all__ = ["launch_scan2", "scan2_config", "scan2_configs"]
 
@@ -101,14 +101,7 @@ def _moram_scan2_kernel(x_ptr, k0_ptr, k1_ptr, pv_ptr, pi_ptr, pss_ptr, pk_ptr,
             dm = dd < D
             xa = tl.load(xb + dd[None, :], mask=t_mask[:, None] & dm[None, :], other=0.0)
             ka = tl.load(kb + dd[None, :], mask=n_mask[:, None] & dm[None, :], other=0.0)
-            if UPCAST:
-                # the interpreter only (its 16-bit dot multiplies raw bits), as in the old kernel
-                xa = xa.to(tl.float32)
-                ka = ka.to(tl.float32)
-                if PREC == "tf32":
-                    xa = round_tf32(xa)
-                    ka = round_tf32(ka)
-            acc = tl.dot(xa, tl.trans(ka), acc, input_precision=PREC)
+            acc = dot_xkt(xa, ka, acc, UPCAST, PREC)
         ss += tl.sum(acc * acc, 1)
         gid = (n_loc + tl.where(in1, N0, 0)).to(tl.int32)
         # the two column halves one after the other: half the int64 keys are live at once

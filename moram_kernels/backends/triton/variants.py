@@ -99,11 +99,10 @@ def all_variants() -> list[Variant]:
             for cfg in scan_configs(dt, kp, prec).values():
                 out.append(_scan(dt, dt, kp, cfg, True, prec))
     out.append(_scan("bf16", "bf16", 16, scan_configs("bf16", 16)["prefill"], False))
-    # scan2 serves tensor-core dots with K <= 16 (scan2.serves); the rest run the old scan
+    # scan2 serves tensor-core dots with K <= 16 (scan2.serves), always with 16-slot lists;
+    # the rest run the old scan
     for dt in _DTYPES:
-        for kp in K_BUCKETS:
-            if kp <= 16:
-                out.append(_scan2(dt, kp, True))
+        out.append(_scan2(dt, 16, True))
     out.append(_scan2("bf16", 16, False))
     for kp in K_BUCKETS:
         bt, bo, bc = small_block(kp, interpret=False)

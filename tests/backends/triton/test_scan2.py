@@ -23,7 +23,7 @@ if "triton" not in mk.available_backends():
     pytest.skip(f"triton backend unavailable here: {mk.backends.why_unavailable('triton')}",
                 allow_module_level=True)
 
-from test_triton_interpret import DEV, DT, EPS, TAU, _case, _check_bwd, _check_fwd  # noqa: E402
+from test_triton_interpret import DEV, DT, EPS, TAU, _case, _check_bwd, _check_fwd, _gap_delta  # noqa: E402
 
 from moram_kernels.backends import reference as ref  # noqa: E402
 from moram_kernels.backends import triton as tk  # noqa: E402
@@ -155,10 +155,7 @@ def test_scan2_t0_t1_and_nan_token(scan2):
 
 def test_scan2_delta_at_eval(scan2):
     x, segs, kk = _case(9, 32, 20, 30, 10, 6, torch.bfloat16, seed=3)
-    _, _, p_sel, norm = tk.moram_fwd(x, *segs, kk, TAU, 0.0, EPS)
-    s = (p_sel / norm[:, None]).flatten().sort().values
-    i = int(torch.diff(s[len(s) // 4: 3 * len(s) // 4]).argmax()) + len(s) // 4
-    delta = float(s[i] + s[i + 1]) / 2           # in the widest gap: no s sits on the threshold
+    delta = _gap_delta(x, segs, kk)
     _check_fwd(x, segs, kk, delta)
     _check_bwd(x, segs, kk, delta)
 
