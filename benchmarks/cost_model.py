@@ -40,20 +40,23 @@ Floor of a call on hardware ``hw`` (:data:`HARDWARE`)::
 
 ``tc_blas`` is the bf16 GEMM rate cuBLAS reaches, ``hbm`` the memory bandwidth measured
 with a device copy. :func:`predict_ms` refines the floor per implementation for the
-``gpu-check`` preset: the Triton scan at ``SCAN_EFF`` of the tensor-core peak plus
-``MERGE_FRAC`` for its running top-K merge, over the SMs its grid keeps busy; the authors'
-path as two GEMMs plus ten passes over ``[T, N]`` fp32; ``launch_s`` per eager launch.
+``gpu-check`` preset: each Triton forward route by the package's runtime model
+(``moram_kernels.backends.triton.model``: score tiles at ``SCAN_EFF`` of the tensor-core
+peak, merge rounds and pick work counted by simulation, over the SMs its grid keeps busy;
+:func:`route_ms`); the authors' path as two GEMMs plus ten passes over ``[T, N]`` fp32;
+``launch_s`` per eager launch.
 The GPU check prints each prediction beside the measured time, so the model is checked on
 every GPU run.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 __all__ = ["forward_flops", "forward_bytes", "backward_flops", "backward_bytes", "work", "dense_flops",
-           "floor_s", "HARDWARE", "H200", "GPU_CHECK", "plan", "predict_ms", "route_ms", "split_ms",
-           "gemm_route_ms", "fused_ms", "simulate_pick", "simulate_fused_rounds", "decode_floor_ms"]
+           "floor_s", "HARDWARE", "H200", "GPU_CHECK", "plan", "predict_ms", "issue_rows", "route_ms",
+           "route_terms_ms", "decode_floor_ms"]
 
 
 # ---- one call ---------------------------------------------------------------------------------
@@ -121,13 +124,15 @@ def dense_flops(case, mode: str) -> float:
 # ---- hardware and floors ----------------------------------------------------------------------
 
 #: Per hardware: SMs, dense bf16 tensor-core peak and the rate cuBLAS reaches (FLOP/s), HBM
-#: bandwidth measured with a device copy (bytes/s), and the cost of one eager launch (s).
+#: bandwidth measured with a device copy and L2 read bandwidth (bytes/s), the SM clock under
+#: tensor-core load (Hz) and the cost of one eager launch (s). The same numbers as the
+#: package's runtime model (``moram_kernels.backends.triton.model.GPUS``; a test pins the
+#: two together): the Triton package is optional, this module must import without it.
 HARDWARE: dict[str, dict[str, float]] = {
-    "H200": dict(sms=132, tc_peak=990e12, tc_blas=790e12, hbm=4.3e12, launch_s=4e-6),
+    "H200": dict(sms=132, tc_peak=990e12, tc_blas=790e12, hbm=4.3e12, l2=7.0e12, clock=1.75e9, launch_s=4e-6),
+    "A100": dict(sms=108, tc_peak=312e12, tc_blas=280e12, hbm=1.9e12, l2=4.5e12, clock=1.41e9, launch_s=4e-6),
 }
 H200 = HARDWARE["H200"]
-SCAN_EFF = 0.70      # assumed share of the tensor-core peak a Triton scan tile sustains
-MERGE_FRAC = 0.15    # assumed running top-K merge cost on top of a scan tile's MMA time
 
 
 def floor_s(flops: float, nbytes: float, hw: dict = H200) -> float:
@@ -169,29 +174,48 @@ def plan(s: GpuCheckShape = GPU_CHECK) -> list[tuple[str, int, float, float]]:
     return rows
 
 
-def _triton_fwd_s(t, d, d_out, n, k, hw=H200):
-    """Scan (one wave: time = FLOPs / (busy SMs x per-SM peak x SCAN_EFF), at least the
-    keys read once from HBM), select (partial lists) and gather (K value rows), plus
-    three launches."""
-    from moram_kernels.backends.triton._common import k_bucket, scan_configs
-    from moram_kernels.backends.triton.forward import plan_splits
-    kp = k_bucket(k)
-    cfgs = scan_configs("bf16", kp)
-    cfg = cfgs["decode16"] if t <= 16 else cfgs["decode64"] if t <= 64 else cfgs["prefill"]
-    splits, per = plan_splits(t, n, 0, cfg.BT, cfg.BN, None, cfg.per_sm, sms=hw["sms"])
-    t_blocks = -(-t // cfg.BT)
-    busy = min(1.0, t_blocks * splits / (hw["sms"] * cfg.per_sm)) if t > 64 else 1.0
-    mma = 2 * (t_blocks * cfg.BT) * n * d / (hw["tc_peak"] * SCAN_EFF * busy) * (1 + MERGE_FRAC)
-    scan = max(mma, 2 * n * d / hw["hbm"])
-    select = (t * splits * kp * 12 + t * k * 24) / hw["hbm"]
-    gather = 2 * (min(t * k, n) * d_out + t * d_out) / hw["hbm"]
-    return scan + select + gather + 3 * hw["launch_s"]
+def _gpu(hw: dict):
+    """``hw`` as the runtime model's :class:`~moram_kernels.backends.triton.model.Gpu`."""
+    from moram_kernels.backends.triton import model
+    name = next((k for k, v in HARDWARE.items() if v["sms"] == hw["sms"]), "custom")
+    return model.Gpu(name, **{k: hw[k] for k in ("sms", "tc_peak", "tc_blas", "hbm", "clock", "launch_s", "l2")})
+
+
+def _backward_s(t, d, k, r, hw=H200):
+    """Training backward: x G (2 T d^2) on tensor cores, P and dA of the r trainable atoms,
+    the gathers (K rows of A and B per token, mostly L2) and about ten launches."""
+    return (2 * t * d * d + 4 * t * r * d) / hw["tc_blas"] + 3 * 2 * t * d / hw["hbm"] \
+        + 2 * 2 * t * k * d / hw["hbm"] + 10 * hw["launch_s"]
+
+
+def issue_rows(hw: dict = H200) -> list[dict]:
+    """Model against floor for the four rows issue 18 tracks (bf16, d = 4096, k = 16):
+    prefill forward and forward + backward at T = 4096, N = 16,384; decode of one token at
+    N = 1,024 under a CUDA graph and at N = 65,536 (eager). Per row: ``floor_s``, the
+    modelled seconds of every forward route (:func:`route_ms`, plus the backward on the
+    fwd+bwd row) and ``auto``, the route ``MORAM_TRITON_FWD=auto`` takes."""
+    from moram_kernels.backends.triton.forward import fwd_route
+    from moram_kernels.backends.triton.model import ROUTES
+    d, k, r = 4096, 16, 16
+    out = []
+    for case, t, n, bwd, graph in (("prefill fwd", 4096, 16384, False, False),
+                                   ("prefill fwd+bwd", 4096, 16384, True, False),
+                                   ("decode T=1 N=1024 (graph)", 1, 1024, False, True),
+                                   ("decode T=1 N=65536", 1, 65536, False, False)):
+        fl = forward_flops(t, d, d, n, k) + (backward_flops(t, d, d, n, k, r) if bwd else 0)
+        by = forward_bytes(t, d, d, n, k, 2) + (backward_bytes(t, d, d, n, k, r, 2) if bwd else 0)
+        row = dict(case=case, t=t, n=n, floor_s=floor_s(fl, by, hw), auto=fwd_route(t, n, d, sms=hw["sms"]))
+        extra = _backward_s(t, d, k, r, hw) if bwd else 0.0
+        for v in ROUTES:
+            row[v] = 1e-3 * route_ms(v, t, d, d, n, k, hw, graph=graph) + extra
+        out.append(row)
+    return out
 
 
 def predict_ms(case: str, impl: str, t: int, hw: dict = H200, s: GpuCheckShape = GPU_CHECK) -> float | None:
-    """Predicted milliseconds of one GPU check row (eager launches), or None if not modelled.
-    ``impl`` "triton" is the forward road ``MORAM_TRITON_FWD`` selects now, "triton:split"
-    (or fused, gemm) one road."""
+    """Predicted milliseconds of one GPU check row (launches at ``hw["launch_s"]``), or None
+    if not modelled. ``impl`` "triton" (or "triton bwd=v2") is the forward route ``auto``
+    takes, "triton fwd=scan2" (or "triton:scan2", any of the four routes) one route."""
     d, d_out, n, k = s.d_in, s.d_out, s.n, s.k
     gemm = max(2 * t * n * d / hw["tc_blas"], 2 * (n * d + t * d + t * n) / hw["hbm"])
     if impl.startswith("cuBLAS"):
@@ -204,11 +228,13 @@ def predict_ms(case: str, impl: str, t: int, hw: dict = H200, s: GpuCheckShape =
         tn = 10 * 4 * t * n / hw["hbm"]
         f = gemm + value + tn + 12 * hw["launch_s"]
         return 1e3 * (f if fwd_only else 3 * f)   # autograd: two more [T, N] GEMMs and passes
-    if impl == "triton" or impl.startswith("triton:"):
-        # "triton:<road>" is one forward road (MORAM_TRITON_FWD); "triton" the one fwd_route takes now
+    if impl == "triton" or impl.startswith(("triton:", "triton ")):
+        # "triton fwd=<route>" (or "triton:<route>") is one forward route (MORAM_TRITON_FWD);
+        # "triton" (or "triton bwd=<v>") the route fwd_route's auto takes
         from moram_kernels.backends.triton.forward import fwd_route
-        road = impl.partition(":")[2] or fwd_route(t, n, d)
-        f = 1e-3 * route_ms(road, t, d, d_out, n, k, hw)
+        m = re.search(r"(?:fwd=|:)(\w+)", impl)
+        route = m.group(1) if m else fwd_route(t, n, d, sms=hw["sms"])
+        f = 1e-3 * route_ms(route, t, d, d_out, n, k, hw)
     elif impl == "cuda":
         # cuBLAS scores in fp32 chunks written and read back, a select kernel, the gather
         f = gemm + 2 * 4 * t * n / hw["hbm"] + 2 * min(t * k, n) * d_out / hw["hbm"] + 4 * hw["launch_s"]
@@ -216,199 +242,33 @@ def predict_ms(case: str, impl: str, t: int, hw: dict = H200, s: GpuCheckShape =
         return None
     if fwd_only:
         return 1e3 * f
-    # backward: x G (2 T d^2) on tensor cores, P and dA of the r trainable atoms, the
-    # gathers (K rows of A and B per token, mostly L2) and about ten launches
-    b = (2 * t * d * d + 4 * t * s.r * d) / hw["tc_blas"] + 3 * 2 * t * d / hw["hbm"] \
-        + 2 * 2 * t * k * d / hw["hbm"] + 10 * hw["launch_s"]
-    return 1e3 * (f + b)
+    return 1e3 * (f + _backward_s(t, d, k, s.r, hw))
 
 
-# ---- forward roads: decode (split), cuBLAS scores + select (gemm), the fused scan -------------
+# ---- forward routes: the package's runtime model ----------------------------------------------
 #
-# The Triton forward has three roads (``MORAM_TRITON_FWD``, docs/backends.md), and ``auto``
-# takes the one :func:`route_ms` predicts fastest. Memory and tensor-core terms as above;
-# the select kernels' serial work comes from simulations of the kernels' own algorithms
-# (:func:`simulate_pick`, :func:`simulate_fused_rounds`), priced per dependent step:
+# The Triton forward has four routes (``MORAM_TRITON_FWD``, docs/backends.md): ``fused``,
+# ``scan2``, ``split`` and ``gemm``. Their model, with the simulations of the merge rounds
+# (the fused scan and its select) and of the pick kernel (split, gemm), lives in the
+# package, since ``auto`` needs it at run time: ``moram_kernels.backends.triton.model``.
+# These wrappers print it in milliseconds for a ``HARDWARE`` entry.
 
-#: one compare-exchange stage of a bitonic network (``tl.topk``) over up to 1,024 int64
-#: keys in a 4-warp program: 8 keys per thread, ~5 instructions each plus one shuffle or
-#: shared-memory exchange, ~40 cycles; a wider stage costs proportionally more
-TOPK_STAGE_S = 20e-9
-#: one dependent chunk load of a select program (one program per token): an L2 round trip
-#: plus the issue of 1,024 words
-CHUNK_S = 0.7e-6
-#: one round of the fused road's ``merge_topk`` (max, argmax, min, argmin, sums: ~15
-#: block-wide reductions, each a barrier); the 8-warp 128-row prefill round is ~650
-#: instructions per thread (read from its TTGIR), about twice a 4-warp decode round
-ROUND_S = {"decode": 0.3e-6, "prefill": 0.66e-6}
-#: launch of one kernel node inside a CUDA graph (eager launches: ``launch_s``)
-GRAPH_NODE_S = 1.0e-6
-#: resident select programs per SM (4 warps, few registers)
-PICK_PER_SM = 4
-
-HARDWARE["A100"] = dict(sms=108, tc_peak=312e12, tc_blas=280e12, hbm=1.9e12, launch_s=4e-6)
-#: L2 read bandwidth (bytes/s), for operands re-read by many programs (published
-#: microbenchmarks: about 7 TB/s on H100/H200, 4.5 TB/s on A100)
-L2_BW = {108: 4.5e12, 132: 7.0e12}
-
-
-def bitonic_stages(n: int, kp: int) -> float:
-    """Stage-equivalents of ``tl.topk`` of ``n`` keys to ``kp`` (both powers of two, as
-    Triton's ``sort_impl`` runs it): ``log kp`` merges of 1..log kp stages at full width,
-    then per halving one max and ``log kp`` stages; a stage counts ``max(1, width / 1024)``."""
-    log_n, log_k = n.bit_length() - 1, kp.bit_length() - 1
-    width, total = n, 0.0
-    for i in range(1, log_k + 1):
-        total += i * max(1.0, width / 1024)
-    for _ in range(log_k + 1, log_n + 1):
-        width //= 2
-        total += (1 + log_k) * max(1.0, width / 1024)
-    return total
-
-
-def simulate_pick(n: int, k: int, mode: str, *, parts: int = 1, nb: int = 0, bc: int = 1024, gs: int = 16,
-                  tokens: int = 8, seed: int = 0) -> dict:
-    """The work of one program of the split/gemm select kernel (``_moram_pick_kernel``),
-    averaged over ``tokens`` tokens of Gaussian scores: dependent chunk loads, bitonic
-    stage-equivalents, merges and the candidates of the final top-K.
-
-    ``mode`` "groups": the pss chunks (``nb`` blocks), the group maxima in chunks of
-    ``bc`` (first chunk: one top-K; each further one merged: two), then ``KP x gs``
-    candidates in one top-K; no data dependence. "stream" (``parts`` d_in slices, or the
-    gemm road with 1): ``n / bc`` chunks, the first one's top-K, then a merge only where a
-    chunk's best beats the running K-th (counted on the scores)."""
-    import torch
-
-    from moram_kernels.backends.triton._common import k_bucket
-    kp = k_bucket(k)
-    chunks = -(-n // bc)
-    if mode == "groups":
-        ng = -(-n // gs)
-        g_chunks = -(-ng // bc)
-        stages = bitonic_stages(bc, kp) + (g_chunks - 1) * (bitonic_stages(bc, kp) + bitonic_stages(2 * kp, kp)) \
-            + bitonic_stages(kp * gs, kp)
-        return dict(loads=-(-max(nb, 1) // bc) + g_chunks + 1, stages=stages, merges=g_chunks - 1,
-                    candidates=kp * gs)
-    g = torch.Generator().manual_seed(seed)
-    p = torch.randn(tokens, n, generator=g)
-    merges = 0
-    for row in p:
-        run = row[:bc].topk(min(k, row[:bc].numel())).values
-        for c0 in range(bc, n, bc):
-            c = row[c0:c0 + bc]
-            if c.max() > run[-1]:
-                merges += 1
-                run = torch.cat([run, c]).topk(k).values
-    m = merges / tokens
-    stages = bitonic_stages(bc, kp) + m * (bitonic_stages(bc, kp) + bitonic_stages(2 * kp, kp))
-    return dict(loads=chunks, stages=stages, merges=m, candidates=n)
-
-
-def _pick_program_s(sim: dict) -> float:
-    return sim["loads"] * CHUNK_S + sim["stages"] * TOPK_STAGE_S
-
-
-def split_ms(t: int, d_in: int, d_out: int, n: int, k: int, hw: dict = H200, *, elt: int = 2,
-             graph: bool = False) -> dict:
-    """The ``split`` road, term by term (ms): ``scores`` (the longest of: keys once from
-    HBM, the padded MMA at ``SCAN_EFF``, the L2 re-reads of x per atom block and of the
-    keys per token block; plus the fp32 scores written), ``pick`` (the simulated program,
-    waves of ``PICK_PER_SM`` per SM), ``gather`` (K value rows per token, one dependent
-    load), ``launch`` (three kernels, eager or graph nodes) and ``total``."""
-    from moram_kernels.backends.triton.split import SPLIT_BN, split_config, split_plan
-    cfg = split_config(t, 64, "bf16" if elt == 2 else "fp32", interpret=False)
-    bn, nb, parts, _ = split_plan(t, n, 0, d_in, cfg.BD, hw["sms"], SPLIT_BN)
-    t_blocks = -(-t // cfg.BT)
-    # every program re-reads its tokens' x, every token block the keys: L2 traffic
-    l2 = elt * d_in * (nb * t + (t_blocks - 1) * n) / L2_BW[hw["sms"]]
-    scores = max(elt * n * d_in / hw["hbm"], 2 * t_blocks * cfg.BT * n * d_in / (hw["tc_peak"] * SCAN_EFF), l2) \
-        + 4 * t * n * parts / hw["hbm"]
-    sim = simulate_pick(n, k, "groups" if parts == 1 else "stream", parts=parts, nb=nb)
-    waves = -(-t // (hw["sms"] * PICK_PER_SM))
-    pick = waves * _pick_program_s(sim) + 4 * t * (parts * n if parts > 1 else 0) / hw["hbm"]
-    kk = min(k, n)
-    gather = elt * (min(t * kk, n) * d_out + t * d_out) / hw["hbm"] + CHUNK_S
-    launch = 3 * (GRAPH_NODE_S if graph else hw["launch_s"])
-    out = dict(scores=scores, pick=pick, gather=gather, launch=launch)
-    out["total"] = sum(out.values())
-    return {key: 1e3 * v for key, v in out.items()}
-
-
-def gemm_route_ms(t: int, d_in: int, d_out: int, n: int, k: int, hw: dict = H200, *, elt: int = 2,
-                  graph: bool = False) -> dict:
-    """The ``gemm`` road (ms): cuBLAS ``x A^T`` writing fp32 scores, the select reading
-    them (stream mode: HBM bytes or the simulated programs' waves, whichever is longer),
-    the gather, four launches."""
-    gemm = max(2 * t * n * d_in / hw["tc_blas"], (elt * (n * d_in + t * d_in) + 4 * t * n) / hw["hbm"])
-    sim = simulate_pick(n, k, "stream")
-    waves = -(-t // (hw["sms"] * PICK_PER_SM))
-    pick = max(4 * t * n / hw["hbm"], waves * _pick_program_s(sim))
-    kk = min(k, n)
-    gather = elt * (min(t * kk, n) * d_out + t * d_out) / hw["hbm"] + CHUNK_S
-    launch = 4 * (GRAPH_NODE_S if graph else hw["launch_s"])
-    out = dict(scores=gemm, pick=pick, gather=gather, launch=launch)
-    out["total"] = sum(out.values())
-    return {key: 1e3 * v for key, v in out.items()}
-
-
-def simulate_fused_rounds(t: int, n: int, k: int, hw: dict = H200, seed: int = 0) -> dict:
-    """``merge_topk`` rounds of the fused road, on Gaussian scores: ``scan``, the rounds
-    of one scan program (its token block against its split's tiles: per tile, the most
-    candidates above the running K-th over the block's rows, at most KP; padded rows score
-    0), and ``select``, those of one select program (the split lists pruned below the
-    largest split K-th, in chunks of 64 candidates, 16 rows a program) and the
-    ``survivors`` per token."""
-    import torch
-
-    from moram_kernels.backends.triton._common import k_bucket, scan_configs
-    from moram_kernels.backends.triton.forward import plan_splits
-    kp = k_bucket(k)
-    cfg = scan_configs("bf16", kp)["decode16" if t <= 16 else "decode64" if t <= 64 else "prefill"]
-    splits, per = plan_splits(t, n, 0, cfg.BT, cfg.BN, None, cfg.per_sm, sms=hw["sms"])
-    g = torch.Generator().manual_seed(seed)
-    rows = min(t, cfg.BT)
-    p = torch.zeros(cfg.BT, min(per * cfg.BN, n))
-    p[:rows] = torch.randn(rows, p.shape[1], generator=g)
-    run = torch.full((cfg.BT, k), float("-inf"))
-    scan = 0
-    for c0 in range(0, p.shape[1], cfg.BN):
-        tile = p[:, c0:c0 + cfg.BN]
-        scan += min(kp, int((tile > run.min(1, keepdim=True).values).sum(1).max()))
-        run = torch.cat([run, tile], 1).topk(k, 1).values
-    # the select: one token's split lists from Gaussian scores of the whole bank
-    sc = torch.randn(min(t, 16), n, generator=g)
-    lists = [sc[:, s * per * cfg.BN:(s + 1) * per * cfg.BN].topk(min(k, per * cfg.BN), 1).values
-             for s in range(splits)]
-    bound = torch.stack([v[:, -1] for v in lists], 1).max(1).values
-    cand = torch.cat([torch.nn.functional.pad(v, (0, kp - v.shape[1]), value=float("-inf")) for v in lists], 1)
-    alive = cand >= bound[:, None]
-    select = sum(min(kp, int(alive[:, c0:c0 + 64].sum(1).max())) for c0 in range(0, cand.shape[1], 64))
-    return dict(scan=scan, select=select, survivors=float(alive.sum(1).float().mean()), splits=splits)
-
-
-def fused_ms(t: int, d_in: int, d_out: int, n: int, k: int, hw: dict = H200, *, graph: bool = False) -> dict:
-    """The ``fused`` road (ms): :func:`_triton_fwd_s` (bytes, MMAs, launches) plus its
-    serial merge rounds (:func:`simulate_fused_rounds`) at ``ROUND_S``."""
-    sim = simulate_fused_rounds(t, n, k, hw)
-    regime = "prefill" if t > 64 else "decode"
-    merges = sim["scan"] * ROUND_S[regime] + sim["select"] * ROUND_S["decode"] * -(-t // (16 * hw["sms"] * 4))
-    base = _triton_fwd_s(t, d_in, d_out, n, k, hw)
-    if graph:
-        base -= 3 * (hw["launch_s"] - GRAPH_NODE_S)
-    return dict(base=1e3 * base, merges=1e3 * merges, total=1e3 * (base + merges))
+def route_terms_ms(route: str, t: int, d_in: int, d_out: int, n: int, k: int, hw: dict = H200, *,
+                   graph: bool = False) -> dict:
+    """One forward on ``route`` (bf16), term by term in ms (``scores``, ``select``,
+    ``gather``, ``launch``, ``total``: ``model.forward_terms``); ``graph``: the launches
+    as CUDA graph nodes."""
+    from moram_kernels.backends.triton import model
+    terms = model.forward_terms(route, t, d_in, n, k, d_out, "bf16", _gpu(hw), graph)
+    return {key: 1e3 * v for key, v in terms.items()}
 
 
 def route_ms(route: str, t: int, d_in: int, d_out: int, n: int, k: int, hw: dict = H200, *,
              graph: bool = False) -> float:
-    """Predicted milliseconds of one forward on ``route`` ("fused", "split", "gemm"),
-    bf16; ``fwd_route``'s ``auto`` takes the smallest (a test pins the two together)."""
-    if route == "split":
-        return split_ms(t, d_in, d_out, n, k, hw, graph=graph)["total"]
-    if route == "gemm":
-        return gemm_route_ms(t, d_in, d_out, n, k, hw, graph=graph)["total"]
-    if route == "fused":
-        return fused_ms(t, d_in, d_out, n, k, hw, graph=graph)["total"]
-    raise ValueError(f"no model for the forward road {route!r} (fused, split, gemm)")
+    """Predicted milliseconds of one forward on ``route`` ("fused", "scan2", "split",
+    "gemm"), bf16; ``fwd_route``'s ``auto`` takes ``split`` at decode and the cheapest
+    of the others above (a test pins the two together)."""
+    return route_terms_ms(route, t, d_in, d_out, n, k, hw, graph=graph)["total"]
 
 
 def decode_floor_ms(t: int, d_in: int, d_out: int, n: int, k: int, hw: dict = H200, elt: int = 2) -> float:

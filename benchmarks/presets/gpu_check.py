@@ -40,8 +40,8 @@ import sys
 import time
 from dataclasses import dataclass, replace
 
-from ..cost_model import (GPU_CHECK, H200, MERGE_FRAC, SCAN_EFF, backward_bytes, backward_flops, floor_s,
-                          forward_bytes, forward_flops, predict_ms)
+from ..cost_model import (GPU_CHECK, H200, backward_bytes, backward_flops, floor_s, forward_bytes, forward_flops,
+                          predict_ms)
 from ..cost_model import plan  # noqa: F401  (re-exported: the tests read gpu_check.plan)
 from ..timing import Budget
 
@@ -66,18 +66,22 @@ def print_plan(backends):
     print(f"backends timed: {', '.join(backends)}, every triton forward route and backward variant; "
           f"baselines: authors (moram_dense), cuBLAS x @ keys.T")
     hw = H200
-    print(f"cost model (benchmarks/cost_model.py, H200): {hw['tc_blas'] / 1e12:.0f} TFLOP/s cuBLAS bf16, "
-          f"{hw['tc_peak'] / 1e12:.0f} peak, Triton scan at {SCAN_EFF:.0%} of peak + {MERGE_FRAC:.0%} merge, "
-          f"{hw['hbm'] / 1e12:.1f} TB/s HBM, {hw['launch_s'] * 1e6:.0f} us per eager launch")
+    from moram_kernels.backends.triton.model import SCAN_EFF
+    print(f"cost model (benchmarks/cost_model.py over moram_kernels.backends.triton.model, H200): "
+          f"{hw['tc_blas'] / 1e12:.0f} TFLOP/s cuBLAS bf16, {hw['tc_peak'] / 1e12:.0f} peak, Triton tiles at "
+          f"{SCAN_EFF:.0%} of peak + simulated merges, {hw['hbm'] / 1e12:.1f} TB/s HBM, "
+          f"{hw['launch_s'] * 1e6:.0f} us per eager launch")
     print(f"{'case':22s} {'T':>5s} {'N':>6s} {'GFLOP':>9s} {'MB':>8s} {'FLOP/B':>7s} {'floor ms':>9s}  predicted ms (eager)")
     for row in ROWS:
         fl, by = row_work(row)
         floor = 1e3 * floor_s(fl, by, hw)
         pred = []
-        for impl in ("cuBLAS x@keys.T", "authors", *[b.split()[0] for b in backends]):
+        has_triton = any(b.split()[0] == "triton" for b in backends)
+        triton = [f"triton fwd={r}" for r in KNOWN_FWD_ROUTES] if has_triton and not row.bwd else []
+        for impl in ("cuBLAS x@keys.T", "authors", *[b.split()[0] for b in backends], *triton):
             ms = model_ms(row, Impl(impl, ""), "eager")[0]
             if ms is not None and not (row.bwd and impl.startswith("cuBLAS")):
-                pred.append(f"{impl.split()[0]} {ms:.3f}")
+                pred.append(f"{impl.split()[-1]} {ms:.3f}")
         print(f"{row.case:22s} {row.t:>5d} {row.n:>6d} {fl / 1e9:>9.2f} {by / 1e6:>8.1f} {fl / by:>7.0f} {floor:>9.3f}  "
               + ", ".join(pred))
 
@@ -332,8 +336,10 @@ def row_work(row: Row) -> tuple[float, float]:
 def model_ms(row: Row, impl: Impl, mode: str) -> tuple[float | None, str]:
     """The cost model's prediction for one job and a note: ``predict_ms`` is asked for the
     implementation's full name first ("triton fwd=split"), then its backend ("triton"),
-    which the note then names; a CUDA graph has no eager launch cost."""
-    hw = dict(H200, launch_s=0.0) if mode == "graph" else H200
+    which the note then names; in a CUDA graph a launch costs a graph node's
+    (``model.GRAPH_NODE_S``)."""
+    from moram_kernels.backends.triton.model import GRAPH_NODE_S
+    hw = dict(H200, launch_s=GRAPH_NODE_S) if mode == "graph" else H200
     shape = replace(GPU_CHECK, n=row.n)
     for key in dict.fromkeys((impl.name, impl.name.split()[0])):
         ms = predict_ms(row.model_case, key, row.t, hw, shape)

@@ -62,11 +62,19 @@ def test_routes_come_from_forward_and_jobs_stop_at_the_deadline(monkeypatch, cap
     assert gc.fwd_routes() == ("auto", "fused", "gemm")
     monkeypatch.delattr(forward, "FWD_ROUTES", raising=False)
     assert gc.fwd_routes() == ("auto", "fused")          # a checkout without the tuple: fused only
+    monkeypatch.undo()                                   # the model's auto reads the real tuple
     jobs = gc.plan_jobs({"triton": ""}, ("auto", "fused"))
     skipped = []
     clock = iter(range(1000))
     rows = gc.run_jobs(jobs, lambda r, i: (r, i), _fake_timer(1.0), 2.5, lambda: next(clock), skipped)
     assert len(rows) == 3 and skipped and "timing budget spent" in capsys.readouterr().out
+
+
+def test_known_routes_are_forwards_routes():
+    """The check times exactly the routes ``MORAM_TRITON_FWD`` accepts (auto is the plain
+    "triton" line)."""
+    from moram_kernels.backends.triton import forward
+    assert ("auto", *gc.KNOWN_FWD_ROUTES) == forward.FWD_ROUTES
 
 
 def test_scoped_env_restores(monkeypatch):
@@ -79,9 +87,16 @@ def test_scoped_env_restores(monkeypatch):
 
 @pytest.mark.parametrize("mode", ["eager", "graph"])
 def test_model_is_asked_by_full_name_then_backend(mode):
+    from benchmarks import cost_model as cm
+    from moram_kernels.backends.triton.model import GRAPH_NODE_S
     row = gc.ROWS[2]
-    full, note = gc.model_ms(row, gc.Impl("triton fwd=fused", "backend", "triton"), mode)
+    for route in gc.KNOWN_FWD_ROUTES:     # every route has its own model, scan2 included
+        full, note = gc.model_ms(row, gc.Impl(f"triton fwd={route}", "backend", "triton"), mode)
+        hw = dict(cm.H200, launch_s=GRAPH_NODE_S) if mode == "graph" else cm.H200
+        assert note == "" and full == pytest.approx(cm.route_ms(route, row.t, gc.D_IN, gc.D_OUT, row.n, gc.K, hw))
     base, _ = gc.model_ms(row, gc.Impl("triton", "backend", "triton"), mode)
-    assert full == base and note == "model of triton"
+    assert base == gc.model_ms(row, gc.Impl("triton fwd=split", "backend", "triton"), mode)[0]  # auto: split
+    cuda, note = gc.model_ms(row, gc.Impl("cuda graph-only", "backend", "cuda"), mode)
+    assert cuda is not None and note == "model of cuda"
     eager = gc.model_ms(row, gc.Impl("triton", "backend", "triton"), "eager")[0]
-    assert (base < eager) == (mode == "graph")           # a graph pays no eager launches
+    assert (base < eager) == (mode == "graph")           # a graph node costs less than an eager launch

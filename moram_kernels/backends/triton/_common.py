@@ -129,6 +129,20 @@ def round_tf32(v):
 
 
 @triton.jit
+def dot_xkt(xa, ka, acc, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """``acc + xa . ka^T``. With ``UPCAST`` (the interpreter only: its 16-bit dot multiplies
+    raw bits) 16-bit operands are upcast exactly and fp32 ones rounded as a GPU's TF32 dot
+    rounds them."""
+    if UPCAST:
+        xa = xa.to(tl.float32)
+        ka = ka.to(tl.float32)
+        if PREC == "tf32":
+            xa = round_tf32(xa)
+            ka = round_tf32(ka)
+    return tl.dot(xa, tl.trans(ka), acc, input_precision=PREC)
+
+
+@triton.jit
 def load_scale(sc0_ptr, sc1_ptr, has_s0, has_s1, ids, N0, mask):
     """Per-atom value scale of global ``ids`` (1 for a segment without a scale vector)."""
     in0 = ids < N0
@@ -171,8 +185,10 @@ def merge_topk(run_v, run_i, cand_v, cand_i, KP: tl.constexpr, BC: tl.constexpr)
     lists ``run_v/run_i [BT, KP]`` (slots beyond K hold +inf and are never replaced).
 
     Only candidates above the current K-th best are considered, and the loop runs as
-    many times as the row with the most such candidates needs (at most KP): once the
-    lists are warm most tiles cost one compare and one reduction.
+    many times as the row with the most such candidates needs (at most KP). A tile costs
+    one compare and one reduction only when no row has such a candidate: common with one
+    real row (decode), never at 128 rows (about 280 rounds over a prefill program's 64
+    tiles; :mod:`.model` simulates it).
     """
     ninf = float("-inf")
     thr = tl.min(run_v, 1)

@@ -27,9 +27,9 @@ import triton.language as tl
 
 from ..._precision import lowest
 from ..._warnings import warn_once
-from ._common import (GROUP, INTERPRET, device_ctx, gather_rows, k_bucket, launch_gather, small_block,
-                      tl_name, token_col_tile)
-from .forward import dot_precision, load_scale, round_tf32
+from ._common import (GROUP, INTERPRET, device_ctx, gather_rows, k_bucket, launch_gather, load_scale, round_tf32,
+                      small_block, tl_name, token_col_tile)
+from .forward import dot_precision
 
 __all__ = ["moram_bwd", "bwd_variant", "BWD_VARIANTS"]
 

@@ -12,8 +12,8 @@ import triton
 import triton.language as tl
 
 from ..._precision import fp32_uses_tf32, lowest
-from ._common import (DECODE_T, INTERPRET, device_ctx, gate_epilogue, k_bucket, launch_gather, load_scale,  # noqa: F401
-                      merge_topk, round_tf32, scan_config, sm_count, small_block, tl_name)
+from ._common import (DECODE_T, INTERPRET, device_ctx, dot_xkt, gate_epilogue, k_bucket, launch_gather,
+                      merge_topk, scan_config, sm_count, small_block, tl_name)
 from .split import gemm_fwd, split_fwd
 
 __all__ = ["moram_fwd", "plan_splits", "fwd_route", "FWD_ROUTES"]
@@ -35,15 +35,7 @@ def _score_tile(x_ptr, sxt, sxd, rows, t_mask, k_ptr, skn, skd, n_loc, n_mask, D
         dm = dd < D
         xa = tl.load(xb + dd[None, :] * sxd, mask=t_mask[:, None] & dm[None, :], other=0.0)
         ka = tl.load(kb + dd[None, :] * skd, mask=n_mask[:, None] & dm[None, :], other=0.0)
-        if UPCAST:
-            # the interpreter only (its 16-bit dot multiplies raw bits): 16-bit operands
-            # upcast exactly, fp32 ones rounded as a GPU's TF32 dot rounds them
-            xa = xa.to(tl.float32)
-            ka = ka.to(tl.float32)
-            if PREC == "tf32":
-                xa = round_tf32(xa)
-                ka = round_tf32(ka)
-        acc = tl.dot(xa, tl.trans(ka), acc, input_precision=PREC)
+        acc = dot_xkt(xa, ka, acc, UPCAST, PREC)
     return acc
 
 
@@ -108,9 +100,10 @@ def _moram_select_kernel(pv_ptr, pi_ptr, pss_ptr, pk_ptr, sc0_ptr, sc1_ptr,
 
     Pruned merge: each split holds K scores >= its own K-th best, so nothing below the
     largest split K-th (``bound``) can make the global top-K. Candidates under it are
-    dropped before the merge. At decode that leaves many (~2,300 of 4,096 candidates at
-    N = 65,536, 256 splits, K = 16, in ``benchmarks/cost_model.py``'s simulation): the
-    ``split`` road's select avoids this merge."""
+    dropped before the merge. How many survive depends on the splits' length (simulated
+    in :mod:`.model`, K = 16): about 50 of 64 at prefill's 4 splits, about 1,600 of 4,096
+    at decode's 256 splits of 256 atoms (about 90 merge rounds); the ``split`` route's
+    pick avoids this merge."""
     rows = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
     t_mask = rows < T
     slot = tl.arange(0, KP)
@@ -173,25 +166,31 @@ def dot_precision(compute: str) -> str:
     return "tf32" if compute != "fp32" or fp32_uses_tf32() else "ieee"
 
 
-FWD_ROUTES = ("auto", "fused", "split", "gemm")
+#: values of ``MORAM_TRITON_FWD``: ``auto`` and the four routes
+FWD_ROUTES = ("auto", "fused", "split", "gemm", "scan2")
 
 
-def fwd_route(t: int, n: int, d: int) -> str:
-    """The forward road of one call, from ``MORAM_TRITON_FWD`` (read on every call):
+def fwd_route(t: int, n: int, d: int, kp: int = 16, compute: str = "bf16", prec: str = "tf32",
+              sms: int = 132) -> str:
+    """The forward route of one call, from ``MORAM_TRITON_FWD`` (read on every call):
     ``fused`` (scan + select + gather, no scores in memory), ``split`` (decode: scores
-    of every atom block on its own program, then one select), ``gemm`` (cuBLAS scores,
-    then the same select), or ``auto``/unset: ``split`` up to 64 tokens, ``gemm`` above.
-    That is the road the cost model (``benchmarks/cost_model.py``: ``route_ms``) predicts
-    fastest on an H200 and an A100 for decode and for T >= 1,024 at any N; between, its
-    best road depends on N and ``gemm`` is within 1.25x of it (the fused scan is modelled
-    slower everywhere: its serial merge rounds). ``tests/backends/triton/test_triton_routes.py``
-    pins this rule to the model. ``t, n, d``: tokens, atoms, d_in."""
+    of every atom block on its own program, then one pick), ``gemm`` (cuBLAS scores,
+    then the same pick), ``scan2`` (the prefill scan with 128 x 128 tiles and a packed
+    ``tl.topk`` merge, :mod:`.scan2`), or ``auto``/unset: ``split`` up to ``DECODE_T`` (64)
+    tokens, above that the cheapest of ``fused``/``scan2``/``gemm`` by the runtime model
+    (:func:`.model.prefill_route`, on ``sms`` SMs). ``tests/backends/triton/test_triton_routes.py``
+    pins this rule to the model. ``t, n, d``: tokens, atoms, d_in; ``kp, compute, prec``:
+    the K bucket, the dot dtype and precision (``scan2`` serves K <= 16 on tensor cores).
+    An unknown value raises ``ValueError`` naming the variable."""
     v = os.environ.get("MORAM_TRITON_FWD", "").strip().lower() or "auto"
     if v not in FWD_ROUTES:
         raise ValueError(f"MORAM_TRITON_FWD={v!r}: expected one of {', '.join(FWD_ROUTES)}")
     if v != "auto":
         return v
-    return "split" if t <= DECODE_T else "gemm"
+    if t <= DECODE_T:
+        return "split"
+    from .model import prefill_route
+    return prefill_route(t, d, n, kp, compute, prec, sms)
 
 
 def moram_fwd(x, keys0, values0, scale0, keys1, values1, scale1, K, tau, delta, eps, *,
@@ -219,7 +218,7 @@ def moram_fwd(x, keys0, values0, scale0, keys1, values1, scale1, K, tau, delta, 
         keys0, values0, scale0 = keys1, values1, None
     compute = tl_name(cd)
     prec = dot_precision(compute)
-    route = fwd_route(T, n0 + n1, D)
+    route = fwd_route(T, n0 + n1, D, k_bucket(K), compute, prec, sm_count(x.device))
     if route == "split":
         y, idx, p_sel, norm = split_fwd(x, keys0, values0, scale0, keys1, values1, scale1, n0, n1,
                                         K, tau, delta, eps, compute=compute, prec=prec)
@@ -228,19 +227,27 @@ def moram_fwd(x, keys0, values0, scale0, keys1, values1, scale1, K, tau, delta, 
                                        K, tau, delta, eps)
     else:
         y, idx, p_sel, norm = _fused_fwd(x, keys0, values0, scale0, keys1, values1, scale1, n0, n1,
-                                         K, tau, delta, eps, compute, prec, gpu_tiles)
+                                         K, tau, delta, eps, compute, prec, gpu_tiles, route == "scan2")
     return y.to(out_dtype), idx, p_sel, norm
 
 
 def _fused_fwd(x, keys0, values0, scale0, keys1, values1, scale1, n0, n1, K, tau, delta, eps,
-               compute, prec, gpu_tiles):
-    """The ``fused`` road: scan, select, gather (inputs already cast)."""
+               compute, prec, gpu_tiles, want_scan2):
+    """The ``fused`` and ``scan2`` routes: scan, select, gather (inputs already cast). The
+    ``scan2`` kernel where asked and it serves this call (:func:`.scan2.serves`), else the
+    old scan."""
     T, D = x.shape
     DO = values0.shape[1]
     dev = x.device
     kp = k_bucket(K)
     cd = x.dtype
-    cfg = scan_config(T, kp, compute, prec, gpu_tiles=gpu_tiles)
+    from . import scan2
+    use_scan2 = want_scan2 and T > 0 and scan2.serves(kp, prec)
+    if use_scan2:
+        kp = scan2.SCAN2_MAX_KP      # one list width (K <= 8 pins the extra slots): half the variants
+        cfg = scan2.scan2_config(kp, compute, gpu_tiles=gpu_tiles)
+    else:
+        cfg = scan_config(T, kp, compute, prec, gpu_tiles=gpu_tiles)
     n_split, per = plan_splits(T, n0, n1, cfg.BT, cfg.BN, dev, cfg.per_sm)
     f32 = dict(device=dev, dtype=torch.float32)
     pv = torch.empty(T, n_split * kp, **f32)
@@ -254,13 +261,16 @@ def _fused_fwd(x, keys0, values0, scale0, keys1, values1, scale1, n0, n1, K, tau
     coef = torch.empty(T, K, **f32)
     dummy = p_sel   # pointer for an absent scale vector, never read
     with device_ctx(dev):
-        _moram_scan_kernel[(triton.cdiv(T, cfg.BT), n_split)](
-            x, keys0, keys1, pv, pi, pss, pk,
-            T, D, n0, n1, K, per, n_split,
-            x.stride(0), x.stride(1), keys0.stride(0), keys0.stride(1),
-            keys1.stride(0), keys1.stride(1),
-            BT=cfg.BT, BN=cfg.BN, BD=cfg.BD, KP=kp, UPCAST=INTERPRET, PREC=prec,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if use_scan2:
+            scan2.launch_scan2(x, keys0, keys1, n0, n1, pv, pi, pss, pk, K, kp, cfg, n_split, per, prec)
+        else:
+            _moram_scan_kernel[(triton.cdiv(T, cfg.BT), n_split)](
+                x, keys0, keys1, pv, pi, pss, pk,
+                T, D, n0, n1, K, per, n_split,
+                x.stride(0), x.stride(1), keys0.stride(0), keys0.stride(1),
+                keys1.stride(0), keys1.stride(1),
+                BT=cfg.BT, BN=cfg.BN, BD=cfg.BD, KP=kp, UPCAST=INTERPRET, PREC=prec,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         bt, _, bc = small_block(kp)
         _moram_select_kernel[(triton.cdiv(T, bt),)](
             pv, pi, pss, pk, scale0 if scale0 is not None else dummy,

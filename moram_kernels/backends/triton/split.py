@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, device_ctx, gate_epilogue, k_bucket, launch_gather, round_tf32,
+from ._common import (INTERPRET, device_ctx, dot_xkt, gate_epilogue, k_bucket, launch_gather,
                       sm_count)
 
 __all__ = ["split_fwd", "gemm_fwd", "split_plan", "SplitConfig", "split_config", "pick_config"]
@@ -124,14 +124,7 @@ def _slab_scores(x_ptr, sxt, sxd, rows, t_mask, k_ptr, skn, skd, n_loc, n_mask, 
         dm = dd < d_hi
         xa = tl.load(xb + dd[None, :] * sxd, mask=t_mask[:, None] & dm[None, :], other=0.0)
         ka = tl.load(kb + dd[None, :] * skd, mask=n_mask[:, None] & dm[None, :], other=0.0)
-        if UPCAST:
-            # the interpreter only (its 16-bit dot multiplies raw bits), as in the scan kernel
-            xa = xa.to(tl.float32)
-            ka = ka.to(tl.float32)
-            if PREC == "tf32":
-                xa = round_tf32(xa)
-                ka = round_tf32(ka)
-        acc = tl.dot(xa, tl.trans(ka), acc, input_precision=PREC)
+        acc = dot_xkt(xa, ka, acc, UPCAST, PREC)
     return acc
 
 

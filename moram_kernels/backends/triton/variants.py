@@ -37,8 +37,8 @@ class Variant:
 
 
 def _kernel(name):
-    from . import _common, backward, forward, split
-    for mod in (forward, split, backward, _common):
+    from . import _common, backward, forward, scan2, split
+    for mod in (forward, scan2, split, backward, _common):
         if hasattr(mod, name):
             return getattr(mod, name)
     raise KeyError(name)
@@ -102,6 +102,18 @@ def _pick(kp, groups, aligned):
         unit=(), div=(), aligned=aligned, warps=warps, stages=3)
 
 
+def _scan2(dt, kp, aligned):
+    from .scan2 import scan2_configs
+    cfg = scan2_configs(dt, kp)["prefill"]
+    return _spec(
+        "_moram_scan2_kernel", f"scan2-{dt}-K{kp}-prefill",
+        ptrs={"x_ptr": dt, "k0_ptr": dt, "k1_ptr": dt, "pv_ptr": "fp32", "pi_ptr": "i32",
+              "pss_ptr": "fp32", "pk_ptr": "fp32"},
+        floats=(), consts=dict(BT=cfg.BT, BN=cfg.BN, BD=cfg.BD, KP=kp, UPCAST=False, PREC="tf32"),
+        unit=(), div=("D", "sxt", "s0n", "s1n"), aligned=aligned,
+        warps=cfg.num_warps, stages=cfg.num_stages, per_sm=cfg.per_sm, config="prefill")
+
+
 def all_variants() -> list[Variant]:
     out = []
     # the split road (decode) and the select of the split and gemm roads
@@ -120,6 +132,11 @@ def all_variants() -> list[Variant]:
             for cfg in scan_configs(dt, kp, prec).values():
                 out.append(_scan(dt, dt, kp, cfg, True, prec))
     out.append(_scan("bf16", "bf16", 16, scan_configs("bf16", 16)["prefill"], False))
+    # scan2 serves tensor-core dots with K <= 16 (scan2.serves), always with 16-slot lists;
+    # the rest run the old scan
+    for dt in _DTYPES:
+        out.append(_scan2(dt, 16, True))
+    out.append(_scan2("bf16", 16, False))
     for kp in K_BUCKETS:
         bt, bo, bc = small_block(kp, interpret=False)
         out.append(_spec(

@@ -143,12 +143,17 @@ def test_split_path_is_taken():
     assert tf.plan_splits(t, n0, n1, cfg.BT, cfg.BN, DEV)[0] > 1
 
 
-def test_delta_threshold_forward_backward():
-    x, segs, kk = _case(9, 32, 20, 30, 10, 6, torch.float32, seed=3)
+def _gap_delta(x, segs, kk):
+    """A threshold in the widest gap of the selected normalised scores: no s sits on it."""
     _, _, p_sel, norm = tk.moram_fwd(x, *segs, kk, TAU, 0.0, EPS)
     s = (p_sel / norm[:, None]).flatten().sort().values
     i = int(torch.diff(s[len(s) // 4: 3 * len(s) // 4]).argmax()) + len(s) // 4
-    delta = float(s[i] + s[i + 1]) / 2        # in the widest gap: no s sits on the threshold
+    return float(s[i] + s[i + 1]) / 2
+
+
+def test_delta_threshold_forward_backward():
+    x, segs, kk = _case(9, 32, 20, 30, 10, 6, torch.float32, seed=3)
+    delta = _gap_delta(x, segs, kk)
     _check_fwd(x, segs, kk, delta)
     _check_bwd(x, segs, kk, delta)
 

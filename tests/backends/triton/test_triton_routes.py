@@ -166,12 +166,16 @@ def test_split_groups_and_chunks_cross_their_blocks(road):
 # ---- the switch ---------------------------------------------------------------------------------
 
 def test_fwd_route_reads_the_variable_on_every_call(road, monkeypatch):
-    for name in ("fused", "split", "gemm"):
+    assert tf.FWD_ROUTES == ("auto", "fused", "split", "gemm", "scan2")
+    for name in tf.FWD_ROUTES[1:]:
         road(name)
         assert tf.fwd_route(4096, 16384, 4096) == name
     road("auto")
     assert tf.fwd_route(1, 16384, 4096) == "split" and tf.fwd_route(64, 1024, 4096) == "split"
-    assert tf.fwd_route(65, 16384, 4096) == "gemm" and tf.fwd_route(4096, 16384, 4096) == "gemm"
+    from moram_kernels.backends.triton import model as tm
+    for t in (65, 4096):    # above decode: the runtime model's cheapest of fused, scan2, gemm
+        assert tf.fwd_route(t, 16384, 4096) == tm.prefill_route(t, 4096, 16384, 16, "bf16", "tf32", 132)
+    assert tf.fwd_route(4096, 16384, 4096) == "gemm"
     monkeypatch.delenv("MORAM_TRITON_FWD")
     assert tf.fwd_route(1, 64, 64) == "split"
     road("scan9")
@@ -180,19 +184,30 @@ def test_fwd_route_reads_the_variable_on_every_call(road, monkeypatch):
 
 
 def test_auto_route_follows_the_cost_model(road):
-    """``auto`` picks the road the cost model predicts fastest, on an H200 and an A100,
-    for decode (T <= 64) and prefill (T >= 1,024), up to a 2 % dead heat; between, where
-    the model's best road depends on N, auto's road is within 1.3x of the best (the rule in fwd_route is the
-    model's, not a guess)."""
+    """``auto`` picks the route the model (``benchmarks/cost_model.py``: ``route_ms``, over
+    the package's ``model``) predicts fastest among all four, on an H200 and an A100, for
+    decode up to 16 tokens and prefill from 1,024, up to a 2 % dead heat; between, where
+    the model's best route depends on N (``split`` up to 64 tokens, the cheapest of the
+    others above), auto's route is within 1.3x of the best."""
     from benchmarks import cost_model as cm
     road("auto")
     for hw in cm.HARDWARE.values():
         for t in (1, 16, 64, 65, 256, 1024, 4096):
             for n in (64, 1024, 16384, 65536):
-                times = {r: cm.route_ms(r, t, 4096, 4096, n, 16, hw) for r in ("fused", "split", "gemm")}
-                got = tf.fwd_route(t, n, 4096)
-                slack = 1.02 if t <= 64 or t >= 1024 else 1.3     # 2 %: the model's dead heats
+                times = {r: cm.route_ms(r, t, 4096, 4096, n, 16, hw) for r in tf.FWD_ROUTES[1:]}
+                got = tf.fwd_route(t, n, 4096, sms=hw["sms"])
+                slack = 1.02 if t <= 16 or t >= 1024 else 1.3     # 2 %: the model's dead heats
                 assert times[got] <= slack * min(times.values()), (hw, t, n, got, times)
+
+
+def test_benchmark_hardware_is_the_runtime_models():
+    """``benchmarks/cost_model.py``'s HARDWARE (importable without Triton) and the
+    package's ``model.GPUS`` carry one set of numbers."""
+    from benchmarks import cost_model as cm
+    from moram_kernels.backends.triton import model as tm
+    assert set(cm.HARDWARE) == set(tm.GPUS)
+    for name, hw in cm.HARDWARE.items():
+        assert cm._gpu(hw) == tm.GPUS[name], name
 
 
 # ---- plans --------------------------------------------------------------------------------------
