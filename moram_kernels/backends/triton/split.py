@@ -261,8 +261,9 @@ def split_config(t: int, bn: int, compute: str, prec: str = "tf32", interpret: b
         return SplitConfig(16, bn, 32, 1, 1)
     bt = 16 if t <= 16 else 64
     if compute == "fp32" and prec == "ieee":
-        # CUDA-core FMAs: 64 x 64 on 4 warps took 128 registers and spilled on sm_80
-        return SplitConfig(bt, bn, 32, 8 if bt == 64 else 4, 2)
+        # CUDA-core FMAs: 64 x 64 on 4 warps took 128 registers and spilled on sm_80, on
+        # 8 warps with BD 32 still 8 B
+        return SplitConfig(bt, bn, 16 if bt == 64 else 32, 8 if bt == 64 else 4, 2)
     # 3 stages of x and key tiles in shared memory: BD 128 at 16 tokens (80 KB), 64 at 64
     # tokens (BD 128 took 192 KB, one program per SM)
     bd = (64 if compute == "fp32" else 128) // (2 if bt == 64 else 1)
