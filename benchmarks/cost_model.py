@@ -326,10 +326,15 @@ def split_ms(t: int, d_in: int, d_out: int, n: int, k: int, hw: dict = H200, *, 
     sim = simulate_pick(n, k, "groups" if parts == 1 else "stream", parts=parts, nb=nb)
     waves = -(-t // (hw["sms"] * PICK_PER_SM))
     pick = waves * _pick_program_s(sim) + 4 * t * (parts * n if parts > 1 else 0) / hw["hbm"]
-    kk = min(k, n)
-    gather = elt * (min(t * kk, n) * d_out + t * d_out) / hw["hbm"] + CHUNK_S
-    launch = 3 * (GRAPH_NODE_S if graph else hw["launch_s"])
-    out = dict(scores=scores, pick=pick, gather=gather, launch=launch)
+    return _road(scores, pick, t, n, k, d_out, elt, 3, hw, graph)
+
+
+def _road(scores, pick, t, n, k, d_out, elt, launches, hw, graph) -> dict:
+    """A score-writing road's terms in ms, with the gather (K value rows per token, one
+    dependent load), the launches and the total."""
+    gather = elt * (min(t * min(k, n), n) * d_out + t * d_out) / hw["hbm"] + CHUNK_S
+    out = dict(scores=scores, pick=pick, gather=gather,
+               launch=launches * (GRAPH_NODE_S if graph else hw["launch_s"]))
     out["total"] = sum(out.values())
     return {key: 1e3 * v for key, v in out.items()}
 
@@ -343,12 +348,7 @@ def gemm_route_ms(t: int, d_in: int, d_out: int, n: int, k: int, hw: dict = H200
     sim = simulate_pick(n, k, "stream")
     waves = -(-t // (hw["sms"] * PICK_PER_SM))
     pick = max(4 * t * n / hw["hbm"], waves * _pick_program_s(sim))
-    kk = min(k, n)
-    gather = elt * (min(t * kk, n) * d_out + t * d_out) / hw["hbm"] + CHUNK_S
-    launch = 4 * (GRAPH_NODE_S if graph else hw["launch_s"])
-    out = dict(scores=gemm, pick=pick, gather=gather, launch=launch)
-    out["total"] = sum(out.values())
-    return {key: 1e3 * v for key, v in out.items()}
+    return _road(gemm, pick, t, n, k, d_out, elt, 4, hw, graph)
 
 
 def simulate_fused_rounds(t: int, n: int, k: int, hw: dict = H200, seed: int = 0) -> dict:

@@ -8,22 +8,17 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")   # before triton is imported (conftest does too)
+import pytest
+import torch
+from helpers import REL_ATOL, make_inputs, max_rel_err
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from helpers import REL_ATOL, make_inputs, max_rel_err  # noqa: E402
+import moram_kernels as mk
+from moram_kernels.backends import reference as ref
 
-import moram_kernels as mk  # noqa: E402
-from moram_kernels.backends import reference as ref  # noqa: E402
-
-if "triton" not in mk.available_backends():
-    pytest.skip(f"triton backend unavailable here: {mk.backends.why_unavailable('triton')}",
-                allow_module_level=True)
-
-import triton  # noqa: E402
-
-from moram_kernels.backends import triton as tk  # noqa: E402
+triton = pytest.importorskip("triton")
+pytestmark = pytest.mark.skipif("triton" not in mk.available_backends(),
+                                reason="triton backend unavailable here (no GPU and no TRITON_INTERPRET=1)")
+tk = pytest.importorskip("moram_kernels.backends.triton")
 from moram_kernels.backends.triton import _common, split  # noqa: E402
 from moram_kernels.backends.triton import forward as tf  # noqa: E402
 
