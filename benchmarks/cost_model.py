@@ -323,7 +323,8 @@ def split_ms(t: int, d_in: int, d_out: int, n: int, k: int, hw: dict = H200, *, 
     l2 = elt * d_in * (nb * t + (t_blocks - 1) * n) / L2_BW[hw["sms"]]
     scores = max(elt * n * d_in / hw["hbm"], 2 * t_blocks * cfg.BT * n * d_in / (hw["tc_peak"] * SCAN_EFF), l2) \
         + 4 * t * n * parts / hw["hbm"]
-    sim = simulate_pick(n, k, "groups" if parts == 1 else "stream", parts=parts, nb=nb)
+    sim = simulate_pick(n, k, "groups" if parts == 1 else "stream", parts=parts, nb=nb,
+                        bc=1024 if parts == 1 else 512)
     waves = -(-t // (hw["sms"] * PICK_PER_SM))
     pick = waves * _pick_program_s(sim) + 4 * t * (parts * n if parts > 1 else 0) / hw["hbm"]
     return _road(scores, pick, t, n, k, d_out, elt, 3, hw, graph)
@@ -345,7 +346,7 @@ def gemm_route_ms(t: int, d_in: int, d_out: int, n: int, k: int, hw: dict = H200
     them (stream mode: HBM bytes or the simulated programs' waves, whichever is longer),
     the gather, four launches."""
     gemm = max(2 * t * n * d_in / hw["tc_blas"], (elt * (n * d_in + t * d_in) + 4 * t * n) / hw["hbm"])
-    sim = simulate_pick(n, k, "stream")
+    sim = simulate_pick(n, k, "stream", bc=512)
     waves = -(-t // (hw["sms"] * PICK_PER_SM))
     pick = max(4 * t * n / hw["hbm"], waves * _pick_program_s(sim))
     return _road(gemm, pick, t, n, k, d_out, elt, 4, hw, graph)
