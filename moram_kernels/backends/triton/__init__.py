@@ -95,11 +95,11 @@ GEMM, or the keys' bytes at decode), the simulated merge rounds or pick work, th
 and the launches. At the shape below (H200, bf16, T = 4096, N = 16,384) it gives the old
 scan ~1.12 ms (64 tiles of 128 x 64 per program, each with a pipeline refill, plus ~280
 merge rounds), ``scan2`` ~1.11 ms (32 tiles of 128 x 128, each with a 6,348-instruction
-merge that nothing overlaps: one 255-register program per SM) and ``gemm`` ~0.96 ms
-(0.70 ms GEMM, 0.21 ms pick), against the 0.70 ms floor: ``auto`` takes ``gemm``, and the
-merges, not the MMA pipeline, hold the scans back. At decode (T = 1, N = 65,536) ``split``
-~0.147 ms against the keys' 0.125 ms read. ``benchmarks/cost_model.py: issue_rows()``
-prints the four tracked rows.
+merge that nothing overlaps: one 255-register program per SM) and ``gemm`` ~1.11 ms
+(0.70 ms GEMM, 0.36 ms pick over the fp32 scores), against the 0.70 ms floor: a dead heat
+(``auto`` takes ``scan2``, by 0.4 %), and the merges, not the MMA pipeline, hold the
+scans back. At decode (T = 1, N = 65,536) ``split`` ~0.147 ms against the keys' 0.125 ms
+read. ``benchmarks/cost_model.py: issue_rows()`` prints the four tracked rows.
 
 Floors, for d_in = d_out = d = 4096, N = 16384, k = 16, T = 4096, bf16 (H100/H200:
 ~990 TFLOP/s dense bf16 peak, ~790 reached by cuBLAS; HBM ~4.3 TB/s measured on H200):

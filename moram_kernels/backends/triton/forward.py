@@ -12,9 +12,9 @@ import triton
 import triton.language as tl
 
 from ..._precision import fp32_uses_tf32, lowest
-from ._common import (DECODE_T, INTERPRET, device_ctx, dot_xkt, gate_epilogue, k_bucket, launch_gather,
-                      merge_topk, scan_config, sm_count, small_block, tl_name)
-from .split import gemm_fwd, split_fwd
+from ._common import (DECODE_T, INTERPRET, device_ctx, gate_epilogue, k_bucket, launch_gather, merge_topk,
+                      scan_config, sm_count, small_block, tl_name)
+from .split import _slab_scores, gemm_fwd, split_fwd
 
 __all__ = ["moram_fwd", "plan_splits", "fwd_route", "FWD_ROUTES"]
 
@@ -23,20 +23,10 @@ __all__ = ["moram_fwd", "plan_splits", "fwd_route", "FWD_ROUTES"]
 def _score_tile(x_ptr, sxt, sxd, rows, t_mask, k_ptr, skn, skd, n_loc, n_mask, D,
                 BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                 UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """Raw scores ``x[rows] . keys[n_loc]``, ``[BT, BN]`` fp32 (zero where masked)."""
-    acc = tl.zeros([BT, BN], dtype=tl.float32)
-    xb = x_ptr + rows[:, None] * sxt
-    kb = k_ptr + n_loc.to(tl.int64)[:, None] * skn
-    # int64 column offsets: a transposed view has sxd = T (or skd = N), and d * T passes
-    # 2^31 long before the tensors stop fitting in memory
-    dk = tl.arange(0, BD).to(tl.int64)
-    for d0 in range(0, D, BD):
-        dd = d0 + dk
-        dm = dd < D
-        xa = tl.load(xb + dd[None, :] * sxd, mask=t_mask[:, None] & dm[None, :], other=0.0)
-        ka = tl.load(kb + dd[None, :] * skd, mask=n_mask[:, None] & dm[None, :], other=0.0)
-        acc = dot_xkt(xa, ka, acc, UPCAST, PREC)
-    return acc
+    """Raw scores ``x[rows] . keys[n_loc]``, ``[BT, BN]`` fp32 (zero where masked): the
+    split road's slab product over all of d_in."""
+    return _slab_scores(x_ptr, sxt, sxd, rows, t_mask, k_ptr, skn, skd, n_loc, n_mask, 0, D,
+                        BT, BN, BD, UPCAST, PREC)
 
 
 # sizes that only bound loops and masks are not specialised (== 1, % 16): a new T or bank

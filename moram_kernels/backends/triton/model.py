@@ -260,9 +260,9 @@ def simulate_pick(n: int, k: int, mode: str, *, parts: int = 1, nb: int = 0, bc:
     stage-equivalents, merges and the candidates of the final top-K.
 
     ``mode`` "groups": the pss chunks (``nb`` blocks), the group maxima in chunks of
-    ``bc`` (first chunk: one top-K; each further one merged: two), then ``KP x gs``
-    candidates in one top-K; no data dependence. "stream" (``parts`` d_in slices, or the
-    gemm road with 1): ``n / bc`` chunks, the first one's top-K, then a merge only where a
+    ``bc`` (the kernel's ``pick_config``; first chunk: one top-K; each further one merged:
+    two), then ``KP x gs`` candidates in one top-K; no data dependence. "stream"
+    (``parts`` d_in slices, or the gemm route with 1): ``n / bc`` chunks, the first one's top-K, then a merge only where a
     chunk's best beats the running K-th (counted on the scores)."""
     import torch
 
@@ -309,7 +309,8 @@ def _fused_terms(route, t, d, n, k, compute, gpu):
 
 
 def _split_terms(t, d, n, k, compute, gpu, elt):
-    from .split import SPLIT_BN, split_config, split_plan
+    from ._common import k_bucket
+    from .split import SPLIT_BN, pick_config, split_config, split_plan
     cfg = split_config(t, 64, compute, interpret=False)
     bn, nb, parts, _ = split_plan(t, n, 0, d, cfg.BD, gpu.sms, SPLIT_BN)
     t_blocks = -(-t // cfg.BT)
@@ -317,7 +318,9 @@ def _split_terms(t, d, n, k, compute, gpu, elt):
     l2 = elt * d * (nb * t + (t_blocks - 1) * n) / gpu.l2
     mma = 2 * t_blocks * cfg.BT * n * d / (_tc(compute, gpu) * SCAN_EFF)
     scores = max(elt * n * d / gpu.hbm, mma, l2) + 4 * t * n * parts / gpu.hbm
-    sim = simulate_pick(n, k, "groups" if parts == 1 else "stream", parts=parts, nb=nb)
+    groups = parts == 1
+    sim = simulate_pick(n, k, "groups" if groups else "stream", parts=parts, nb=nb,
+                        bc=pick_config(k_bucket(k), groups, interpret=False)[0])
     pick = _pick_waves_s(t, sim, gpu) + 4 * t * (parts * n if parts > 1 else 0) / gpu.hbm
     return dict(scores=scores, select=pick), 3
 
@@ -325,7 +328,10 @@ def _split_terms(t, d, n, k, compute, gpu, elt):
 def _gemm_terms(t, d, n, k, compute, gpu, elt):
     gemm = max(2 * t * n * d / (gpu.tc_blas / (2 if compute == "fp32" else 1)),
                (elt * (n * d + t * d) + 4 * t * n) / gpu.hbm)
-    pick = max(4 * t * n / gpu.hbm, _pick_waves_s(t, simulate_pick(n, k, "stream"), gpu))
+    from ._common import k_bucket
+    from .split import pick_config
+    sim = simulate_pick(n, k, "stream", bc=pick_config(k_bucket(k), False, interpret=False)[0])
+    pick = max(4 * t * n / gpu.hbm, _pick_waves_s(t, sim, gpu))
     # four launches: the GEMM (cuBLAS runs a thin, long-d_in one split-K: two kernels), pick, gather
     return dict(scores=gemm, select=pick), 4
 

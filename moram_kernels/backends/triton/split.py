@@ -254,19 +254,22 @@ def split_config(t: int, bn: int, compute: str, prec: str = "tf32", interpret: b
         return SplitConfig(16, bn, 32, 1, 1)
     bt = 16 if t <= 16 else 64
     if compute == "fp32" and prec == "ieee":
-        # CUDA-core FMAs: 64 x 64 on 4 warps took 128 registers and spilled on sm_80
-        return SplitConfig(bt, bn, 32, 8 if bt == 64 else 4, 2)
+        # CUDA-core FMAs: 64 x 64 on 4 warps took 128 registers and spilled on sm_80, on
+        # 8 warps with BD 32 still 8 B
+        return SplitConfig(bt, bn, 16 if bt == 64 else 32, 8 if bt == 64 else 4, 2)
     # 3 stages of x and key tiles in shared memory: BD 128 at 16 tokens (80 KB), 64 at 64
     # tokens (BD 128 took 192 KB, one program per SM)
     bd = (64 if compute == "fp32" else 128) // (2 if bt == 64 else 1)
     return SplitConfig(bt, bn, bd, 4, 3)
 
 
-def pick_config(kp: int, interpret: bool = INTERPRET) -> tuple[int, int]:
-    """(BC scores or groups per chunk, num_warps) of the pick kernel."""
+def pick_config(kp: int, groups: bool = True, interpret: bool = INTERPRET) -> tuple[int, int]:
+    """(BC scores or groups per chunk, num_warps) of the pick kernel. Chunks of 1,024
+    keys on 8 warps, 512 for K64 lists and in stream mode (1,024 capped sm_80 at 128
+    registers with 8 B of spills for K8 and K32)."""
     if interpret:
         return max(64, kp), 1
-    return (1024 if kp <= 32 else 512), 8
+    return (1024 if kp <= 32 and groups else 512), 8
 
 
 def split_plan(t: int, n0: int, n1: int, d: int, bd: int, sms: int, bns=None) -> tuple[int, int, int, int]:
@@ -301,7 +304,7 @@ def _pick(p0, p1, row0, row1, part_stride, n_part, pss, gmax, nb, ng, bn, n0, n1
           idx, p_sel, norm, coef, K, tau, delta, eps, groups):
     T = idx.shape[0]
     kp = k_bucket(K)
-    bc, warps = pick_config(kp)
+    bc, warps = pick_config(kp, groups)
     with device_ctx(idx.device):
         _moram_pick_kernel[(T,)](
             p0, p1, pss, gmax, scale0 if scale0 is not None else p_sel,

@@ -92,7 +92,7 @@ def _split_scores(dt, prec, bt, bn, groups, aligned):
 
 
 def _pick(kp, groups, aligned):
-    bc, warps = pick_config(kp, interpret=False)
+    bc, warps = pick_config(kp, groups, interpret=False)
     # p1 (segment 1's scores, column N0 of the split road's buffer) has no alignment to claim
     return _spec(
         "_moram_pick_kernel", f"pick-K{kp}-{'groups' if groups else 'stream'}",
