@@ -129,16 +129,23 @@ def round_tf32(v):
 
 
 @triton.jit
-def dot_xkt(xa, ka, acc, UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """``acc + xa . ka^T``. With ``UPCAST`` (the interpreter only: its 16-bit dot multiplies
-    raw bits) 16-bit operands are upcast exactly and fp32 ones rounded as a GPU's TF32 dot
-    rounds them."""
+def dot_operands(a, b, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """The two operands of a ``tl.dot``, as a GPU's tensor cores see them. With ``UPCAST``
+    (the interpreter only: its 16-bit dot multiplies raw bits) 16-bit operands are upcast
+    exactly and fp32 ones rounded as a GPU's TF32 dot rounds them; otherwise unchanged."""
     if UPCAST:
-        xa = xa.to(tl.float32)
-        ka = ka.to(tl.float32)
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
         if PREC == "tf32":
-            xa = round_tf32(xa)
-            ka = round_tf32(ka)
+            a = round_tf32(a)
+            b = round_tf32(b)
+    return a, b
+
+
+@triton.jit
+def dot_xkt(xa, ka, acc, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """``acc + xa . ka^T`` with :func:`dot_operands`' interpreter upcast."""
+    xa, ka = dot_operands(xa, ka, UPCAST, PREC)
     return tl.dot(xa, tl.trans(ka), acc, input_precision=PREC)
 
 

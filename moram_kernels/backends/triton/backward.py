@@ -27,7 +27,7 @@ import triton.language as tl
 
 from ..._precision import lowest
 from ..._warnings import warn_once
-from ._common import (GROUP, INTERPRET, device_ctx, gather_rows, k_bucket, launch_gather, load_scale, round_tf32,
+from ._common import (GROUP, INTERPRET, device_ctx, dot_operands, gather_rows, k_bucket, launch_gather, load_scale,
                       small_block, tl_name, token_col_tile)
 from .forward import dot_precision
 
@@ -169,15 +169,7 @@ def _fold_rows(acc, p_ptr, spt, spn, k_ptr, skn, skd, F, rows, t_mask, o, om,
                      mask=t_mask[:, None] & rm[None, :], other=0.0)
         kt = tl.load(k_ptr + rr.to(tl.int64)[:, None] * skn + o[None, :] * skd,
                      mask=rm[:, None] & om[None, :], other=0.0)
-        pt = pt.to(kt.dtype)
-        if UPCAST:
-            # the interpreter only: as in the scoring kernel, 16-bit operands exactly, fp32
-            # ones rounded as a GPU's TF32 dot rounds them
-            pt = pt.to(tl.float32)
-            kt = kt.to(tl.float32)
-            if PREC == "tf32":
-                pt = round_tf32(pt)
-                kt = round_tf32(kt)
+        pt, kt = dot_operands(pt.to(kt.dtype), kt, UPCAST, PREC)
         acc = tl.dot(pt, kt, acc, input_precision=PREC)
     return acc
 

@@ -58,15 +58,6 @@ SHAPES = {
 }
 
 
-@pytest.fixture
-def tf32():
-    """fp32 operands as TF32 (scan2 serves tensor-core dots only; IEEE fp32 keeps the old scan)."""
-    prev = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
-    yield
-    torch.set_float32_matmul_precision(prev)
-
-
 # (shape, dtype, backward too): every shape in bf16, two in fp16 (the interpreter is slow)
 CASES = [(s, "bf16", s in ("split-T3", "T40-d97")) for s in SHAPES] + \
         [("T40-d97", "fp16", True), ("N-below-K", "fp16", False)]
@@ -83,7 +74,7 @@ def test_scan2_forward_backward(shape, dn, bwd, scan2):
 
 
 @pytest.mark.parametrize("shape", ["split-T3", "N-below-K"])
-def test_scan2_fp32_as_tf32(shape, scan2, tf32, monkeypatch):
+def test_scan2_fp32_as_tf32(shape, scan2, tf32_on, monkeypatch):
     """fp32 runs as TF32: the same top-K and outputs as the old scan under the same
     rounding, and within TF32's error of the fp64 reference."""
     t, d_in, d_out, n0, n1, k = SHAPES[shape]
@@ -115,7 +106,7 @@ def test_scan2_matches_the_old_scan(scan2, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
-def test_scan2_exact_ties_go_to_the_lower_id(scan2, tf32):
+def test_scan2_exact_ties_go_to_the_lower_id(scan2, tf32_on):
     """Integer keys and x give exactly tied scores across tiles and both segments. One
     split's list is the best 16 by (score, then lower id), in that order; through the
     select kernel (which keeps any of the tied atoms, docs/op.md) the chosen scores are
@@ -171,7 +162,7 @@ def test_scan2_delta_at_eval(scan2):
     _check_bwd(x, segs, kk, delta)
 
 
-def test_scan2_through_the_public_op(scan2, tf32, monkeypatch):
+def test_scan2_through_the_public_op(scan2, tf32_on, monkeypatch):
     """mk.moram(backend="triton") with scan2 forced: the output and the gradients of x,
     keys and values through autograd equal the old scan's, and the reference's within
     TF32 rounding."""

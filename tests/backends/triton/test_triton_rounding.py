@@ -76,14 +76,6 @@ def top_set(x, keys):
     return p.topk(K, dim=-1).indices.sort(-1).values
 
 
-@pytest.fixture
-def tf32_on():
-    prev = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
-    yield
-    torch.set_float32_matmul_precision(prev)
-
-
 @pytest.mark.parametrize("kind", ["tf32", "bf16"])
 def test_topk_membership_under_operand_rounding(kind, tf32_on):
     x, keys, values, rnd = near_tie_bank(kind)
