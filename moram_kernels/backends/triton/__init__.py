@@ -2,8 +2,8 @@
 :mod:`moram_kernels.backends.reference`).
 
 The forward takes one of three roads, chosen per call by ``forward.fwd_route`` from
-``MORAM_TRITON_FWD`` (``auto``: the cost model's fastest, ``split`` up to 64 tokens and
-``gemm`` above): ``fused`` (below), ``split`` and ``gemm`` (:mod:`.split`: scores written
+``MORAM_TRITON_FWD`` (``auto``: the cost model's fastest, ``split`` for decode and
+``gemm`` for prefill): ``fused`` (below), ``split`` and ``gemm`` (:mod:`.split`: scores written
 as fp32 ``[T, N]``, by a BGMV-style kernel that gives every SM two or more programs, or by
 cuBLAS, then one select kernel over packed (score, id) keys with ``tl.topk`` networks;
 no host synchronisation, so a decode step can be captured in a CUDA graph). All three

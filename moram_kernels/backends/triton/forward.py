@@ -162,10 +162,11 @@ def fwd_route(t: int, n: int, d: int) -> str:
     """The forward road of one call, from ``MORAM_TRITON_FWD`` (read on every call):
     ``fused`` (scan + select + gather, no scores in memory), ``split`` (decode: scores
     of every atom block on its own program, then one select), ``gemm`` (cuBLAS scores,
-    then the same select), or ``auto``/unset: ``split`` up to 64 tokens, ``gemm`` above.
+    then the same select), or ``auto``/unset: ``split`` up to 64 tokens (128 from 8,192
+    atoms), ``gemm`` above.
     That is the road the cost model (``benchmarks/cost_model.py``: ``route_ms``) predicts
     fastest on an H200 and an A100 for decode and for T >= 1,024 at any N; between, its
-    best road depends on N and ``gemm`` is within 1.25x of it (the fused scan is modelled
+    best road depends on N and this rule's is within 1.3x of it (the fused scan is modelled
     slower everywhere: its serial merge rounds). ``tests/backends/triton/test_triton_routes.py``
     pins this rule to the model. ``t, n, d``: tokens, atoms, d_in."""
     v = os.environ.get("MORAM_TRITON_FWD", "").strip().lower() or "auto"
@@ -173,7 +174,9 @@ def fwd_route(t: int, n: int, d: int) -> str:
         raise ValueError(f"MORAM_TRITON_FWD={v!r}: expected one of {', '.join(FWD_ROUTES)}")
     if v != "auto":
         return v
-    return "split" if t <= DECODE_T else "gemm"
+    # past 64 tokens a large bank still favours split: cuBLAS's scores are read back in
+    # 512-key chunks by one program per token, which the model prices above split's keys
+    return "split" if t <= DECODE_T or (t <= 2 * DECODE_T and n >= 8192) else "gemm"
 
 
 def moram_fwd(x, keys0, values0, scale0, keys1, values1, scale1, K, tau, delta, eps, *,

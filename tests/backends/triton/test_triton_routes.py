@@ -166,7 +166,8 @@ def test_fwd_route_reads_the_variable_on_every_call(road, monkeypatch):
         assert tf.fwd_route(4096, 16384, 4096) == name
     road("auto")
     assert tf.fwd_route(1, 16384, 4096) == "split" and tf.fwd_route(64, 1024, 4096) == "split"
-    assert tf.fwd_route(65, 16384, 4096) == "gemm" and tf.fwd_route(4096, 16384, 4096) == "gemm"
+    assert tf.fwd_route(65, 16384, 4096) == "split" and tf.fwd_route(65, 4096, 4096) == "gemm"
+    assert tf.fwd_route(129, 16384, 4096) == "gemm" and tf.fwd_route(4096, 16384, 4096) == "gemm"
     monkeypatch.delenv("MORAM_TRITON_FWD")
     assert tf.fwd_route(1, 64, 64) == "split"
     road("scan9")
