@@ -8,7 +8,7 @@ of :mod:`.scan2`), ``split`` and ``gemm`` (:mod:`.split`: scores written as fp32
 then one pick kernel over packed (score, id) keys with ``tl.topk`` networks; no host
 synchronisation, so a decode step can be captured in a CUDA graph). ``auto`` (the
 default) takes ``split`` up to 64 tokens and above that the route the runtime model
-(:mod:`.model`) prices lowest among ``fused``, ``scan2`` and ``gemm``. All four save the
+(:mod:`.model`) prices lowest. All four save the
 same idx/p_sel/norm, so the backward is one.
 
 The ``fused`` road, three launches, no ``[T, N]`` tensor in device memory:

@@ -167,8 +167,8 @@ def fwd_route(t: int, n: int, d: int, kp: int = 16, compute: str = "bf16", prec:
     of every atom block on its own program, then one pick), ``gemm`` (cuBLAS scores,
     then the same pick), ``scan2`` (the prefill scan with 128 x 128 tiles and a packed
     ``tl.topk`` merge, :mod:`.scan2`), or ``auto``/unset: ``split`` up to ``DECODE_T`` (64)
-    tokens, above that the cheapest of ``fused``/``scan2``/``gemm`` by the runtime model
-    (:func:`.model.prefill_route`, on ``sms`` SMs). ``tests/backends/triton/test_triton_routes.py``
+    tokens, above that the cheapest of ``fused``/``scan2``/``gemm``/``split`` by the runtime
+    model (:func:`.model.prefill_route`, on ``sms`` SMs). ``tests/backends/triton/test_triton_routes.py``
     pins this rule to the model. ``t, n, d``: tokens, atoms, d_in; ``kp, compute, prec``:
     the K bucket, the dot dtype and precision (``scan2`` serves K <= 16 on tensor cores).
     An unknown value raises ``ValueError`` naming the variable."""

@@ -364,13 +364,14 @@ def forward_s(route, t, d, n, k, d_out, compute="bf16", gpu: Gpu = H200, graph=F
 @functools.lru_cache(maxsize=256)
 def prefill_route(t, d, n, kp, compute, prec, sms) -> str:
     """``MORAM_TRITON_FWD=auto`` above decode: the cheapest of ``fused``, ``scan2`` (when it
-    serves: tensor-core dots with K <= 16) and ``gemm`` by :func:`forward_s`, on the GPU of
-    :data:`GPUS` with ``sms`` SMs (another count: an :data:`H200` with that many SMs; the
-    first route on a tie). Empty calls keep ``fused``."""
+    serves: tensor-core dots with K <= 16), ``gemm`` and ``split`` by :func:`forward_s`, on
+    the GPU of :data:`GPUS` with ``sms`` SMs (another count: an :data:`H200` with that many
+    SMs; the first route on a tie). ``split`` still wins some medium T with large banks
+    (an A100 at T = 65-128, N >= 16,384). Empty calls keep ``fused``."""
     from . import scan2
     if n == 0 or d == 0 or t == 0:
         return "fused"
-    options = ["fused"] + (["scan2"] if scan2.serves(kp, prec) else []) + ["gemm"]
+    options = ["fused"] + (["scan2"] if scan2.serves(kp, prec) else []) + ["gemm", "split"]
     gpu = next((g for g in GPUS.values() if g.sms == sms), None) or replace(H200, sms=max(int(sms), 1))
     cost = {v: forward_s(v, t, d, n, kp, d, compute, gpu) for v in options}
     return min(options, key=lambda v: (cost[v], options.index(v)))

@@ -168,8 +168,9 @@ def test_fwd_route_reads_the_variable_on_every_call(road, monkeypatch):
     road("auto")
     assert tf.fwd_route(1, 16384, 4096) == "split" and tf.fwd_route(64, 1024, 4096) == "split"
     from moram_kernels.backends.triton import model as tm
-    for t in (65, 4096):    # above decode: the runtime model's cheapest of fused, scan2, gemm
+    for t in (65, 4096):    # above decode: the runtime model's cheapest route
         assert tf.fwd_route(t, 16384, 4096) == tm.prefill_route(t, 4096, 16384, 16, "bf16", "tf32", 132)
+    assert tf.fwd_route(65, 16384, 4096, sms=108) == "split"     # an A100: split past decode too
     monkeypatch.delenv("MORAM_TRITON_FWD")
     assert tf.fwd_route(1, 64, 64) == "split"
     road("scan9")
@@ -181,13 +182,13 @@ def test_auto_route_follows_the_cost_model(road):
     """``auto`` picks the route the model (``benchmarks/cost_model.py``: ``route_ms``, over
     the package's ``model``) predicts fastest among all four, on an H200 and an A100, for
     decode up to 16 tokens and prefill from 1,024, up to a 2 % dead heat. Between, ``split``
-    up to 64 tokens and the cheapest of the others above is within 1.4x of the best: the
-    model prices the scans ~1.37x below ``split`` at T = 64-65, N = 16,384 (the decode
-    rule's edge, for a GPU run to settle)."""
+    up to 64 tokens (the decode rule) and the model's cheapest above is within 1.4x of the
+    best: the model prices the scans ~1.37x below ``split`` at T = 64, N = 16,384 on an
+    H200 (the decode rule's edge, for a GPU run to settle)."""
     from benchmarks import cost_model as cm
     road("auto")
     for hw in cm.HARDWARE.values():
-        for t in (1, 16, 64, 65, 256, 1024, 4096):
+        for t in (1, 16, 64, 65, 128, 256, 1024, 4096):
             for n in (64, 1024, 16384, 65536):
                 times = {r: cm.route_ms(r, t, 4096, 4096, n, 16, hw) for r in tf.FWD_ROUTES[1:]}
                 got = tf.fwd_route(t, n, 4096, sms=hw["sms"])
