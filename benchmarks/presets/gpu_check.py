@@ -81,7 +81,7 @@ def print_plan(backends):
         for impl in ("cuBLAS x@keys.T", "authors", *[b.split()[0] for b in backends], *triton):
             ms = model_ms(row, Impl(impl, ""), "eager")[0]
             if ms is not None and not (row.bwd and impl.startswith("cuBLAS")):
-                pred.append(f"{impl.split()[-1]} {ms:.3f}")
+                pred.append(f"{impl.split()[-1] if impl.startswith('triton ') else impl.split()[0]} {ms:.3f}")
         print(f"{row.case:22s} {row.t:>5d} {row.n:>6d} {fl / 1e9:>9.2f} {by / 1e6:>8.1f} {fl / by:>7.0f} {floor:>9.3f}  "
               + ", ".join(pred))
 
