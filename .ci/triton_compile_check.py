@@ -114,7 +114,7 @@ def waves(v, blocks):
         return "-"
     c = v.constexprs
     slots = SMS_H100_H200 * blocks
-    if v.kernel == "_moram_scan_kernel":
+    if v.kernel in ("_moram_scan_kernel", "_moram_scan2_kernel"):
         ts = {"prefill": (g.t_prefill,), "decode16": (1, 16), "decode64": (64,)}.get(v.config, ())
         out = []
         for t in ts:

@@ -40,19 +40,23 @@ Floor of a call on hardware ``hw`` (:data:`HARDWARE`)::
 
 ``tc_blas`` is the bf16 GEMM rate cuBLAS reaches, ``hbm`` the memory bandwidth measured
 with a device copy. :func:`predict_ms` refines the floor per implementation for the
-``gpu-check`` preset: the Triton scan at ``SCAN_EFF`` of the tensor-core peak plus
-``MERGE_FRAC`` for its running top-K merge, over the SMs its grid keeps busy; the authors'
-path as two GEMMs plus ten passes over ``[T, N]`` fp32; ``launch_s`` per eager launch.
+``gpu-check`` preset: each Triton forward route by the package's runtime model
+(``moram_kernels.backends.triton.model``: score tiles at ``SCAN_EFF`` of the tensor-core
+peak, merge rounds and pick work counted by simulation, over the SMs its grid keeps busy;
+:func:`route_ms`); the authors' path as two GEMMs plus ten passes over ``[T, N]`` fp32;
+``launch_s`` per eager launch.
 The GPU check prints each prediction beside the measured time, so the model is checked on
 every GPU run.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 __all__ = ["forward_flops", "forward_bytes", "backward_flops", "backward_bytes", "work", "dense_flops",
-           "floor_s", "HARDWARE", "H200", "GPU_CHECK", "plan", "predict_ms"]
+           "floor_s", "HARDWARE", "H200", "GPU_CHECK", "plan", "predict_ms", "issue_rows", "route_ms",
+           "route_terms_ms", "decode_floor_ms"]
 
 
 # ---- one call ---------------------------------------------------------------------------------
@@ -120,13 +124,15 @@ def dense_flops(case, mode: str) -> float:
 # ---- hardware and floors ----------------------------------------------------------------------
 
 #: Per hardware: SMs, dense bf16 tensor-core peak and the rate cuBLAS reaches (FLOP/s), HBM
-#: bandwidth measured with a device copy (bytes/s), and the cost of one eager launch (s).
+#: bandwidth measured with a device copy and L2 read bandwidth (bytes/s), the SM clock under
+#: tensor-core load (Hz) and the cost of one eager launch (s). The same numbers as the
+#: package's runtime model (``moram_kernels.backends.triton.model.GPUS``; a test pins the
+#: two together): the Triton package is optional, this module must import without it.
 HARDWARE: dict[str, dict[str, float]] = {
-    "H200": dict(sms=132, tc_peak=990e12, tc_blas=790e12, hbm=4.3e12, launch_s=4e-6),
+    "H200": dict(sms=132, tc_peak=990e12, tc_blas=790e12, hbm=4.3e12, l2=7.0e12, clock=1.75e9, launch_s=4e-6),
+    "A100": dict(sms=108, tc_peak=312e12, tc_blas=280e12, hbm=1.9e12, l2=4.5e12, clock=1.41e9, launch_s=4e-6),
 }
 H200 = HARDWARE["H200"]
-SCAN_EFF = 0.70      # assumed share of the tensor-core peak a Triton scan tile sustains
-MERGE_FRAC = 0.15    # assumed running top-K merge cost on top of a scan tile's MMA time
 
 
 def floor_s(flops: float, nbytes: float, hw: dict = H200) -> float:
@@ -168,27 +174,48 @@ def plan(s: GpuCheckShape = GPU_CHECK) -> list[tuple[str, int, float, float]]:
     return rows
 
 
-def _triton_fwd_s(t, d, d_out, n, k, hw=H200):
-    """Scan (one wave: time = FLOPs / (busy SMs x per-SM peak x SCAN_EFF), at least the
-    keys read once from HBM), select (partial lists) and gather (K value rows), plus
-    three launches."""
-    from moram_kernels.backends.triton._common import k_bucket, scan_configs
-    from moram_kernels.backends.triton.forward import plan_splits
-    kp = k_bucket(k)
-    cfgs = scan_configs("bf16", kp)
-    cfg = cfgs["decode16"] if t <= 16 else cfgs["decode64"] if t <= 64 else cfgs["prefill"]
-    splits, per = plan_splits(t, n, 0, cfg.BT, cfg.BN, None, cfg.per_sm, sms=hw["sms"])
-    t_blocks = -(-t // cfg.BT)
-    busy = min(1.0, t_blocks * splits / (hw["sms"] * cfg.per_sm)) if t > 64 else 1.0
-    mma = 2 * (t_blocks * cfg.BT) * n * d / (hw["tc_peak"] * SCAN_EFF * busy) * (1 + MERGE_FRAC)
-    scan = max(mma, 2 * n * d / hw["hbm"])
-    select = (t * splits * kp * 12 + t * k * 24) / hw["hbm"]
-    gather = 2 * (min(t * k, n) * d_out + t * d_out) / hw["hbm"]
-    return scan + select + gather + 3 * hw["launch_s"]
+def _gpu(hw: dict):
+    """``hw`` as the runtime model's :class:`~moram_kernels.backends.triton.model.Gpu`."""
+    from moram_kernels.backends.triton import model
+    name = next((k for k, v in HARDWARE.items() if v["sms"] == hw["sms"]), "custom")
+    return model.Gpu(name, **{k: hw[k] for k in ("sms", "tc_peak", "tc_blas", "hbm", "clock", "launch_s", "l2")})
+
+
+def _backward_s(t, d, k, r, hw=H200):
+    """Training backward: x G (2 T d^2) on tensor cores, P and dA of the r trainable atoms,
+    the gathers (K rows of A and B per token, mostly L2) and about ten launches."""
+    return (2 * t * d * d + 4 * t * r * d) / hw["tc_blas"] + 3 * 2 * t * d / hw["hbm"] \
+        + 2 * 2 * t * k * d / hw["hbm"] + 10 * hw["launch_s"]
+
+
+def issue_rows(hw: dict = H200) -> list[dict]:
+    """Model against floor for the four rows issue 18 tracks (bf16, d = 4096, k = 16):
+    prefill forward and forward + backward at T = 4096, N = 16,384; decode of one token at
+    N = 1,024 under a CUDA graph and at N = 65,536 (eager). Per row: ``floor_s``, the
+    modelled seconds of every forward route (:func:`route_ms`, plus the backward on the
+    fwd+bwd row) and ``auto``, the route ``MORAM_TRITON_FWD=auto`` takes."""
+    from moram_kernels.backends.triton.forward import fwd_route
+    from moram_kernels.backends.triton.model import ROUTES
+    d, k, r = 4096, 16, 16
+    out = []
+    for case, t, n, bwd, graph in (("prefill fwd", 4096, 16384, False, False),
+                                   ("prefill fwd+bwd", 4096, 16384, True, False),
+                                   ("decode T=1 N=1024 (graph)", 1, 1024, False, True),
+                                   ("decode T=1 N=65536", 1, 65536, False, False)):
+        fl = forward_flops(t, d, d, n, k) + (backward_flops(t, d, d, n, k, r) if bwd else 0)
+        by = forward_bytes(t, d, d, n, k, 2) + (backward_bytes(t, d, d, n, k, r, 2) if bwd else 0)
+        row = dict(case=case, t=t, n=n, floor_s=floor_s(fl, by, hw), auto=fwd_route(t, n, d, sms=hw["sms"]))
+        extra = _backward_s(t, d, k, r, hw) if bwd else 0.0
+        for v in ROUTES:
+            row[v] = 1e-3 * route_ms(v, t, d, d, n, k, hw, graph=graph) + extra
+        out.append(row)
+    return out
 
 
 def predict_ms(case: str, impl: str, t: int, hw: dict = H200, s: GpuCheckShape = GPU_CHECK) -> float | None:
-    """Predicted milliseconds of one GPU check row (eager launches), or None if not modelled."""
+    """Predicted milliseconds of one GPU check row (launches at ``hw["launch_s"]``), or None
+    if not modelled. ``impl`` "triton" (or "triton bwd=v2") is the forward route ``auto``
+    takes, "triton fwd=scan2" (or "triton:scan2", any of the four routes) one route."""
     d, d_out, n, k = s.d_in, s.d_out, s.n, s.k
     gemm = max(2 * t * n * d / hw["tc_blas"], 2 * (n * d + t * d + t * n) / hw["hbm"])
     if impl.startswith("cuBLAS"):
@@ -201,8 +228,13 @@ def predict_ms(case: str, impl: str, t: int, hw: dict = H200, s: GpuCheckShape =
         tn = 10 * 4 * t * n / hw["hbm"]
         f = gemm + value + tn + 12 * hw["launch_s"]
         return 1e3 * (f if fwd_only else 3 * f)   # autograd: two more [T, N] GEMMs and passes
-    if impl == "triton":
-        f = _triton_fwd_s(t, d, d_out, n, k, hw)
+    if impl == "triton" or impl.startswith(("triton:", "triton ")):
+        # "triton fwd=<route>" (or "triton:<route>") is one forward route (MORAM_TRITON_FWD);
+        # "triton" (or "triton bwd=<v>") the route fwd_route's auto takes
+        from moram_kernels.backends.triton.forward import fwd_route
+        m = re.search(r"(?:fwd=|:)(\w+)", impl)
+        route = m.group(1) if m else fwd_route(t, n, d, sms=hw["sms"])
+        f = 1e-3 * route_ms(route, t, d, d_out, n, k, hw)
     elif impl == "cuda":
         # cuBLAS scores in fp32 chunks written and read back, a select kernel, the gather
         f = gemm + 2 * 4 * t * n / hw["hbm"] + 2 * min(t * k, n) * d_out / hw["hbm"] + 4 * hw["launch_s"]
@@ -210,8 +242,35 @@ def predict_ms(case: str, impl: str, t: int, hw: dict = H200, s: GpuCheckShape =
         return None
     if fwd_only:
         return 1e3 * f
-    # backward: x G (2 T d^2) on tensor cores, P and dA of the r trainable atoms, the
-    # gathers (K rows of A and B per token, mostly L2) and about ten launches
-    b = (2 * t * d * d + 4 * t * s.r * d) / hw["tc_blas"] + 3 * 2 * t * d / hw["hbm"] \
-        + 2 * 2 * t * k * d / hw["hbm"] + 10 * hw["launch_s"]
-    return 1e3 * (f + b)
+    return 1e3 * (f + _backward_s(t, d, k, s.r, hw))
+
+
+# ---- forward routes: the package's runtime model ----------------------------------------------
+#
+# The Triton forward has four routes (``MORAM_TRITON_FWD``, docs/backends.md): ``fused``,
+# ``scan2``, ``split`` and ``gemm``. Their model, with the simulations of the merge rounds
+# (the fused scan and its select) and of the pick kernel (split, gemm), lives in the
+# package, since ``auto`` needs it at run time: ``moram_kernels.backends.triton.model``.
+# These wrappers print it in milliseconds for a ``HARDWARE`` entry.
+
+def route_terms_ms(route: str, t: int, d_in: int, d_out: int, n: int, k: int, hw: dict = H200, *,
+                   graph: bool = False) -> dict:
+    """One forward on ``route`` (bf16), term by term in ms (``scores``, ``select``,
+    ``gather``, ``launch``, ``total``: ``model.forward_terms``); ``graph``: the launches
+    as CUDA graph nodes."""
+    from moram_kernels.backends.triton import model
+    terms = model.forward_terms(route, t, d_in, n, k, d_out, "bf16", _gpu(hw), graph)
+    return {key: 1e3 * v for key, v in terms.items()}
+
+
+def route_ms(route: str, t: int, d_in: int, d_out: int, n: int, k: int, hw: dict = H200, *,
+             graph: bool = False) -> float:
+    """Predicted milliseconds of one forward on ``route`` ("fused", "scan2", "split",
+    "gemm"), bf16; ``fwd_route``'s ``auto`` takes ``split`` at decode and the cheapest
+    of the others above (a test pins the two together)."""
+    return route_terms_ms(route, t, d_in, d_out, n, k, hw, graph=graph)["total"]
+
+
+def decode_floor_ms(t: int, d_in: int, d_out: int, n: int, k: int, hw: dict = H200, elt: int = 2) -> float:
+    """HBM floor of a decode step: keys once, the K value rows, x and y."""
+    return 1e3 * forward_bytes(t, d_in, d_out, n, min(k, n), elt) / hw["hbm"]

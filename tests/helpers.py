@@ -3,6 +3,9 @@ that keep the K-th/(K+1)-th scores apart, and the tolerance rule of docs/testing
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 
 import moram_kernels as mk
@@ -101,3 +104,14 @@ def is_valid_topk(idx, x, keys, k, *, tol):
     chosen = p.gather(1, idx)
     distinct = all(len(set(r.tolist())) == kk for r in idx)
     return distinct and bool((chosen >= kth - tol * p.abs().amax(-1, keepdim=True)).all())
+
+
+def triton_test_device() -> torch.device:
+    """Where a Triton test module runs: CPU tensors under ``TRITON_INTERPRET=1`` (set by
+    tests/conftest.py), CUDA otherwise. Skips the calling module when the triton backend is
+    unavailable."""
+    if "triton" not in mk.available_backends():
+        pytest.skip(f"triton backend unavailable here: {mk.backends.why_unavailable('triton')}",
+                    allow_module_level=True)
+    interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return torch.device("cpu" if interp else "cuda")

@@ -189,11 +189,12 @@ def test_interpreter_rounds_fp32_dots_to_tf32_when_allowed():
 
 @needs_interp
 @pytest.mark.parametrize("t", [20, 130], ids=["decode64-tiles", "prefill-tiles"])
-def test_gpu_tile_sizes_in_the_interpreter(t):
-    """The GPU block shapes (64/128-wide tiles, BD = 64) on shapes that cross them: T past
-    128 tokens, N past two 128-atom tiles with a segment boundary inside a tile, d_in past
-    two 64-wide chunks with a ragged end."""
+def test_gpu_tile_sizes_in_the_interpreter(t, monkeypatch):
+    """The GPU block shapes (64/128-wide tiles, BD = 64) of the fused road's scan on shapes
+    that cross them: T past 128 tokens, N past two 128-atom tiles with a segment boundary
+    inside a tile, d_in past two 64-wide chunks with a ragged end."""
     from moram_kernels.backends import triton as tk
+    monkeypatch.setenv("MORAM_TRITON_FWD", "fused")
     from moram_kernels.backends.triton import _common
     cfg = _common.scan_config(t, 16, "bf16", gpu_tiles=True)
     assert cfg.BN >= 64 and cfg.BD >= 64 and cfg.name != "interp"

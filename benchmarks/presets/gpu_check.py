@@ -1,27 +1,29 @@
-"""One prepared check for a machine with a CUDA GPU (about 4 minutes on an H100/H200).
+"""One prepared check for a machine with a CUDA GPU (about 5 minutes on an H100/H200).
 
-    python -m benchmarks --preset gpu-check            # warm-up, parity, timings, pytest; table last
-    python -m benchmarks --preset gpu-check --dry-run  # the plan, the FLOP/byte model, the predictions
+    python -m benchmarks --preset gpu-check --build    # cuda built first, then the check; table last
+    python -m benchmarks --preset gpu-check --dry-run  # the plan, the model, the timings rehearsed
     python -m benchmarks --preset gpu-check --no-pytest --csv out.csv --budget 200
     python benchmarks/gpu_check.py [same options]      # the same check, as a script
 
-0. Warm-up: every backend runs once at every shape class (prefill forward, forward +
-   backward, decode T in {1, 16, 64}), so first-time Triton compiles (about 70 variants
-   took 111 s on a shared CPU) are paid before any timing and never inside one.
-1. Parity on the GPU: an inline check of every available backend against the reference
-   at realistic sizes (forward and backward).
-2. Timings with ``triton.testing.do_bench`` at d_in = d_out = 4096, N = 16384, k = 16,
-   bf16: T = 4096 forward and forward+backward (training layout: a frozen bank plus 16
-   trainable atoms, gram of the bank cached in bf16), and decode T in {1, 16, 64}.
-   Baselines: the authors' dense path (``reference.moram_dense``), ``torch.compile`` of it,
-   and a bare cuBLAS ``x @ keys.T``. Every backend of ``mk.available_backends()`` is timed,
-   each row printed as soon as it is measured, beside the prediction of the cost model
-   (``benchmarks/cost_model.py``: FLOPs, bytes, floors and predicted times).
-3. ``tests/backends/triton/test_triton_interpret.py`` with the interpreter off (its cases then run on CUDA
-   tensors), in whatever time is left.
+It times issue 18's four rows (:data:`ROWS`: prefill forward and forward + backward at
+T = 4096, N = 16,384; decode T = 1 at N = 1,024 under a CUDA graph and at N = 65,536),
+d_in = d_out = 4096, k = 16, bf16, for every implementation (:func:`plan_jobs`): cuBLAS
+``x @ keys.T``, the authors' dense path, the cuda backend, the triton backend as users get
+it, each forward route ``MORAM_TRITON_FWD`` in ``forward.FWD_ROUTES`` (the routes this
+checkout lacks are printed as skipped, with the reason) and each backward variant
+``MORAM_TRITON_BWD``. Each line shows the cost model's prediction
+(``benchmarks/cost_model.py``, ``predict_ms``) and measured / predicted.
 
-Every phase has a time budget inside ``--budget`` seconds (default 230; one
-``benchmarks.timing.Budget`` shared out between the phases). A phase that runs
+0. Warm-up: every job's call once, so first-time Triton compiles are paid before any
+   timing and never inside one.
+1. Parity on the GPU: every available backend against the reference at realistic sizes
+   (forward and backward), then the other triton variants.
+2. Timings (``triton.testing.do_bench``; ``do_bench_cudagraph`` for graph lines).
+3. The Triton test files (:data:`PYTEST_FILES`) with the interpreter off (their cases then
+   run on CUDA tensors), in whatever time is left.
+
+``--budget`` seconds (default 300) are shared out between the sections
+(:data:`SECTIONS`, printed first; a section's unused time passes on). A section that runs
 out, a timing that raises or a pytest that times out is reported and the check goes on,
 so one slow compile cannot cost the timings; the exit code is non-zero if anything failed
 or was skipped.
@@ -36,9 +38,11 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, replace
 
-from ..cost_model import (GPU_CHECK, H200, MERGE_FRAC, SCAN_EFF, floor_s, forward_bytes, forward_flops, plan,
+from ..cost_model import (GPU_CHECK, H200, backward_bytes, backward_flops, floor_s, forward_bytes, forward_flops,
                           predict_ms)
+from ..cost_model import plan  # noqa: F401  (re-exported: the tests read gpu_check.plan)
 from ..timing import Budget
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -57,23 +61,28 @@ def fwd_bytes(t: int) -> float:
 
 
 def print_plan(backends):
-    print(f"shape: d_in = d_out = {D_IN}, N = {N_ATOMS} (of which {R_TRAIN} trainable in fwd+bwd), "
+    print(f"shape: d_in = d_out = {D_IN}, N per row (of which {R_TRAIN} trainable in fwd+bwd), "
           f"k = {K}, tau = {TAU}, bf16")
-    print(f"backends timed: {', '.join(backends)}; baselines: authors (moram_dense), "
-          f"torch.compile(moram_dense), cuBLAS x @ keys.T")
+    print(f"backends timed: {', '.join(backends)}, every triton forward route and backward variant; "
+          f"baselines: authors (moram_dense), cuBLAS x @ keys.T")
     hw = H200
-    print(f"cost model (benchmarks/cost_model.py, H200): {hw['tc_blas'] / 1e12:.0f} TFLOP/s cuBLAS bf16, "
-          f"{hw['tc_peak'] / 1e12:.0f} peak, Triton scan at {SCAN_EFF:.0%} of peak + {MERGE_FRAC:.0%} merge, "
-          f"{hw['hbm'] / 1e12:.1f} TB/s HBM, {hw['launch_s'] * 1e6:.0f} us per eager launch")
-    print(f"{'case':22s} {'T':>5s} {'GFLOP':>9s} {'MB':>8s} {'FLOP/B':>7s} {'floor ms':>9s}  predicted ms")
-    for name, t, fl, by in plan():
+    from moram_kernels.backends.triton.model import SCAN_EFF
+    print(f"cost model (benchmarks/cost_model.py over moram_kernels.backends.triton.model, H200): "
+          f"{hw['tc_blas'] / 1e12:.0f} TFLOP/s cuBLAS bf16, {hw['tc_peak'] / 1e12:.0f} peak, Triton tiles at "
+          f"{SCAN_EFF:.0%} of peak + simulated merges, {hw['hbm'] / 1e12:.1f} TB/s HBM, "
+          f"{hw['launch_s'] * 1e6:.0f} us per eager launch")
+    print(f"{'case':22s} {'T':>5s} {'N':>6s} {'GFLOP':>9s} {'MB':>8s} {'FLOP/B':>7s} {'floor ms':>9s}  predicted ms (eager)")
+    for row in ROWS:
+        fl, by = row_work(row)
         floor = 1e3 * floor_s(fl, by, hw)
         pred = []
-        for impl in ("cuBLAS x@keys.T", "authors", *[b.split()[0] for b in backends]):
-            ms = predict_ms(name, impl, t)
-            if ms is not None:
-                pred.append(f"{impl.split()[0]} {ms:.3f}")
-        print(f"{name:22s} {t:>5d} {fl / 1e9:>9.2f} {by / 1e6:>8.1f} {fl / by:>7.0f} {floor:>9.3f}  "
+        has_triton = any(b.split()[0] == "triton" for b in backends)
+        triton = [f"triton fwd={r}" for r in KNOWN_FWD_ROUTES] if has_triton and not row.bwd else []
+        for impl in ("cuBLAS x@keys.T", "authors", *[b.split()[0] for b in backends], *triton):
+            ms = model_ms(row, Impl(impl, ""), "eager")[0]
+            if ms is not None and not (row.bwd and impl.startswith("cuBLAS")):
+                pred.append(f"{impl.split()[-1] if impl.startswith('triton ') else impl.split()[0]} {ms:.3f}")
+        print(f"{row.case:22s} {row.t:>5d} {row.n:>6d} {fl / 1e9:>9.2f} {by / 1e6:>8.1f} {fl / by:>7.0f} {floor:>9.3f}  "
               + ", ".join(pred))
 
 
@@ -127,14 +136,19 @@ def build_extension_with_cuda(timeout_s: float = 420.0) -> bool:
     return True
 
 
+#: the Triton tests run on CUDA tensors by the check: parity and both backward variants
+#: first, then the near-tie test, where a real GPU's TF32 rounding is what is checked
+PYTEST_FILES = tuple(os.path.join(ROOT, "tests", "backends", "triton", f) for f in
+                     ("test_triton_interpret.py", "test_triton_bwd.py", "test_triton_rounding.py"))
+
+
 def run_pytest(timeout_s):
     """The interpreter test file on CUDA tensors; False (reported) on failure or timeout."""
     if timeout_s < 20:
         print(f"pytest skipped: {timeout_s:.0f} s left in the budget", flush=True)
         return False
     env = pytest_env()
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", os.path.join(ROOT, "tests", "backends", "triton", "test_triton_interpret.py"),
-           "-p", "no:cacheprovider"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", *PYTEST_FILES, "-p", "no:cacheprovider"]
     print("$", " ".join(cmd), f"(timeout {timeout_s:.0f} s)", flush=True)
     t0 = time.perf_counter()
     try:
@@ -223,6 +237,188 @@ def gpu_backends(mk, torch, only_available=True):
     return [b for b in names if b != "reference" and not _dispatch._BY_NAME[b].refuses(inp, True)]
 
 
+# ---- what is timed: issue 18's four rows x every variant --------------------------------------
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the table the check fills: T tokens against N atoms (d_in = d_out = 4096,
+    k = 16, bf16), forward or forward + backward (training layout: the bank frozen but for
+    ``R_TRAIN`` trainable atoms), in ``modes`` "eager" and/or "graph" (a CUDA graph: the
+    GPU time alone, what decode is judged by)."""
+
+    case: str
+    t: int
+    n: int
+    bwd: bool = False
+    modes: tuple[str, ...] = ("eager",)
+
+    @property
+    def model_case(self) -> str:
+        """The case name :func:`predict_ms` knows."""
+        return "prefill fwd+bwd" if self.bwd else ("prefill fwd" if self.t > 64 else f"decode T={self.t} fwd")
+
+
+ROWS = (
+    Row("prefill fwd", T_PREFILL, N_ATOMS),
+    Row("prefill fwd+bwd", T_PREFILL, N_ATOMS, bwd=True),
+    Row("decode T=1 N=1024", 1, 1024, modes=("graph",)),
+    Row("decode T=1 N=65536", 1, 65536, modes=("eager", "graph")),
+)
+
+#: every forward route the check knows (``MORAM_TRITON_FWD``): fused = the original scan +
+#: select, split = the decode road, gemm = cuBLAS scores + select, scan2 = the new prefill
+#: scan. Only those in ``forward.FWD_ROUTES`` of this checkout are timed; the others are
+#: listed as skipped, with the reason.
+KNOWN_FWD_ROUTES = ("fused", "split", "gemm", "scan2")
+#: the backward variants (``MORAM_TRITON_BWD``)
+KNOWN_BWD = ("v1", "v2")
+
+#: seconds per section of the default 300 s budget (what a section leaves unused passes on)
+SECTIONS = (("warm-up", 95.0), ("parity", 35.0), ("timings", 110.0), ("pytest", 60.0))
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One implementation of a row: ``kind`` "blas" (cuBLAS ``x @ keys.T``), "authors" (the
+    authors' dense path) or "backend" (``backend`` with ``env`` set while it runs);
+    ``skip`` says why it cannot run here."""
+
+    name: str
+    kind: str
+    backend: str = ""
+    env: tuple = ()
+    skip: str = ""
+
+
+def fwd_routes() -> tuple[str, ...]:
+    """``MORAM_TRITON_FWD``'s allowed values in this checkout (``forward.FWD_ROUTES``);
+    ("auto", "fused") where the tuple does not exist yet (the only road then)."""
+    try:
+        from moram_kernels.backends.triton import forward
+    except ImportError:          # no triton installed: nothing of it is timed anyway
+        return ("auto", "fused")
+    return tuple(getattr(forward, "FWD_ROUTES", ("auto", "fused")))
+
+
+def plan_jobs(backends: dict[str, str], routes: tuple[str, ...]) -> list[tuple[Row, str, Impl]]:
+    """``(row, mode, impl)`` in timing order. ``backends``: GPU backend name -> "" when it
+    can run here, else the reason it cannot."""
+    jobs = []
+    for row in ROWS:
+        impls = [] if row.bwd else [Impl("cuBLAS x@keys.T", "blas")]
+        impls.append(Impl("authors", "authors"))
+        for b, why in backends.items():
+            if b != "triton":
+                impls.append(Impl(b, "backend", b, skip=why))
+            elif row.bwd:
+                impls += [Impl(f"triton bwd={v}", "backend", b, (("MORAM_TRITON_BWD", v),), why)
+                          for v in KNOWN_BWD]
+            else:
+                impls.append(Impl("triton", "backend", b, skip=why))       # auto: what users get
+                for r in KNOWN_FWD_ROUTES:
+                    no = "" if r in routes else (f"MORAM_TRITON_FWD={r} does not exist in this checkout "
+                                                 f"(forward.FWD_ROUTES = {routes})")
+                    impls.append(Impl(f"triton fwd={r}", "backend", b, (("MORAM_TRITON_FWD", r),), why or no))
+        jobs += [(row, mode, i) for mode in row.modes for i in impls]
+    return jobs
+
+
+def row_work(row: Row) -> tuple[float, float]:
+    """FLOPs and bytes of one row (benchmarks/cost_model.py)."""
+    f = forward_flops(row.t, D_IN, D_OUT, row.n, K)
+    b = forward_bytes(row.t, D_IN, D_OUT, row.n, K, S.elt)
+    if row.bwd:
+        f += backward_flops(row.t, D_IN, D_OUT, row.n, K, R_TRAIN)
+        b += backward_bytes(row.t, D_IN, D_OUT, row.n, K, R_TRAIN, S.elt)
+    return f, b
+
+
+def model_ms(row: Row, impl: Impl, mode: str) -> tuple[float | None, str]:
+    """The cost model's prediction for one job and a note: ``predict_ms`` is asked for the
+    implementation's full name first ("triton fwd=split"), then its backend ("triton"),
+    which the note then names; in a CUDA graph a launch costs a graph node's
+    (``model.GRAPH_NODE_S``)."""
+    from moram_kernels.backends.triton.model import GRAPH_NODE_S
+    hw = dict(H200, launch_s=GRAPH_NODE_S) if mode == "graph" else H200
+    shape = replace(GPU_CHECK, n=row.n)
+    for key in dict.fromkeys((impl.name, impl.name.split()[0])):
+        ms = predict_ms(row.model_case, key, row.t, hw, shape)
+        if ms is not None:
+            return ms, "" if key == impl.name else f"model of {key}"
+    return None, "no model"
+
+
+@contextlib.contextmanager
+def scoped_env(pairs):
+    """Set ``pairs`` in os.environ for the block (the routes are read on every call)."""
+    old = {k: os.environ.get(k) for k, _ in pairs}
+    os.environ.update(dict(pairs))
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def section_plan(total_s: float) -> dict[str, float]:
+    """Seconds per section, scaled to ``total_s``; printed before anything runs."""
+    whole = sum(s for _, s in SECTIONS)
+    shares = {name: total_s * s / whole for name, s in SECTIONS}
+    print("time budget: " + ", ".join(f"{n} {s:.0f} s" for n, s in shares.items())
+          + f"; total {total_s:.0f} s (a section's unused time passes to the next)", flush=True)
+    return shares
+
+
+def run_jobs(jobs, make_fn, timer, until_s, clock, skipped):
+    """Time each job, each line printed as soon as it is measured beside the model's
+    prediction and measured / predicted; returns the table rows. ``make_fn(row, impl)``
+    builds the call, ``timer(fn, graph)`` returns milliseconds, ``clock()`` seconds since
+    the start; past ``until_s`` the rest is skipped (and listed in ``skipped``)."""
+    rows = []
+    for row, mode, impl in jobs:
+        label = f"{row.case:20s} {mode:5s} {impl.name:18s}"
+        if impl.skip:
+            print(f"{label} skipped: {impl.skip}", flush=True)
+            continue
+        if clock() > until_s:
+            skipped.append(f"{row.case} {mode} {impl.name}")
+            print(f"{label} skipped: timing budget spent", flush=True)
+            continue
+        fl, by = row_work(row)
+        if impl.kind == "blas":
+            fl = 2 * row.t * row.n * D_IN
+        try:
+            with scoped_env(impl.env):
+                ms = timer(make_fn(row, impl), mode == "graph")
+        except Exception as e:   # one job that cannot run must not cost the others
+            if mode != "graph":
+                skipped.append(f"{row.case} {mode} {impl.name} (failed)")
+            print(f"{label} {'not capturable' if mode == 'graph' else 'FAILED'}: {type(e).__name__}: "
+                  f"{str(e)[:200]}", flush=True)
+            continue
+        pred, note = model_ms(row, impl, mode)
+        model = (f"model {pred:8.3f} ms  measured/model {ms / pred:5.2f}" if pred else "model    -")
+        print(f"{label} {ms:9.3f} ms {fl / ms / 1e9:7.1f} TFLOP/s {by / ms / 1e6:7.0f} GB/s   {model}"
+              + (f" ({note})" if note and pred else ""), flush=True)
+        rows.append(dict(case=row.case, impl=impl.name + (" (graph)" if mode == "graph" else ""), ms=ms,
+                         tflops=fl / ms / 1e9, gbs=by / ms / 1e6,
+                         predicted_ms=pred if pred is not None else float("nan")))
+    return rows
+
+
+def rehearse(backends: dict[str, str], routes: tuple[str, ...], timer, total_s: float = 300.0):
+    """The timing section without a GPU: the same jobs and lines, with ``timer`` standing in
+    for the GPU (the dry run passes the model's own prediction; the tests a fake)."""
+    section_plan(total_s)
+    jobs = plan_jobs(backends, routes)
+    skipped: list[str] = []
+    rows = run_jobs(jobs, lambda row, impl: (row, impl), timer, float("inf"), lambda: 0.0, skipped)
+    return jobs, rows
+
+
 def bench(args):
     import torch
     import triton
@@ -232,153 +428,142 @@ def bench(args):
     from moram_kernels.functional import moram_segments
 
     budget = Budget(total_s=args.budget)
+    shares = section_plan(args.budget)
     backends = gpu_backends(mk, torch)
+    routes = fwd_routes()
     print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
-          f"backends {mk.available_backends()}, budget {args.budget:.0f} s", flush=True)
+          f"backends {mk.available_backends()}, forward routes {routes}, budget {args.budget:.0f} s", flush=True)
     print_plan(backends)
     have_cuda, line = cuda_backend_line(mk)
     print(line, flush=True)
     ok = have_cuda
+    status = {b: "" for b in backends}
+    for b in gpu_backends(mk, torch, only_available=False):
+        status.setdefault(b, "not available here" if b != "cuda" else line)
+    jobs = plan_jobs(status, routes)
     dev, dt = "cuda", torch.bfloat16
-    do_bench = triton.testing.do_bench
     torch.manual_seed(0)
-    keys = (torch.randn(N_ATOMS, D_IN, device=dev) / D_IN**0.5).to(dt)
-    values = (torch.randn(N_ATOMS, D_OUT, device=dev) * 0.02).to(dt)
-    n0 = N_ATOMS - R_TRAIN
-    k0, v0 = keys[:n0], values[:n0]
-    k1 = keys[n0:].clone().requires_grad_()
-    v1 = values[n0:].clone().requires_grad_()
-    sc1 = torch.full((R_TRAIN,), 2.0, device=dev)
-    gram0 = ref.gram(k0).to(dt)        # cached in the compute dtype, as MoRAMLinear keeps it
-    xs = {t: torch.randn(t, D_IN, device=dev).to(dt) for t in (T_PREFILL, *T_DECODE)}
-    xg = xs[T_PREFILL].clone().requires_grad_()
-    gy = torch.randn(T_PREFILL, D_OUT, device=dev).to(dt)
+    banks = {}
 
-    def ours_step(b):
-        def step():
-            y, _ = moram_segments(xg, k0, v0, None, k1, v1, sc1, k=K, tau=TAU, delta=0.0, eps=1e-12,
-                                  gram0=gram0, backend=b)
-            torch.autograd.grad(y, (xg, k1, v1), gy)
-        return step
+    def bank(n):
+        """keys, values [n, d] bf16 and the training layout's pieces, made once per N."""
+        if n not in banks:
+            keys = (torch.randn(n, D_IN, device=dev) / D_IN**0.5).to(dt)
+            values = (torch.randn(n, D_OUT, device=dev) * 0.02).to(dt)
+            n0 = n - R_TRAIN
+            banks[n] = dict(keys=keys, values=values, k0=keys[:n0], v0=values[:n0],
+                            k1=keys[n0:].clone().requires_grad_(), v1=values[n0:].clone().requires_grad_(),
+                            sc1=torch.full((R_TRAIN,), 2.0, device=dev),
+                            scale_all=torch.cat([torch.ones(n0, device=dev), torch.full((R_TRAIN,), 2.0, device=dev)]),
+                            gram0=ref.gram(keys[:n0]).to(dt))     # cached in bf16, as MoRAMLinear keeps it
+        return banks[n]
 
-    # 0. warm-up: first-time compiles of every shape class, outside any timing
-    warm_end = budget.elapsed() + 0.4 * budget.left()
-    for b in backends:
-        for what, fn in [("prefill fwd", lambda b=b: mk.moram(xs[T_PREFILL], keys, values, k=K, tau=TAU, backend=b)),
-                         ("prefill fwd+bwd", ours_step(b))] + \
-                        [(f"decode T={t}", lambda b=b, t=t: mk.moram(xs[t], keys, values, k=K, tau=TAU, backend=b))
-                         for t in T_DECODE]:
-            if budget.elapsed() > warm_end:
-                print(f"warm-up {b} {what}: skipped, warm-up budget spent", flush=True)
-                ok = False
-                continue
-            t0 = time.perf_counter()
-            try:
-                with torch.no_grad() if "bwd" not in what else contextlib.nullcontext():
-                    fn()
-                torch.cuda.synchronize()
-                print(f"warm-up {b:8s} {what:16s} {time.perf_counter() - t0:6.1f} s", flush=True)
-            except Exception as e:   # reported, counted as a failure, and the check goes on
-                ok = False
-                print(f"warm-up {b:8s} {what:16s} FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+    xs = {}
 
-    # 1. parity at realistic sizes
-    if budget.left() > 60:
+    def make_fn(row, impl):
+        """The call one job times (tensors made once per shape)."""
+        bk = bank(row.n)
+        if row.t not in xs:
+            xs[row.t] = torch.randn(row.t, D_IN, device=dev).to(dt)
+        x = xs[row.t]
+        if row.bwd:
+            xg = x.clone().requires_grad_()
+            gy = torch.randn(row.t, D_OUT, device=dev).to(dt)
+            if impl.kind == "authors":
+                def step():
+                    y = ref.moram_dense(xg, torch.cat([bk["k0"], bk["k1"]]), torch.cat([bk["v0"], bk["v1"]]),
+                                        k=K, tau=TAU, value_scale=bk["scale_all"])
+                    torch.autograd.grad(y, (xg, bk["k1"], bk["v1"]), gy)
+                return step
+
+            def step():
+                y, _ = moram_segments(xg, bk["k0"], bk["v0"], None, bk["k1"], bk["v1"], bk["sc1"], k=K, tau=TAU,
+                                      delta=0.0, eps=1e-12, gram0=bk["gram0"], backend=impl.backend)
+                torch.autograd.grad(y, (xg, bk["k1"], bk["v1"]), gy)
+            return step
+        keys, values = bk["keys"], bk["values"]
+        if impl.kind == "blas":
+            fn = lambda: x @ keys.t()                                                   # noqa: E731
+        elif impl.kind == "authors":
+            fn = lambda: ref.moram_dense(x, keys, values, k=K, tau=TAU)                 # noqa: E731
+        else:
+            fn = lambda: mk.moram(x, keys, values, k=K, tau=TAU, backend=impl.backend)  # noqa: E731
+
+        def call():
+            with torch.no_grad():
+                return fn()
+        return call
+
+    # 0. warm-up: first-time compiles of every job's call, outside any timing
+    until = shares["warm-up"]
+    failed = set()
+    seen = set()
+    for row, _, impl in jobs:
+        key = (row.case, impl.name)
+        if impl.skip or key in seen:
+            continue
+        seen.add(key)
+        if budget.elapsed() > until:
+            print(f"warm-up {row.case} {impl.name}: skipped, warm-up budget spent", flush=True)
+            ok = False
+            continue
+        t0 = time.perf_counter()
         try:
-            fails = inline_parity(mk, ref, torch, backends)
-        except Exception as e:
-            fails = [str(e)]
-            print(f"parity FAILED with {type(e).__name__}: {str(e)[:300]}", flush=True)
-        ok &= not fails
-    else:
-        print("parity skipped: budget", flush=True)
-        ok = False
+            with scoped_env(impl.env):
+                make_fn(row, impl)()
+            torch.cuda.synchronize()
+            print(f"warm-up {row.case:20s} {impl.name:18s} {time.perf_counter() - t0:6.1f} s", flush=True)
+        except Exception as e:   # reported, counted as a failure, and the check goes on
+            ok = False
+            failed.add(key)
+            print(f"warm-up {row.case:20s} {impl.name:18s} FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+    jobs = [(r, m, replace(i, skip="failed in the warm-up") if (r.case, i.name) in failed else i)
+            for r, m, i in jobs]
+    print(f"warm-up done at {budget.elapsed():.0f} s", flush=True)
+
+    # 1. parity at realistic sizes: every backend, then the other triton variants
+    until += shares["parity"]
+    try:
+        fails = inline_parity(mk, ref, torch, backends)
+        for pairs in [(("MORAM_TRITON_BWD", "v1"),)] + [(("MORAM_TRITON_FWD", r),) for r in KNOWN_FWD_ROUTES
+                                                          if r in routes]:
+            if "triton" not in backends or budget.elapsed() > until:
+                break
+            print(f"parity with {pairs[0][0]}={pairs[0][1]}:", flush=True)
+            with scoped_env(pairs):
+                fails += inline_parity(mk, ref, torch, ["triton"], cases=PARITY_CASES[:2])
+    except Exception as e:
+        fails = [str(e)]
+        print(f"parity FAILED with {type(e).__name__}: {str(e)[:300]}", flush=True)
+    ok &= not fails
     print(f"parity done at {budget.elapsed():.0f} s", flush=True)
 
-    rows = []
     peak_tflops, peak_gbs = H200["tc_blas"] / 1e12, H200["hbm"] / 1e9
     try:   # ceilings measured here: a large bf16 GEMM and a device copy
         a = torch.randn(8192, 8192, device=dev, dtype=dt)
-        ms = do_bench(lambda: a @ a, warmup=25, rep=100)
+        ms = triton.testing.do_bench(lambda: a @ a, warmup=25, rep=100)
         peak_tflops = 2 * 8192**3 / ms / 1e9
         big = torch.empty(1 << 30, device=dev, dtype=torch.uint8)
-        ms = do_bench(lambda: big.clone(), warmup=10, rep=50)
+        ms = triton.testing.do_bench(lambda: big.clone(), warmup=10, rep=50)
         peak_gbs = 2 * big.numel() / ms / 1e6
         del a, big
         print(f"ceilings here: bf16 GEMM {peak_tflops:.0f} TFLOP/s, copy {peak_gbs:.0f} GB/s", flush=True)
     except Exception as e:
         print(f"ceilings not measured ({type(e).__name__}: {e}); the model's are used", flush=True)
 
-    reserve = 45 if not args.no_pytest else 5      # seconds kept for pytest at the end
-    skipped = []
+    # 2. timings: issue 18's rows, every variant, each beside the model's prediction
+    until += shares["timings"]
 
-    def record(case, name, fn, fl, by, graph=False):
-        nonlocal ok
-        if budget.left() < reserve:
-            skipped.append(f"{case} / {name}")
-            return
-        try:
-            ms = triton.testing.do_bench_cudagraph(fn) if graph else do_bench(fn, rep=50)
-        except Exception as e:   # one row that cannot run must not cost the others
-            if not graph:
-                ok = False
-            print(f"{case:22s} {name:22s} {'not capturable' if graph else 'FAILED'}: {type(e).__name__}: "
-                  f"{str(e)[:200]}", flush=True)
-            return
-        t = int(case.split("T=")[1].split()[0]) if "T=" in case else T_PREFILL
-        pred = None if graph else predict_ms(case, name, t)
-        rows.append(dict(case=case, impl=name, ms=ms, tflops=fl / ms / 1e9, gbs=by / ms / 1e6,
-                         predicted_ms=pred if pred is not None else float("nan")))
-        print(f"{case:22s} {name:22s} {ms:9.3f} ms {fl / ms / 1e9:8.1f} TFLOP/s {by / ms / 1e6:8.0f} GB/s"
-              + (f"   model {pred:.3f} ms" if pred is not None else ""), flush=True)
+    def timer(fn, graph):
+        if graph:
+            return triton.testing.do_bench_cudagraph(fn, rep=40)
+        return triton.testing.do_bench(fn, warmup=10, rep=40)
 
-    dense_c = torch.compile(ref.moram_dense)
-
-    # 2a. decode first: it is what the model is least sure of, and quick
-    with torch.no_grad():
-        for t in T_DECODE:
-            x = xs[t]
-            case = f"decode T={t} fwd"
-            fl, by = fwd_flops(t), fwd_bytes(t)
-            impls = [("cuBLAS x@keys.T", lambda x=x: x @ keys.t(), 2 * t * N_ATOMS * D_IN),
-                     ("authors", lambda x=x: ref.moram_dense(x, keys, values, k=K, tau=TAU), fl)]
-            impls += [(b, (lambda b=b, x=x: mk.moram(x, keys, values, k=K, tau=TAU, backend=b)), fl)
-                      for b in backends]
-            for name, fn, f in impls:
-                record(case, name, fn, f, by)
-                # decode is launch-bound in eager mode; a CUDA graph shows the GPU time alone
-                record(case, name + " (graph)", fn, f, by, graph=True)
-
-    # 2b. prefill forward
-    t = T_PREFILL
-    x = xs[t]
-    fl, by = fwd_flops(t), fwd_bytes(t)
-    with torch.no_grad():
-        record("prefill fwd", "cuBLAS x@keys.T", lambda: x @ keys.t(), 2 * t * N_ATOMS * D_IN, by)
-        for b in backends:
-            record("prefill fwd", b, lambda b=b: mk.moram(x, keys, values, k=K, tau=TAU, backend=b), fl, by)
-        record("prefill fwd", "authors", lambda: ref.moram_dense(x, keys, values, k=K, tau=TAU), fl, by)
-        record("prefill fwd", "authors+compile", lambda: dense_c(x, keys, values, k=K, tau=TAU), fl, by)
-
-    # 2c. prefill forward + backward, training layout: frozen bank + R_TRAIN trainable atoms
-    _, _, fl, by = next(row for row in plan() if row[0] == "prefill fwd+bwd")
-    scale_all = torch.cat([torch.ones(n0, device=dev), sc1])
-
-    def authors_step(fn):
-        def step():
-            kk_ = torch.cat([k0, k1])                 # the authors concatenate old and new atoms
-            vv_ = torch.cat([v0, v1])
-            y = fn(xg, kk_, vv_, k=K, tau=TAU, value_scale=scale_all)
-            torch.autograd.grad(y, (xg, k1, v1), gy)
-        return step
-
-    for b in backends:
-        record("prefill fwd+bwd", b, ours_step(b), fl, by)
-    record("prefill fwd+bwd", "authors", authors_step(ref.moram_dense), fl, by)
-    record("prefill fwd+bwd", "authors+compile", authors_step(dense_c), fl, by)
+    skipped: list[str] = []
+    rows = run_jobs(jobs, make_fn, timer, until, budget.elapsed, skipped)
     if skipped:
         ok = False
-        print(f"{len(skipped)} timings skipped for the budget: {'; '.join(skipped)}", flush=True)
+        print(f"{len(skipped)} timings skipped or failed: {'; '.join(skipped)}", flush=True)
     print(f"timings done at {budget.elapsed():.0f} s", flush=True)
 
     if args.csv:
@@ -406,8 +591,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="print the plan and the FLOP/byte model, run nothing")
     ap.add_argument("--no-pytest", action="store_true", help="skip the pytest part of the parity check")
     ap.add_argument("--csv", default=None)
-    ap.add_argument("--budget", type=float, default=230.0,
-                    help="wall-clock seconds for the whole check (default 230: a lent GPU gives a few minutes)")
+    ap.add_argument("--budget", type=float, default=300.0,
+                    help="wall-clock seconds for the whole check, shared out between its sections "
+                         "(default 300: a lent GPU gives a few minutes)")
     ap.add_argument("--smoke", action="store_true",
                     help="no GPU: run the inline parity check on tiny CPU cases under TRITON_INTERPRET=1")
     ap.add_argument("--build", action="store_true",
@@ -429,8 +615,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         import torch
 
         import moram_kernels as mk
-        print_plan([f"{b} (if available there)" for b in gpu_backends(mk, torch, only_available=False)])
+        names = gpu_backends(mk, torch, only_available=False)
+        print_plan([f"{b} (if available there)" for b in names])
         print(cuda_backend_line(mk)[1])
+        print("dry run of the timings: the model's prediction stands in for each measurement")
+
+        def model_timer(job, graph):
+            return model_ms(*job, "graph" if graph else "eager")[0] or float("nan")
+        rehearse({b: "" for b in names}, fwd_routes(), model_timer, args.budget)
         return 0
     import torch
     if not torch.cuda.is_available():

@@ -11,7 +11,8 @@
 // Backward (docs/op.md, "Backward", delta mask as in reference.moram_bwd):
 //   bwd_token_kernel: one warp per token, gc = scale * (values[idx] . gy), then the softmax and
 //     norm terms, giving g_sel [T, K], the dB coefficient c [T, K] and alpha [T];
-//   dx = sum_k g_sel * keys[idx] (gather_rows_kernel) - alpha * (x @ G), G = A^T A (cuBLAS);
+//   dx = sum_k g_sel * keys[idx] (gather_rows_kernel) - alpha * (x @ G), G = A^T A built in the
+//     GEMM dtype (cuBLAS, fp32 accumulation), one GEMM for x @ G;
 //   dB: pairs (t, k) sorted by atom id (stable), then one ordered sum per atom row: deterministic;
 //   dA = gp^T @ x over token tiles, gp = -alpha * p + g_sel at the selected atoms.
 #include <ATen/ATen.h>
@@ -107,26 +108,34 @@ at::Tensor scores_fp32(const at::Tensor& a, const at::Tensor& b) {
 #endif
 }
 
-// x @ G in fp32, for the dense term of dx. With bf16 x, G = G_hi + G_lo (both bf16) gives
-// two tensor-core GEMMs with fp32 output: x is exact in bf16 and G keeps about 16 mantissa
-// bits, far below the bf16 rounding of dx, at a fraction of an fp32 GEMM's time.
-at::Tensor x_times_gram(const at::Tensor& x, const at::Tensor& g32) {
+// x @ G in fp32, for the dense term of dx: one GEMM with G in x's dtype (tensor cores with
+// fp32 accumulation and output for fp16/bf16; fp32 follows torch's TF32 setting).
+at::Tensor x_times_gram(const at::Tensor& x, const at::Tensor& g) {
 #if MORAM_HAVE_MM_OUT_DTYPE
-  // a gram already stored in x's 16-bit dtype (MoRAMLinear caches it so): one GEMM
-  if (g32.scalar_type() == x.scalar_type() && x.scalar_type() != at::kFloat)
-    return at::mm(x, g32, at::kFloat);
-  if (x.scalar_type() == at::kBFloat16) {
-    const at::Tensor hi = g32.to(at::kBFloat16);
-    const at::Tensor lo = (g32 - hi.to(at::kFloat)).to(at::kBFloat16);
-    return at::mm(x, hi, at::kFloat).add_(at::mm(x, lo, at::kFloat));
-  }
+  if (x.scalar_type() != at::kFloat) return at::mm(x, g, at::kFloat);
 #endif
-  return at::mm(x.to(at::kFloat), g32);
+  return at::mm(x.to(at::kFloat), g.to(at::kFloat));
 }
 
-at::Tensor gram_fp32(const at::Tensor& keys) {
-  const at::Tensor k = keys.to(at::kFloat);
-  return at::mm(k.t(), k);
+// G = A0^T A0 + A1^T A1 in the GEMM dtype `dt` (docs/op.md, "The dense normalisation term"):
+// a given gram0 is cast to it (a no-op when MoRAMLinear cached it so), a missing one is one
+// GEMM, and the second segment is one addmm on top (cuBLAS accumulates in fp32 and rounds
+// once). Before, a trainable segment beside a bf16 gram0 built G in fp32 and then split it
+// into two bf16 GEMMs for x @ G.
+at::Tensor gram_in(const at::Tensor& keys0, const at::Tensor& keys1,
+                   const std::optional<at::Tensor>& gram0, at::ScalarType dt) {
+  at::Tensor g;
+  if (gram0.has_value() && gram0->defined()) {
+    g = gram0->to(dt);
+  } else {
+    const at::Tensor k0 = keys0.to(dt);
+    g = at::mm(k0.t(), k0);
+  }
+  if (keys1.size(0)) {
+    const at::Tensor k1 = keys1.to(dt);
+    g = at::addmm(g, k1.t(), k1);
+  }
+  return g;
 }
 
 void check_cuda_2d(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
@@ -354,13 +363,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moram_bwd
     at::Tensor sparse = at::empty({T, s.d_in}, f32);
     const auto kdt = s.n0 ? s.keys0.scalar_type() : s.keys1.scalar_type();
     launch_gather(s.keys0.to(kdt), s.keys1.to(kdt), s.n0, idx, g_sel, sparse, stream);
-    const bool given = gram0.has_value() && gram0->defined();
-    at::Tensor g = given ? *gram0 : gram_fp32(s.keys0);
-    if (s.n1) g = g.to(at::kFloat) + gram_fp32(s.keys1);
-    // x in the GEMM dtype of the policy (the lower of x's and the keys')
+    // x and G in the GEMM dtype of the policy (the lower of x's and the keys')
     const at::Tensor xg = x.to(gemm_dtype(x, s.n0 ? s.keys0 : s.keys1));
-    sparse.sub_(x_times_gram(xg, g.scalar_type() == xg.scalar_type() ? g : g.to(at::kFloat))
-                    .mul_(alpha.unsqueeze(1)));
+    const at::Tensor g = gram_in(s.keys0, s.keys1, gram0, xg.scalar_type());
+    sparse.sub_(x_times_gram(xg, g).mul_(alpha.unsqueeze(1)));
     gx = sparse.to(x.scalar_type());
   }
 

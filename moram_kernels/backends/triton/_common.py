@@ -120,13 +120,82 @@ def device_ctx(device: torch.device):
 # ---- jit building blocks --------------------------------------------------------------------
 
 @triton.jit
+def round_tf32(v):
+    """fp32 -> the nearest TF32 value (ties away from zero, as ``cvt.rna.tf32.f32``), kept
+    in fp32: what a GPU's TF32 ``tl.dot`` does to its operands. NaN stays NaN."""
+    b = v.to(tl.uint32, bitcast=True)
+    r = ((b + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return tl.where(v == v, r, v)
+
+
+@triton.jit
+def dot_operands(a, b, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """The two operands of a ``tl.dot``, as a GPU's tensor cores see them. With ``UPCAST``
+    (the interpreter only: its 16-bit dot multiplies raw bits) 16-bit operands are upcast
+    exactly and fp32 ones rounded as a GPU's TF32 dot rounds them; otherwise unchanged."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+        if PREC == "tf32":
+            a = round_tf32(a)
+            b = round_tf32(b)
+    return a, b
+
+
+@triton.jit
+def dot_xkt(xa, ka, acc, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """``acc + xa . ka^T`` with :func:`dot_operands`' interpreter upcast."""
+    xa, ka = dot_operands(xa, ka, UPCAST, PREC)
+    return tl.dot(xa, tl.trans(ka), acc, input_precision=PREC)
+
+
+@triton.jit
+def load_scale(sc0_ptr, sc1_ptr, has_s0, has_s1, ids, N0, mask):
+    """Per-atom value scale of global ``ids`` (1 for a segment without a scale vector)."""
+    in0 = ids < N0
+    s0 = tl.load(sc0_ptr + ids, mask=mask & in0 & (has_s0 != 0), other=1.0)
+    s1 = tl.load(sc1_ptr + (ids - N0), mask=mask & (ids >= N0) & (has_s1 != 0), other=1.0)
+    return tl.where(in0, s0, s1)
+
+
+@triton.jit
+def gate_epilogue(run_v, run_i, ss, rows, t_mask, K, N0, tau, delta, eps, sc0_ptr, sc1_ptr,
+                  has_s0, has_s1, idx_ptr, psel_ptr, norm_ptr, coef_ptr, KP: tl.constexpr):
+    """The gate on a token block's selected lists ``run_v/run_i [BT, KP]`` (slots ``>= K``
+    ignored) and sums of squares ``ss [BT]``: norm, ``s = p / norm``, softmax at tau, the
+    threshold, ``c = w * m * p * scale``; stores idx, p_sel, c ``[T, K]`` and norm ``[T]``
+    (what the backward reads). Shared by every select kernel."""
+    slot = tl.arange(0, KP)
+    live = slot < K
+    norm = tl.maximum(tl.sqrt(ss), eps, propagate_nan=tl.PropagateNan.ALL)
+    m2 = t_mask[:, None] & live[None, :]
+    # zero the pinned slots and the rows past T so no inf - inf appears below
+    p = tl.where(m2, run_v, 0.0)
+    s = p / norm[:, None]
+    z = tl.where(live[None, :], s / tau, float("-inf"))
+    e = tl.exp(z - tl.max(z, 1)[:, None])
+    w = e / tl.sum(e, 1)[:, None]
+    keep = ((s >= delta) | (delta <= 0.0)).to(tl.float32)
+    ids = run_i.to(tl.int64)
+    sc = load_scale(sc0_ptr, sc1_ptr, has_s0, has_s1, ids, N0, m2)
+    c = w * keep * p * sc
+    out = rows[:, None] * K + slot[None, :]
+    tl.store(idx_ptr + out, ids, mask=m2)
+    tl.store(psel_ptr + out, run_v, mask=m2)
+    tl.store(coef_ptr + out, c, mask=m2)
+    tl.store(norm_ptr + rows, norm, mask=t_mask)
+
+
+@triton.jit
 def merge_topk(run_v, run_i, cand_v, cand_i, KP: tl.constexpr, BC: tl.constexpr):
     """Merge candidates ``cand_v/cand_i [BT, BC]`` (-inf where invalid) into the running
     lists ``run_v/run_i [BT, KP]`` (slots beyond K hold +inf and are never replaced).
 
     Only candidates above the current K-th best are considered, and the loop runs as
-    many times as the row with the most such candidates needs (at most KP): once the
-    lists are warm most tiles cost one compare and one reduction.
+    many times as the row with the most such candidates needs (at most KP). A tile costs
+    one compare and one reduction only when no row has such a candidate: common with one
+    real row (decode), never at 128 rows (about 280 rounds over a prefill program's 64
+    tiles; :mod:`.model` simulates it).
     """
     ninf = float("-inf")
     thr = tl.min(run_v, 1)

@@ -1,10 +1,25 @@
 """Backward (docs/op.md, "Backward"): a gather-dot kernel for ``gc`` (split over column
-chunks), a kernel for the softmax / norm terms, the shared gather kernel for the sparse
-part of ``dx`` fused with the dense ``-alpha * (G x)`` term, and a scatter-add kernel for ``dB`` (atomics, or a
-deterministic sorted reduction). The dense GEMMs (``x G``, ``P_s = x A_s^T``,
-``dA_s = gp_s^T x``) are plain torch matmuls, run only for the segments that need them."""
+chunks), a kernel for the softmax / norm terms, a gather kernel for the sparse part of
+``dx`` fused with the dense ``-alpha * (G x)`` term, and a scatter-add kernel for ``dB``
+(atomics, or a deterministic sorted reduction). The dense GEMMs (``x G``, ``P_s = x A_s^T``,
+``dA_s = gp_s^T x``) are plain torch matmuls, run only for the segments that need them.
+
+Two variants, chosen per call by ``MORAM_TRITON_BWD`` (:func:`bwd_variant`, docs/backends.md):
+
+- ``v1``: the dense term of every segment is a ``[T, d_in]`` fp32 tensor (``x G`` or
+  ``P A``) summed in torch and read by the shared gather kernel; a Gram matrix that is not
+  given is built in fp32; every dB program reads its whole ``gy`` tile.
+- ``v2`` (``auto``): a small segment whose term is ``P A`` (the trainable one, at most
+  :data:`FOLD_MAX` atoms) is folded into the dx kernel (``_moram_bwd_dx_kernel``: ``P``
+  ``[T, n_s]`` times the segment's keys on tensor cores, no ``[T, d_in]`` tensor for it);
+  a Gram matrix is built in the compute dtype (one GEMM, fp32 accumulation); the atomic dB
+  kernel reads ``gy`` only for the tokens that selected an atom of its segment (a program
+  with no such token reads nothing).
+"""
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -12,10 +27,27 @@ import triton.language as tl
 
 from ..._precision import lowest
 from ..._warnings import warn_once
-from ._common import GROUP, device_ctx, k_bucket, launch_gather, small_block, token_col_tile
-from .forward import load_scale
+from ._common import (GROUP, INTERPRET, device_ctx, dot_operands, gather_rows, k_bucket, launch_gather, load_scale,
+                      small_block, tl_name, token_col_tile)
+from .forward import dot_precision
 
-__all__ = ["moram_bwd"]
+__all__ = ["moram_bwd", "bwd_variant", "BWD_VARIANTS"]
+
+#: allowed values of ``MORAM_TRITON_BWD``
+BWD_VARIANTS = ("auto", "v1", "v2")
+#: v2 folds a segment's ``P A`` term into the dx kernel up to this many atoms
+FOLD_MAX = 128
+#: atoms per ``tl.dot`` step of the folded term
+FOLD_BR = 16
+
+
+def bwd_variant() -> str:
+    """The backward variant of this call: ``MORAM_TRITON_BWD`` read now (so a benchmark can
+    flip it between calls), "auto" or unset meaning "v2"; an unknown value raises."""
+    v = os.environ.get("MORAM_TRITON_BWD", "auto").strip().lower() or "auto"
+    if v not in BWD_VARIANTS:
+        raise ValueError(f"MORAM_TRITON_BWD={v!r}: expected one of {', '.join(BWD_VARIANTS)}")
+    return "v2" if v == "auto" else v
 
 
 @triton.jit(do_not_specialize=["T", "N0", "K"])
@@ -123,6 +155,78 @@ def _moram_bwd_db_sorted_kernel(perm_ptr, off_ptr, cb_ptr, gy_ptr, gv_ptr, K, DO
     tl.store(gv_ptr + row.to(tl.int64) * svn + o * svd, acc.to(gv_ptr.dtype.element_ty), mask=om)
 
 
+@triton.jit
+def _fold_rows(acc, p_ptr, spt, spn, k_ptr, skn, skd, F, rows, t_mask, o, om,
+               BR: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """``acc [BT, BO] += P[rows, :F] @ keys[:F, o]``: a folded segment's ``sum_j p_j a_j``.
+    P (fp32) is rounded to the keys' dtype, as the torch GEMM of v1 rounds it; tensor-core
+    ``tl.dot`` with fp32 accumulation, BR atoms per step."""
+    r = tl.arange(0, BR)
+    for r0 in range(0, F, BR):
+        rr = r0 + r
+        rm = rr < F
+        pt = tl.load(p_ptr + rows[:, None] * spt + rr[None, :] * spn,
+                     mask=t_mask[:, None] & rm[None, :], other=0.0)
+        kt = tl.load(k_ptr + rr.to(tl.int64)[:, None] * skn + o[None, :] * skd,
+                     mask=rm[:, None] & om[None, :], other=0.0)
+        pt, kt = dot_operands(pt.to(kt.dtype), kt, UPCAST, PREC)
+        acc = tl.dot(pt, kt, acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit(do_not_specialize=["T", "N0", "K", "F0", "F1"])
+def _moram_bwd_dx_kernel(idx_ptr, gsel_ptr, alpha_ptr, k0_ptr, k1_ptr, dense_ptr, p0_ptr, p1_ptr,
+                         out_ptr, T, N0, K, DO, F0, F1, has_dense,
+                         s0n, s0d, s1n, s1d, sdt, sdd, sp0t, sp0n, sp1t, sp1n, sot, sod,
+                         BT: tl.constexpr, BO: tl.constexpr, BR: tl.constexpr, G: tl.constexpr,
+                         UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """v2 dx: ``out = sum_k g_sel[t, k] a_{idx[t, k]} - alpha[t] * (dense[t] + P0[t] A0 + P1[t] A1)``
+    where ``dense`` (if has_dense) holds the materialised terms and segment s is folded when
+    ``Fs`` (its atom count) is nonzero. Grid: (token blocks, column chunks of d_in)."""
+    rows, t_mask, o, om = token_col_tile(T, DO, BT, BO)
+    acc = tl.zeros([BT, BO], dtype=tl.float32)
+    acc = gather_rows(acc, idx_ptr, gsel_ptr, K, rows, t_mask, k0_ptr, k1_ptr, N0,
+                      s0n, s0d, s1n, s1d, o, om, G)
+    m = t_mask[:, None] & om[None, :]
+    dn = tl.zeros([BT, BO], dtype=tl.float32)
+    if has_dense != 0:
+        dn += tl.load(dense_ptr + rows[:, None] * sdt + o[None, :] * sdd, mask=m, other=0.0).to(tl.float32)
+    dn = _fold_rows(dn, p0_ptr, sp0t, sp0n, k0_ptr, s0n, s0d, F0, rows, t_mask, o, om, BR, UPCAST, PREC)
+    dn = _fold_rows(dn, p1_ptr, sp1t, sp1n, k1_ptr, s1n, s1d, F1, rows, t_mask, o, om, BR, UPCAST, PREC)
+    a = tl.load(alpha_ptr + rows, mask=t_mask, other=0.0)
+    acc -= a[:, None] * dn
+    tl.store(out_ptr + rows[:, None] * sot + o[None, :] * sod, acc.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit(do_not_specialize=["T", "K", "lo", "hi"])
+def _moram_bwd_db_hit_kernel(idx_ptr, cb_ptr, gy_ptr, gv_ptr, stats_ptr, T, K, lo, hi, DO, sgt, sgd,
+                             BT: tl.constexpr, BO: tl.constexpr, KP: tl.constexpr,
+                             STATS: tl.constexpr):
+    """v2 atomic dB: ``gv[idx - lo] += cb * gy`` for the selected atoms in ``[lo, hi)``, reading
+    ``gy`` only for the tokens of the block that selected such an atom: the block's
+    ``[BT, K]`` ids (one small load) give the hit rows; a block with none reads no ``gy``
+    and adds nothing. ``STATS`` (tests only): add the number of ``gy`` rows read to
+    ``stats_ptr[0]``."""
+    rows, t_mask, o, om = token_col_tile(T, DO, BT, BO)
+    slot = tl.arange(0, KP)
+    m2 = t_mask[:, None] & (slot < K)[None, :]
+    ids = tl.load(idx_ptr + rows[:, None] * K + slot[None, :], mask=m2, other=-1)
+    inside = m2 & (ids >= lo) & (ids < hi)
+    hit = tl.max(inside.to(tl.int32), 1) > 0       # the gy rows this program reads
+    n_hit = tl.sum(hit.to(tl.int32), 0)
+    if STATS:
+        tl.atomic_add(stats_ptr, n_hit)
+    if n_hit > 0:
+        g = tl.load(gy_ptr + rows[:, None] * sgt + o[None, :] * sgd,
+                    mask=hit[:, None] & om[None, :], other=0.0).to(tl.float32)
+        for k in range(K):
+            ik = tl.load(idx_ptr + rows * K + k, mask=hit, other=0)
+            ck = tl.load(cb_ptr + rows * K + k, mask=hit, other=0.0)
+            ink = hit & (ik >= lo) & (ik < hi)
+            tl.atomic_add(gv_ptr + (ik - lo)[:, None] * DO + o[None, :], ck[:, None] * g,
+                          mask=ink[:, None] & om[None, :], sem="relaxed")
+
+
 # ---- dense parts (torch) -----------------------------------------------------------------------
 
 _MM_FP32_OUT: dict[tuple, bool] = {}
@@ -170,10 +274,20 @@ def _dense_plan(t: int, d: int, n: int, have_gram: bool, have_p: bool) -> str:
     return "gram" if gram_cost < rec_cost else "recompute"
 
 
+def _fold_plan(t: int, d: int, n: int, have_gram: bool, have_p: bool) -> str:
+    """v2's plan for one segment's dense term: 'fold' (``P A`` inside the dx kernel) for a
+    segment of at most :data:`FOLD_MAX` atoms whose term is ``P A`` anyway, else the v1
+    plan ('gram' or 'recompute', materialised)."""
+    plan = _dense_plan(t, d, n, have_gram, have_p)
+    return "fold" if plan == "recompute" and n <= FOLD_MAX else plan
+
+
 def moram_bwd(gy, x, keys0, values0, scale0, keys1, values1, scale1, gram0,
               idx, p_sel, norm, tau, delta, eps, need_x, need_seg0, need_seg1):
     """Triton backward (contract in :mod:`moram_kernels.backends.reference`): returns
-    ``(gx [T, d_in], gkeys0, gvalues0, gkeys1, gvalues1)``, None where not needed."""
+    ``(gx [T, d_in], gkeys0, gvalues0, gkeys1, gvalues1)``, None where not needed.
+    The variant (v1 / v2) is :func:`bwd_variant`'s."""
+    variant = bwd_variant()
     T, K = idx.shape
     D = x.shape[1]
     n0, n1 = keys0.shape[0], keys1.shape[0]
@@ -226,21 +340,33 @@ def moram_bwd(gy, x, keys0, values0, scale0, keys1, values1, scale1, gram0,
     gx = None
     if need_x:
         dense = None
+        fold: dict[int, torch.Tensor] = {}      # v2: segment -> P_s, summed inside the dx kernel
         for seg, lo, hi, kseg, _, _ in segs:
             n_s = hi - lo
             if n_s == 0:
                 continue
             given = gram0 if seg == 0 else None
-            if _dense_plan(T, D, n_s, given is not None, seg in p_seg) == "gram":
-                # a given gram0 in x's dtype (MoRAMLinear caches it so) is used as is
-                g = given if given is not None else _mm(kseg.t(), kseg)
+            planner = _fold_plan if variant == "v2" else _dense_plan
+            plan = planner(T, D, n_s, given is not None, seg in p_seg)
+            if plan == "fold":
+                fold[seg] = p_seg[seg] if seg in p_seg else _mm(x, kseg.t())
+                continue
+            if plan == "gram":
+                # a given gram0 in x's dtype (MoRAMLinear caches it so) is used as is; v2
+                # builds a missing one in the compute dtype (one GEMM, fp32 accumulation),
+                # v1 in fp32
+                g = given if given is not None else (
+                    torch.mm(kseg.t(), kseg) if variant == "v2" else _mm(kseg.t(), kseg))
                 term = _mm(x, g)
             else:
                 pk = p_seg[seg] if seg in p_seg else _mm(x, kseg.t())
                 term = _mm(pk, kseg)
             dense = term if dense is None else dense + term
         gx = torch.empty(T, D, device=dev, dtype=x.dtype)
-        launch_gather(idx, g_sel, k0p, k1p, n0, gx, kp, alpha=alpha, dense=dense)
+        if variant == "v2":
+            _launch_dx(idx, g_sel, alpha, k0p, k1p, n0, dense, fold.get(0), fold.get(1), gx, kp)
+        else:
+            launch_gather(idx, g_sel, k0p, k1p, n0, gx, kp, alpha=alpha, dense=dense)
         gx = gx.to(x_dtype)
 
     grads = [None, None, None, None]
@@ -248,7 +374,7 @@ def moram_bwd(gy, x, keys0, values0, scale0, keys1, values1, scale1, gram0,
         if not need:
             continue
         n_s = hi - lo
-        gv = _scatter_db(idx, cb, gy, lo, hi, vseg, bt, bo)
+        gv = _scatter_db(idx, cb, gy, lo, hi, vseg, bt, bo, variant)
         if n_s:
             inside = (idx >= lo) & (idx < hi)
             local = torch.where(inside, idx - lo, torch.zeros_like(idx))
@@ -261,8 +387,27 @@ def moram_bwd(gy, x, keys0, values0, scale0, keys1, values1, scale1, gram0,
     return (gx, *grads)
 
 
-def _scatter_db(idx, cb, gy, lo, hi, vseg, bt, bo):
-    """dB of the atoms ``[lo, hi)``, ``[hi - lo, d_out]`` in the values' dtype."""
+def _launch_dx(idx, g_sel, alpha, k0, k1, n0, dense, p0, p1, out, kp):
+    """v2: run :func:`_moram_bwd_dx_kernel` into ``out [T, d_in]``; ``p0`` / ``p1`` are the
+    folded segments' scores (None: not folded), ``dense`` the materialised terms (or None)."""
+    T, D = out.shape
+    bt, bo, _ = small_block(kp)
+    has = dense is not None
+    dense_, p0_, p1_ = (v if v is not None else alpha for v in (dense, p0, p1))   # never read
+    st = lambda v: v.stride() if v is not None else (0, 0)  # noqa: E731
+    with device_ctx(out.device):
+        _moram_bwd_dx_kernel[(triton.cdiv(T, bt), triton.cdiv(D, bo))](
+            idx, g_sel, alpha, k0, k1, dense_, p0_, p1_, out,
+            T, n0, idx.shape[1], D, 0 if p0 is None else p0.shape[1], 0 if p1 is None else p1.shape[1],
+            int(has), k0.stride(0), k0.stride(1), k1.stride(0), k1.stride(1),
+            *st(dense), *st(p0), *st(p1), out.stride(0), out.stride(1),
+            BT=bt, BO=bo, BR=FOLD_BR, G=GROUP, UPCAST=INTERPRET, PREC=dot_precision(tl_name(k0.dtype)),
+            num_warps=4)
+
+
+def _scatter_db(idx, cb, gy, lo, hi, vseg, bt, bo, variant="v2", stats=None):
+    """dB of the atoms ``[lo, hi)``, ``[hi - lo, d_out]`` in the values' dtype. ``stats``
+    (v2 atomics, tests only): an int32 ``[1]`` tensor that counts the ``gy`` rows read."""
     T, K = idx.shape
     n_s, DO = hi - lo, vseg.shape[1]
     dev = idx.device
@@ -274,7 +419,8 @@ def _scatter_db(idx, cb, gy, lo, hi, vseg, bt, bo):
         # entries of other segments go to a last bucket that no program reads
         local = torch.where(inside, flat - lo, torch.full_like(flat, n_s))
         srt, perm = torch.sort(local, stable=True)
-        # row r owns perm[off[r]:off[r + 1]]; searchsorted keeps this free of atomics
+        # row r owns perm[off[r]:off[r + 1]]; searchsorted keeps this free of atomics; an
+        # atom no token selected has an empty range and its programs read no gy
         off = torch.searchsorted(srt, torch.arange(n_s + 1, device=dev, dtype=srt.dtype))
         gv = torch.empty(n_s, DO, device=dev, dtype=vseg.dtype)
         with device_ctx(dev):
@@ -283,8 +429,15 @@ def _scatter_db(idx, cb, gy, lo, hi, vseg, bt, bo):
                 gv.stride(0), gv.stride(1), BE=16, BO=bo, num_warps=4)
         return gv
     gv = torch.zeros(n_s, DO, device=dev, dtype=torch.float32)
+    grid = (triton.cdiv(T, bt), triton.cdiv(DO, bo))
     with device_ctx(dev):
-        _moram_bwd_db_atomic_kernel[(triton.cdiv(T, bt), triton.cdiv(DO, bo))](
-            idx, cb, gy, gv, T, K, lo, hi, DO, gy.stride(0), gy.stride(1),
-            BT=bt, BO=bo, num_warps=4)
+        if variant == "v2":
+            _moram_bwd_db_hit_kernel[grid](
+                idx, cb, gy, gv, stats if stats is not None else idx, T, K, lo, hi, DO,
+                gy.stride(0), gy.stride(1), BT=bt, BO=bo, KP=k_bucket(K), STATS=stats is not None,
+                num_warps=4)
+        else:
+            _moram_bwd_db_atomic_kernel[grid](
+                idx, cb, gy, gv, T, K, lo, hi, DO, gy.stride(0), gy.stride(1),
+                BT=bt, BO=bo, num_warps=4)
     return gv.to(vseg.dtype)

@@ -4,52 +4,29 @@ the gather kernel sums the K value rows. No ``[T, N]`` tensor is ever written.""
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from ..._precision import fp32_uses_tf32, lowest
-from ._common import (INTERPRET, device_ctx, k_bucket, launch_gather, merge_topk, scan_config,
-                      sm_count, small_block, tl_name)
+from ._common import (DECODE_T, INTERPRET, device_ctx, gate_epilogue, k_bucket, launch_gather, merge_topk,
+                      scan_config, sm_count, small_block, tl_name)
+from .split import _slab_scores, gemm_fwd, split_fwd
 
-__all__ = ["moram_fwd", "plan_splits"]
-
-
-@triton.jit
-def round_tf32(v):
-    """fp32 -> the nearest TF32 value (ties away from zero, as ``cvt.rna.tf32.f32``), kept
-    in fp32: what a GPU's TF32 ``tl.dot`` does to its operands. NaN stays NaN."""
-    b = v.to(tl.uint32, bitcast=True)
-    r = ((b + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
-    return tl.where(v == v, r, v)
+__all__ = ["moram_fwd", "plan_splits", "fwd_route", "FWD_ROUTES"]
 
 
 @triton.jit
 def _score_tile(x_ptr, sxt, sxd, rows, t_mask, k_ptr, skn, skd, n_loc, n_mask, D,
                 BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                 UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """Raw scores ``x[rows] . keys[n_loc]``, ``[BT, BN]`` fp32 (zero where masked)."""
-    acc = tl.zeros([BT, BN], dtype=tl.float32)
-    xb = x_ptr + rows[:, None] * sxt
-    kb = k_ptr + n_loc.to(tl.int64)[:, None] * skn
-    # int64 column offsets: a transposed view has sxd = T (or skd = N), and d * T passes
-    # 2^31 long before the tensors stop fitting in memory
-    dk = tl.arange(0, BD).to(tl.int64)
-    for d0 in range(0, D, BD):
-        dd = d0 + dk
-        dm = dd < D
-        xa = tl.load(xb + dd[None, :] * sxd, mask=t_mask[:, None] & dm[None, :], other=0.0)
-        ka = tl.load(kb + dd[None, :] * skd, mask=n_mask[:, None] & dm[None, :], other=0.0)
-        if UPCAST:
-            # the interpreter only (its 16-bit dot multiplies raw bits): 16-bit operands
-            # upcast exactly, fp32 ones rounded as a GPU's TF32 dot rounds them
-            xa = xa.to(tl.float32)
-            ka = ka.to(tl.float32)
-            if PREC == "tf32":
-                xa = round_tf32(xa)
-                ka = round_tf32(ka)
-        acc = tl.dot(xa, tl.trans(ka), acc, input_precision=PREC)
-    return acc
+    """Raw scores ``x[rows] . keys[n_loc]``, ``[BT, BN]`` fp32 (zero where masked): the
+    split road's slab product over all of d_in."""
+    return _slab_scores(x_ptr, sxt, sxd, rows, t_mask, k_ptr, skn, skd, n_loc, n_mask, 0, D,
+                        BT, BN, BD, UPCAST, PREC)
 
 
 # sizes that only bound loops and masks are not specialised (== 1, % 16): a new T or bank
@@ -103,15 +80,6 @@ def _moram_scan_kernel(x_ptr, k0_ptr, k1_ptr, pv_ptr, pi_ptr, pss_ptr, pk_ptr,
     tl.store(pk_ptr + part, tl.min(run_v, 1), mask=t_mask)   # pinned slots hold +inf
 
 
-@triton.jit
-def load_scale(sc0_ptr, sc1_ptr, has_s0, has_s1, ids, N0, mask):
-    """Per-atom value scale of global ``ids`` (1 for a segment without a scale vector)."""
-    in0 = ids < N0
-    s0 = tl.load(sc0_ptr + ids, mask=mask & in0 & (has_s0 != 0), other=1.0)
-    s1 = tl.load(sc1_ptr + (ids - N0), mask=mask & (ids >= N0) & (has_s1 != 0), other=1.0)
-    return tl.where(in0, s0, s1)
-
-
 @triton.jit(do_not_specialize=["T", "N0", "K", "n_split"])
 def _moram_select_kernel(pv_ptr, pi_ptr, pss_ptr, pk_ptr, sc0_ptr, sc1_ptr,
                          idx_ptr, psel_ptr, norm_ptr, coef_ptr,
@@ -122,9 +90,10 @@ def _moram_select_kernel(pv_ptr, pi_ptr, pss_ptr, pk_ptr, sc0_ptr, sc1_ptr,
 
     Pruned merge: each split holds K scores >= its own K-th best, so nothing below the
     largest split K-th (``bound``) can make the global top-K. Candidates under it are
-    dropped before the merge, which then sees about K to 2K survivors per row however
-    many splits there are (decode: 256 splits, 4096 candidates, would otherwise take up
-    to ~200 dependent argmax rounds)."""
+    dropped before the merge. How many survive depends on the splits' length (simulated
+    in :mod:`.model`, K = 16): about 50 of 64 at prefill's 4 splits, about 1,600 of 4,096
+    at decode's 256 splits of 256 atoms (about 90 merge rounds); the ``split`` route's
+    pick avoids this merge."""
     rows = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
     t_mask = rows < T
     slot = tl.arange(0, KP)
@@ -147,38 +116,38 @@ def _moram_select_kernel(pv_ptr, pi_ptr, pss_ptr, pk_ptr, sc0_ptr, sc1_ptr,
         cv = tl.where(cv >= bound[:, None], cv, float("-inf"))
         ci = tl.load(pi_ptr + rows[:, None] * W + col[None, :], mask=m, other=0)
         run_v, run_i = merge_topk(run_v, run_i, cv, ci, KP, BC)
-    norm = tl.maximum(tl.sqrt(ss), eps, propagate_nan=tl.PropagateNan.ALL)
-    m2 = t_mask[:, None] & live[None, :]
-    # zero the pinned slots and the rows past T so no inf - inf appears below
-    p = tl.where(m2, run_v, 0.0)
-    s = p / norm[:, None]
-    z = tl.where(live[None, :], s / tau, float("-inf"))
-    e = tl.exp(z - tl.max(z, 1)[:, None])
-    w = e / tl.sum(e, 1)[:, None]
-    keep = ((s >= delta) | (delta <= 0.0)).to(tl.float32)
-    ids = run_i.to(tl.int64)
-    sc = load_scale(sc0_ptr, sc1_ptr, has_s0, has_s1, ids, N0, m2)
-    c = w * keep * p * sc
-    out = rows[:, None] * K + slot[None, :]
-    tl.store(idx_ptr + out, ids, mask=m2)
-    tl.store(psel_ptr + out, run_v, mask=m2)
-    tl.store(coef_ptr + out, c, mask=m2)
-    tl.store(norm_ptr + rows, norm, mask=t_mask)
+    gate_epilogue(run_v, run_i, ss, rows, t_mask, K, N0, tau, delta, eps, sc0_ptr, sc1_ptr,
+                  has_s0, has_s1, idx_ptr, psel_ptr, norm_ptr, coef_ptr, KP)
+
+
+SPLIT_OVERHEAD_TILES = 1   # a split's fixed cost in tiles: warm-up merges, its partial list, its share of the select
 
 
 def plan_splits(t: int, n0: int, n1: int, bt: int, bn: int, device: torch.device | None,
                 per_sm: int = 1, sms: int | None = None) -> tuple[int, int]:
-    """``(n_split, tiles_per_split)``: split the atom tiles across programs so that the grid
-    fills the GPU in at most one wave (``per_sm`` resident programs per SM, from the
-    variant's registers and shared memory). Two or three waves of long programs leave the
-    last one mostly idle (9 splits x 32 token blocks on 132 SMs ran 3 waves, the last 18 %
-    full); decode and small T get every SM instead of one or two. ``sms`` overrides the
-    device's SM count (the cost model plans for a GPU that is not here)."""
+    """``(n_split, tiles_per_split)``, wave-aware: the split count that minimises
+    waves x (tiles per program + :data:`SPLIT_OVERHEAD_TILES`), over ``sms x per_sm``
+    program slots (``per_sm`` resident programs per SM, from the variant's registers and
+    shared memory). Filling one wave is not enough: 133 token blocks on 132 SMs (T =
+    17,000) ran two waves of whole-bank programs, the second one program long; 32 blocks
+    x 3 splits on an A100's 108 SMs left 11 % idle. Decode and small T get every SM.
+    ``sms`` overrides the device's SM count (the cost model plans for a GPU that is not
+    here)."""
     tiles = triton.cdiv(n0, bn) + triton.cdiv(n1, bn)
-    t_blocks = triton.cdiv(t, bt)
-    want = max(1, ((sms or sm_count(device)) * per_sm) // t_blocks)
-    per = triton.cdiv(tiles, min(tiles, want))
+    per = _best_split(max(tiles, 1), triton.cdiv(t, bt), (sms or sm_count(device)) * per_sm)
     return triton.cdiv(tiles, per), per
+
+
+@functools.lru_cache(maxsize=4096)
+def _best_split(tiles: int, t_blocks: int, slots: int) -> int:
+    """Tiles per split minimising ``waves x (per + overhead)`` (fewest splits on a tie)."""
+    best, best_cost = tiles, None
+    for s in range(1, min(tiles, 4 * slots) + 1):
+        per = triton.cdiv(tiles, s)
+        cost = triton.cdiv(t_blocks * triton.cdiv(tiles, per), slots) * (per + SPLIT_OVERHEAD_TILES)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = per, cost
+    return best
 
 
 def dot_precision(compute: str) -> str:
@@ -187,12 +156,40 @@ def dot_precision(compute: str) -> str:
     return "tf32" if compute != "fp32" or fp32_uses_tf32() else "ieee"
 
 
+#: values of ``MORAM_TRITON_FWD``: ``auto`` and the four routes
+FWD_ROUTES = ("auto", "fused", "split", "gemm", "scan2")
+
+
+def fwd_route(t: int, n: int, d: int, kp: int = 16, compute: str = "bf16", prec: str = "tf32",
+              sms: int = 132) -> str:
+    """The forward route of one call, from ``MORAM_TRITON_FWD`` (read on every call):
+    ``fused`` (scan + select + gather, no scores in memory), ``split`` (decode: scores
+    of every atom block on its own program, then one pick), ``gemm`` (cuBLAS scores,
+    then the same pick), ``scan2`` (the prefill scan with 128 x 128 tiles and a packed
+    ``tl.topk`` merge, :mod:`.scan2`), or ``auto``/unset: ``split`` up to ``DECODE_T`` (64)
+    tokens, above that the cheapest of ``fused``/``scan2``/``gemm``/``split`` by the runtime
+    model (:func:`.model.prefill_route`, on ``sms`` SMs). ``tests/backends/triton/test_triton_routes.py``
+    pins this rule to the model. ``t, n, d``: tokens, atoms, d_in; ``kp, compute, prec``:
+    the K bucket, the dot dtype and precision (``scan2`` serves K <= 16 on tensor cores).
+    An unknown value raises ``ValueError`` naming the variable."""
+    v = os.environ.get("MORAM_TRITON_FWD", "").strip().lower() or "auto"
+    if v not in FWD_ROUTES:
+        raise ValueError(f"MORAM_TRITON_FWD={v!r}: expected one of {', '.join(FWD_ROUTES)}")
+    if v != "auto":
+        return v
+    if t <= DECODE_T:
+        return "split"
+    from .model import prefill_route
+    return prefill_route(t, d, n, kp, compute, prec, sms)
+
+
 def moram_fwd(x, keys0, values0, scale0, keys1, values1, scale1, K, tau, delta, eps, *,
               gpu_tiles=False):
     """Triton forward (contract in :mod:`moram_kernels.backends.reference`).
 
-    ``gpu_tiles``: in the interpreter, use the GPU's block shapes (64/128-wide tiles)
-    instead of the small ones that make tiny test shapes cross many tiles.
+    The road is :func:`fwd_route`'s. ``gpu_tiles``: in the interpreter, use the GPU's
+    block shapes for the fused road (64/128-wide tiles) instead of the small ones that
+    make tiny test shapes cross many tiles.
 
     x ``[T, d_in]``; returns ``y [T, d_out]``, ``idx [T, K]`` int64, ``p_sel [T, K]`` fp32,
     ``norm [T]`` fp32.
@@ -209,12 +206,38 @@ def moram_fwd(x, keys0, values0, scale0, keys1, values1, scale1, K, tau, delta, 
         keys1, values1, scale1 = keys0, values0, None
     if n0 == 0:
         keys0, values0, scale0 = keys1, values1, None
+    compute = tl_name(cd)
+    prec = dot_precision(compute)
+    route = fwd_route(T, n0 + n1, D, k_bucket(K), compute, prec, sm_count(x.device))
+    if route == "split":
+        y, idx, p_sel, norm = split_fwd(x, keys0, values0, scale0, keys1, values1, scale1, n0, n1,
+                                        K, tau, delta, eps, compute=compute, prec=prec)
+    elif route == "gemm":
+        y, idx, p_sel, norm = gemm_fwd(x, keys0, values0, scale0, keys1, values1, scale1, n0, n1,
+                                       K, tau, delta, eps)
+    else:
+        y, idx, p_sel, norm = _fused_fwd(x, keys0, values0, scale0, keys1, values1, scale1, n0, n1,
+                                         K, tau, delta, eps, compute, prec, gpu_tiles, route == "scan2")
+    return y.to(out_dtype), idx, p_sel, norm
+
+
+def _fused_fwd(x, keys0, values0, scale0, keys1, values1, scale1, n0, n1, K, tau, delta, eps,
+               compute, prec, gpu_tiles, want_scan2):
+    """The ``fused`` and ``scan2`` routes: scan, select, gather (inputs already cast). The
+    ``scan2`` kernel where asked and it serves this call (:func:`.scan2.serves`), else the
+    old scan."""
+    T, D = x.shape
     DO = values0.shape[1]
     dev = x.device
     kp = k_bucket(K)
-    compute = tl_name(cd)
-    prec = dot_precision(compute)
-    cfg = scan_config(T, kp, compute, prec, gpu_tiles=gpu_tiles)
+    cd = x.dtype
+    from . import scan2
+    use_scan2 = want_scan2 and T > 0 and scan2.serves(kp, prec)
+    if use_scan2:
+        kp = scan2.SCAN2_MAX_KP      # one list width (K <= 8 pins the extra slots): half the variants
+        cfg = scan2.scan2_config(kp, compute, gpu_tiles=gpu_tiles)
+    else:
+        cfg = scan_config(T, kp, compute, prec, gpu_tiles=gpu_tiles)
     n_split, per = plan_splits(T, n0, n1, cfg.BT, cfg.BN, dev, cfg.per_sm)
     f32 = dict(device=dev, dtype=torch.float32)
     pv = torch.empty(T, n_split * kp, **f32)
@@ -228,13 +251,16 @@ def moram_fwd(x, keys0, values0, scale0, keys1, values1, scale1, K, tau, delta, 
     coef = torch.empty(T, K, **f32)
     dummy = p_sel   # pointer for an absent scale vector, never read
     with device_ctx(dev):
-        _moram_scan_kernel[(triton.cdiv(T, cfg.BT), n_split)](
-            x, keys0, keys1, pv, pi, pss, pk,
-            T, D, n0, n1, K, per, n_split,
-            x.stride(0), x.stride(1), keys0.stride(0), keys0.stride(1),
-            keys1.stride(0), keys1.stride(1),
-            BT=cfg.BT, BN=cfg.BN, BD=cfg.BD, KP=kp, UPCAST=INTERPRET, PREC=prec,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if use_scan2:
+            scan2.launch_scan2(x, keys0, keys1, n0, n1, pv, pi, pss, pk, K, kp, cfg, n_split, per, prec)
+        else:
+            _moram_scan_kernel[(triton.cdiv(T, cfg.BT), n_split)](
+                x, keys0, keys1, pv, pi, pss, pk,
+                T, D, n0, n1, K, per, n_split,
+                x.stride(0), x.stride(1), keys0.stride(0), keys0.stride(1),
+                keys1.stride(0), keys1.stride(1),
+                BT=cfg.BT, BN=cfg.BN, BD=cfg.BD, KP=kp, UPCAST=INTERPRET, PREC=prec,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         bt, _, bc = small_block(kp)
         _moram_select_kernel[(triton.cdiv(T, bt),)](
             pv, pi, pss, pk, scale0 if scale0 is not None else dummy,
@@ -244,4 +270,4 @@ def moram_fwd(x, keys0, values0, scale0, keys1, values1, scale1, K, tau, delta, 
             int(scale0 is not None), int(scale1 is not None),
             BT=bt, BC=bc, KP=kp, num_warps=4)
     launch_gather(idx, coef, values0, values1, n0, y, kp)
-    return y.to(out_dtype), idx, p_sel, norm
+    return y, idx, p_sel, norm

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ._common import GROUP, K_BUCKETS, scan_configs, small_block
+from .backward import FOLD_BR
+from .split import GS_GPU, pick_config, split_config, split_variants
 
 __all__ = ["Variant", "all_variants"]
 
@@ -35,8 +37,8 @@ class Variant:
 
 
 def _kernel(name):
-    from . import _common, backward, forward
-    for mod in (forward, backward, _common):
+    from . import _common, backward, forward, scan2, split
+    for mod in (forward, scan2, split, backward, _common):
         if hasattr(mod, name):
             return getattr(mod, name)
     raise KeyError(name)
@@ -78,8 +80,51 @@ def _scan(xd, kd, kp, cfg, aligned, prec="tf32"):
         warps=cfg.num_warps, stages=cfg.num_stages, per_sm=cfg.per_sm, config=cfg.name)
 
 
+def _split_scores(dt, prec, bt, bn, groups, aligned):
+    cfg = split_config(bt, bn, dt, prec, interpret=False)
+    return _spec(
+        "_moram_split_scores_kernel",
+        f"split_scores-{dt}-T{bt}-N{bn}-{'groups' if groups else 'slices'}" + ("-ieee" if prec == "ieee" else ""),
+        ptrs={"x_ptr": dt, "k0_ptr": dt, "k1_ptr": dt, "sc_ptr": "fp32", "pss_ptr": "fp32", "gmax_ptr": "fp32"},
+        floats=(), consts=dict(BT=cfg.BT, BN=bn, BD=cfg.BD, GS=GS_GPU, UPCAST=False, PREC=prec, GROUPS=groups),
+        unit=("sxd", "s0d", "s1d"), div=("D", "sxt", "s0n", "s1n"), aligned=aligned,
+        warps=cfg.num_warps, stages=cfg.num_stages)
+
+
+def _pick(kp, groups, aligned):
+    bc, warps = pick_config(kp, groups, interpret=False)
+    # p1 (segment 1's scores, column N0 of the split road's buffer) has no alignment to claim
+    return _spec(
+        "_moram_pick_kernel", f"pick-K{kp}-{'groups' if groups else 'stream'}",
+        ptrs={"p0_ptr": "fp32", "p1_ptr": "fp32", "pss_ptr": "fp32", "gmax_ptr": "fp32", "sc0_ptr": "fp32",
+              "sc1_ptr": "fp32", "idx_ptr": "i64", "psel_ptr": "fp32", "norm_ptr": "fp32", "coef_ptr": "fp32"},
+        floats=("tau", "delta", "eps"), consts=dict(KP=kp, BC=bc, GS=GS_GPU, GROUPS=groups),
+        unit=(), div=(), aligned=aligned, warps=warps, stages=3)
+
+
+def _scan2(dt, kp, aligned):
+    from .scan2 import scan2_configs
+    cfg = scan2_configs(dt, kp)["prefill"]
+    return _spec(
+        "_moram_scan2_kernel", f"scan2-{dt}-K{kp}-prefill",
+        ptrs={"x_ptr": dt, "k0_ptr": dt, "k1_ptr": dt, "pv_ptr": "fp32", "pi_ptr": "i32",
+              "pss_ptr": "fp32", "pk_ptr": "fp32"},
+        floats=(), consts=dict(BT=cfg.BT, BN=cfg.BN, BD=cfg.BD, KP=kp, UPCAST=False, PREC="tf32"),
+        unit=(), div=("D", "sxt", "s0n", "s1n"), aligned=aligned,
+        warps=cfg.num_warps, stages=cfg.num_stages, per_sm=cfg.per_sm, config="prefill")
+
+
 def all_variants() -> list[Variant]:
     out = []
+    # the split road (decode) and the select of the split and gemm roads
+    for dt, prec in (("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "tf32"), ("fp32", "ieee")):
+        for bt, bn, groups in split_variants():
+            out.append(_split_scores(dt, prec, bt, bn, groups, True))
+    out.append(_split_scores("bf16", "tf32", 16, 64, True, False))
+    for kp in K_BUCKETS:
+        for groups in (True, False):
+            out.append(_pick(kp, groups, True))
+    out.append(_pick(16, True, False))
     # the dtype policy gives both dot operands one dtype: no mixed variant exists; fp32 runs
     # as TF32 unless float32_matmul_precision is "highest" (IEEE, CUDA cores)
     for dt, prec in (("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "tf32"), ("fp32", "ieee")):
@@ -87,6 +132,11 @@ def all_variants() -> list[Variant]:
             for cfg in scan_configs(dt, kp, prec).values():
                 out.append(_scan(dt, dt, kp, cfg, True, prec))
     out.append(_scan("bf16", "bf16", 16, scan_configs("bf16", 16)["prefill"], False))
+    # scan2 serves tensor-core dots with K <= 16 (scan2.serves), always with 16-slot lists;
+    # the rest run the old scan
+    for dt in _DTYPES:
+        out.append(_scan2(dt, 16, True))
+    out.append(_scan2("bf16", 16, False))
     for kp in K_BUCKETS:
         bt, bo, bc = small_block(kp, interpret=False)
         out.append(_spec(
@@ -122,6 +172,20 @@ def all_variants() -> list[Variant]:
             ptrs={"idx_ptr": "i64", "cb_ptr": "fp32", "gy_ptr": dt, "gv_ptr": "fp32"},
             floats=(), consts=dict(BT=bt, BO=bo), unit=("sgd",), div=("DO", "sgt"),
             aligned=True, warps=4, stages=3))
+        for prec in ("tf32", "ieee") if dt == "fp32" else ("tf32",):
+            out.append(_spec(
+                "_moram_bwd_dx_kernel", f"bwd_dx-{dt}" + ("-ieee" if prec == "ieee" else ""),
+                ptrs={"idx_ptr": "i64", "gsel_ptr": "fp32", "alpha_ptr": "fp32", "k0_ptr": dt, "k1_ptr": dt,
+                      "dense_ptr": "fp32", "p0_ptr": "fp32", "p1_ptr": "fp32", "out_ptr": dt},
+                floats=(), consts=dict(BT=bt, BO=bo, BR=FOLD_BR, G=GROUP, UPCAST=False, PREC=prec),
+                unit=("s0d", "s1d", "sdd", "sp0n", "sp1n", "sod"),
+                div=("DO", "s0n", "s1n", "sdt", "sp0t", "sp1t", "sot"), aligned=True, warps=4, stages=3))
+        for kp in K_BUCKETS if dt == "bf16" else (16,):
+            out.append(_spec(
+                "_moram_bwd_db_hit_kernel", f"bwd_db_hit-{dt}-K{kp}",
+                ptrs={"idx_ptr": "i64", "cb_ptr": "fp32", "gy_ptr": dt, "gv_ptr": "fp32", "stats_ptr": "i32"},
+                floats=(), consts=dict(BT=bt, BO=bo, KP=kp, STATS=False), unit=("sgd",), div=("DO", "sgt"),
+                aligned=True, warps=4, stages=3))
         out.append(_spec(
             "_moram_bwd_db_sorted_kernel", f"bwd_db_sorted-{dt}",
             ptrs={"perm_ptr": "i64", "off_ptr": "i64", "cb_ptr": "fp32", "gy_ptr": dt, "gv_ptr": dt},

@@ -34,6 +34,13 @@ TAU, EPS = 0.1, 1e-12
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+@pytest.fixture(autouse=True)
+def _fused_road(monkeypatch):
+    """These tests pin the fused road (scan, select, gather); ``auto`` would send their
+    shapes to the split and gemm roads, which test_triton_routes.py covers."""
+    monkeypatch.setenv("MORAM_TRITON_FWD", "fused")
+
+
 def _case(t, d_in, d_out, n0, n1, k, dt, *, keys_dt=None, seed=0, scale=True):
     n = n0 + n1
     x, keys, values = make_inputs(t, d_in, d_out, n, k=k, dtype=dt, keys_dtype=keys_dt, seed=seed)
@@ -136,12 +143,17 @@ def test_split_path_is_taken():
     assert tf.plan_splits(t, n0, n1, cfg.BT, cfg.BN, DEV)[0] > 1
 
 
-def test_delta_threshold_forward_backward():
-    x, segs, kk = _case(9, 32, 20, 30, 10, 6, torch.float32, seed=3)
+def _gap_delta(x, segs, kk):
+    """A threshold in the widest gap of the selected normalised scores: no s sits on it."""
     _, _, p_sel, norm = tk.moram_fwd(x, *segs, kk, TAU, 0.0, EPS)
     s = (p_sel / norm[:, None]).flatten().sort().values
     i = int(torch.diff(s[len(s) // 4: 3 * len(s) // 4]).argmax()) + len(s) // 4
-    delta = float(s[i] + s[i + 1]) / 2        # in the widest gap: no s sits on the threshold
+    return float(s[i] + s[i + 1]) / 2
+
+
+def test_delta_threshold_forward_backward():
+    x, segs, kk = _case(9, 32, 20, 30, 10, 6, torch.float32, seed=3)
+    delta = _gap_delta(x, segs, kk)
     _check_fwd(x, segs, kk, delta)
     _check_bwd(x, segs, kk, delta)
 
@@ -247,7 +259,7 @@ def test_gpu_check_script_plan_and_smoke():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run([sys.executable, script, "--dry-run"], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "prefill fwd+bwd" in r.stdout and "decode T=1 fwd" in r.stdout
+    assert "prefill fwd+bwd" in r.stdout and "decode T=1 N=1024" in r.stdout
     r = subprocess.run([sys.executable, script, "--smoke"], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert r.stdout.count(": ok") >= 4 and "FAIL" not in r.stdout
