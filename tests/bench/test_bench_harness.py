@@ -286,6 +286,36 @@ def test_cpu_goals_preset_table_matches_its_ratios(tmp_path, capsys):
     assert [r["met"] for r in saved] == [str(c[5].rstrip(" |") == "yes") for c in rows]
 
 
+@pytest.mark.skipif("cpu" not in mk.available_backends(), reason="the cpu-floor preset times the C++ cpu backend")
+def test_cpu_floor_preset_prints_every_goal_with_its_verdict(tmp_path, capsys):
+    """Every goal of the issue in one run (tiny shapes): one PASS/MISS row each, each ratio
+    the quotient of its two figures and each verdict the goal applied to it, the CPU model
+    and ISA above the table, the same rows in the CSV."""
+    out_csv = tmp_path / "floor.csv"
+    assert run.main(["--preset", "cpu-floor", "--tiny", "--reps", "1", "--threads", "1", "--csv", str(out_csv)]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"# CPU: .+, \d+ cores, ISA: .+\(torch dispatch: \w+\)", text), text
+    rows = [ln.strip("| ").split(" | ") for ln in text.splitlines() if re.match(r"\| (one-token|clip|fp32|bf16) \|", ln)]
+    scored = [r for r in rows if r[4] != "-"]
+    assert [r[0] for r in scored] == ["one-token"] * 3 + ["clip"] + ["fp32"] * 3 + ["bf16"] * 3, text
+    unit = {"µs": 1e-6, "ms": 1e-3}
+    for group, measure, value, ratio, goal, verdict in scored:
+        a, b = [float(v.split()[0]) * unit[v.split()[1]] for v in value.split(" (")[0].split(" vs ")]
+        r = float(ratio.rstrip("x"))
+        limit = float(re.search(r"[\d.]+", goal).group())
+        faster = goal.startswith(">=")
+        want = b / a if faster else a / b
+        assert r == pytest.approx(want, rel=0.02, abs=0.01), (measure, value, ratio)
+        assert verdict == ("PASS" if (r >= limit if faster else 0 < r <= limit) else "MISS"), (measure, ratio, goal)
+    assert re.search(rf"{sum(r[5] == 'PASS' for r in scored)} of 10 goals met on .+ \(", text)
+    with open(out_csv) as f:
+        saved = list(csv.DictReader(f))
+    assert [r["measure"] for r in saved] == [r[1] for r in rows]
+    assert all(r["cpu"] and r["isa"] for r in saved)
+    with pytest.raises(SystemExit):
+        run.main(["--preset", "cpu-floor", "--only", "nope"])
+
+
 def test_every_preset_has_one_help_line_and_its_own_help(capsys):
     with pytest.raises(SystemExit):
         run.parse_args(["--help"])
