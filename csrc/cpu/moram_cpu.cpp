@@ -15,6 +15,8 @@
 #include <ATen/Parallel.h>
 #include <omp.h>
 
+#include "thread_plan.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -42,16 +44,15 @@ int64_t env_int(const char* name, int64_t dflt) {
 int64_t block_tokens() { return env_int("MORAM_CPU_BT", 512); }
 int64_t tile_atoms() { return env_int("MORAM_CPU_BN", 1024); }
 
-// Threads worth waking for `work` multiply-adds: one per MORAM_CPU_GRAIN (2^17, some tens
-// of µs of work), at most torch's intra-op count. Waking a thread costs µs on an idle
-// machine and a whole scheduler slice on a busy one, so one decoded token stays on the
-// calling thread. Parallel loops below pass `if (nth > 1)`: with one thread the region is
-// inactive, runs inline, and BLAS/ATen calls inside it keep their own threading.
-int threads_for(double work) {
-  const double grain = static_cast<double>(env_int("MORAM_CPU_GRAIN", int64_t{1} << 17));
-  const int nth = std::max(1, at::get_num_threads());
-  return static_cast<int>(std::max(1.0, std::min<double>(nth, std::floor(work / grain))));
-}
+// Threads worth waking for a call: moram_cpu::threads_for(multiply-adds, bytes streamed)
+// (csrc/cpu/thread_plan.h), from the machine's L2 per core and torch's intra-op count, or
+// MORAM_CPU_GRAIN. Waking a thread costs µs on an idle machine and a whole scheduler slice
+// on a busy one, so a call whose bytes fit in one core's L2 stays on the calling thread.
+// Parallel loops below pass `if (nth > 1)`: with one thread the region is inactive, runs
+// inline, and BLAS/ATen calls inside it keep their own threading.
+using moram_cpu::threads_for;
+// A loop that reads about one fp32 per multiply-add (gathers, row scans): its bytes.
+inline int threads_for_stream(double madds) { return threads_for(madds, 4.0 * madds); }
 
 // Exceptions must not cross an OpenMP region boundary: keep the first, rethrow after.
 struct FirstError {
@@ -386,6 +387,47 @@ ScanFn pick_scan() {
   return scan_row_scalar;
 }
 
+// ---- top-K of a whole row, for banks that fit in one tile ------------------------------------
+
+// When every score of a token is in one row (the bank fits in one tile, or one decoded
+// token), the top-K needs no running heap: a threshold that at least K scores reach (the
+// smallest of K group maxima, kth_floor) keeps a few candidates, and a selection among them
+// (nth_element, then a sort of the K) finds the K best. Linear in the row, no per-score heap
+// upkeep. Ties go to the lower id, and the K come out by score descending, then id.
+// NaN scores never pass the threshold; if fewer than K scores are candidates (a row of NaN
+// or -inf), the rest are filled with -inf at the lowest unused ids, as heap_init would.
+struct Cand {
+  float v;
+  int64_t id;
+};
+
+inline bool cand_before(const Cand& a, const Cand& b) { return a.v > b.v || (a.v == b.v && a.id < b.id); }
+
+void select_row(const float* __restrict__ row, int64_t n, int64_t k, float* out_v, int64_t* out_id, float* ss,
+                std::vector<Cand>& cand) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < n; ++j) acc += row[j] * row[j];
+  *ss += acc;
+  const float floor = kth_floor(row, n, k);
+  cand.clear();
+  for (int64_t j = 0; j < n; ++j)
+    if (row[j] > floor) cand.push_back({row[j], j});
+  const int64_t m = static_cast<int64_t>(cand.size());
+  if (m > k) std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(), cand_before);
+  const int64_t got = std::min(m, k);
+  std::sort(cand.begin(), cand.begin() + got, cand_before);
+  for (int64_t i = 0; i < got; ++i) {
+    out_v[i] = cand[i].v;
+    out_id[i] = cand[i].id;
+  }
+  for (int64_t i = got, next = 0; i < k; ++i, ++next) {
+    while (std::find(out_id, out_id + got, next) != out_id + got) ++next;
+    out_v[i] = -std::numeric_limits<float>::infinity();
+    out_id[i] = next;
+  }
+}
+
 // The epilogue of one token: y_row (fp32, d_out) = Σ c_k values[idx_k].
 inline void epilogue(const Atoms& a, const float* p, const int64_t* ids, int64_t k, float ss, float tau,
                      float delta, float eps, float* c, float* y_row, float* norm_out) {
@@ -411,6 +453,24 @@ struct Tile {
   int seg;
   int64_t lo, n;  // local first atom and count within the segment
 };
+
+// The whole bank against a block of tokens xb [bt, d_in] (fp32): each segment's GEMM writes
+// its columns of one [bt, N] score row per token (BLAS takes the row stride), then
+// select_row picks each token's top-K into (hv, hid) and adds its squares to ss.
+void score_rows_and_select(const Atoms& a, const Tensor& xb, const Tensor& buf, int64_t K, float* hv, int64_t* hid,
+                           float* ss) {
+  const int64_t bt = xb.size(0), N = a.n_total;
+  Tensor s = buf.narrow(0, 0, bt * N).view({bt, N});
+  for (int sg = 0; sg < 2; ++sg)
+    if (a.n[sg] > 0) {
+      Tensor cols = s.narrow(1, a.lo[sg], a.n[sg]);
+      at::mm_out(cols, xb, a.keys_f[sg].t());
+    }
+  const float* sp = s.data_ptr<float>();
+  std::vector<Cand> cand;
+  cand.reserve(std::min<int64_t>(N, 4 * K + 64));
+  for (int64_t r = 0; r < bt; ++r) select_row(sp + r * N, N, K, hv + r * K, hid + r * K, ss + r, cand);
+}
 
 // ---- forward -------------------------------------------------------------------------------
 
@@ -451,8 +511,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moram_fwd_cpu(const Tensor& x_in, con
       const int64_t st = xf.stride(1);
       for (int64_t i = 0; i < d_in; ++i) xr[i] = xp[i * st];
     }
-    // threads only for a bank that streams from memory (16 MiB of fp32 keys at the default grain)
-    const int nth = threads_for(static_cast<double>(N) * static_cast<double>(d_in) / 32.0);
+    // threads only for a bank that does not fit in one core's L2 (thread_plan.h)
+    const double nd = static_cast<double>(N) * static_cast<double>(d_in);
+    const int nth = threads_for(nd, 4.0 * nd);
     for (int sg = 0; sg < 2; ++sg) {
       const float* kp = a.keys_f[sg].data_ptr<float>();
       float* out = sc.data() + a.lo[sg];
@@ -466,20 +527,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moram_fwd_cpu(const Tensor& x_in, con
     }
     float* hv = p_sel.data_ptr<float>();
     int64_t* hid = idx.data_ptr<int64_t>();
-    heap_init(hv, hid, K);
     float ss = 0.f;
-    scan(sc.data(), N, 0, hv, hid, K, &ss, kth_floor(sc.data(), N, K));
+    std::vector<Cand> cand;
+    cand.reserve(std::min<int64_t>(N, 4 * K + 64));
+    select_row(sc.data(), N, K, hv, hid, &ss, cand);
     epilogue(a, hv, hid, K, ss, ftau, fdelta, feps, c.data(), yrow.data(), norm.data_ptr<float>());
     store_row_any(yrow.data(), y, 0);
     return {y, idx, p_sel, norm};
   }
 
   const int nth = threads_for(static_cast<double>(T) * static_cast<double>(a.n_total) *
-                              static_cast<double>(a.d_in + K));
+                                  static_cast<double>(a.d_in + K),
+                              4.0 * (static_cast<double>(a.n_total) * static_cast<double>(a.d_in) +
+                                     static_cast<double>(T) * static_cast<double>(a.d_in + K * d_out)));
   std::vector<Tile> tiles;
   const int64_t BN = tile_atoms();
   for (int s = 0; s < 2; ++s)
     for (int64_t lo = 0; lo < a.n[s]; lo += BN) tiles.push_back({s, lo, std::min(BN, a.n[s] - lo)});
+  // A bank that fits in one tile is scored as one row per token (both segments side by
+  // side, seg = -1) and selected by select_row, with no running heap.
+  if (a.n_total <= BN) tiles.assign(1, Tile{-1, 0, a.n_total});
   const int64_t n_tiles = static_cast<int64_t>(tiles.size());
 
   // Few tokens (decode): the scoring streams the keys and is memory-bound, so the threads
@@ -511,7 +578,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moram_fwd_cpu(const Tensor& x_in, con
     try {
       const int64_t b = item / n_splits, sp = item % n_splits;
       const int64_t t0 = b * BT, bt = std::min(BT, T - t0);
-      const int64_t g0 = n_tiles * sp / n_splits, g1 = n_tiles * (sp + 1) / n_splits;
+      int64_t g0 = n_tiles * sp / n_splits;
+      const int64_t g1 = n_tiles * (sp + 1) / n_splits;
       Tensor xb = x.narrow(0, t0, bt);
       if (!x_f32) xb = xb.to(at::kFloat);  // a strided fp32 block goes to BLAS as it is
       Tensor buf = at::empty({bt * std::min(BN, a.n_total)}, p_sel.options());
@@ -525,7 +593,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moram_fwd_cpu(const Tensor& x_in, con
         hv = p_sel.data_ptr<float>() + t0 * K;
         hid = idx.data_ptr<int64_t>() + t0 * K;
       }
-      for (int64_t r = 0; r < bt; ++r) heap_init(hv + r * K, hid + r * K, K);
+      if (tiles[0].seg < 0) {
+        score_rows_and_select(a, xb, buf, K, hv, hid, ss.data());
+        g0 = g1;  // no tile left
+      } else {
+        for (int64_t r = 0; r < bt; ++r) heap_init(hv + r * K, hid + r * K, K);
+      }
       for (int64_t g = g0; g < g1; ++g) {
         const Tile& tl = tiles[g];
         Tensor s = buf.narrow(0, 0, bt * tl.n).view({bt, tl.n});
@@ -578,6 +651,65 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moram_fwd_cpu(const Tensor& x_in, con
     }
   }
   return {y, idx, p_sel, norm};
+}
+
+// ---- backward of a small bank: fewer, larger GEMMs --------------------------------------------
+
+// With gp = -alpha∘P + the selected g_sel (P = x Aᵀ over all N atoms, [T, N]):
+//   gx  = gp A            (the dense term and the sparse one in one GEMM)
+//   dA_s = gp[:, s]ᵀ x    (each needed segment, its columns of gp; BLAS takes the stride)
+// so a step costs three GEMMs over the whole bank (P, gx, dA) where the tiled road issues
+// two per segment and token block for the dense term plus two per segment for dA, with a
+// separate scaling pass each. Taken when the recompute road is the cheaper one (no Gram)
+// and the bank is small enough that [BT, N] for a useful BT stays in a bounded buffer.
+bool small_bank_fused(const Atoms& a, int64_t T, bool gram_cached) {
+  if (a.n_total > 4096) return false;
+  const double dT = static_cast<double>(T), dd = static_cast<double>(a.d_in);
+  const double build = 2.0 * dd * dd * static_cast<double>((gram_cached ? 0 : a.n[0]) + a.n[1]);
+  return 4.0 * dT * static_cast<double>(a.n_total) * dd <= 2.0 * dT * dd * dd + build;
+}
+
+void small_bank_grads(const Atoms& a, const Tensor& xf, const Tensor& g_sel, const Tensor& idx, const Tensor& alpha,
+                      const bool need_seg[2], Tensor& gx, Tensor gkf[2]) {
+  const int64_t T = xf.size(0), d_in = a.d_in, N = a.n_total, K = idx.size(1);
+  const auto f32 = xf.options().dtype(at::kFloat);
+  // both segments' fp32 keys as one [N, d_in] matrix (a copy of N·d_in, small next to T·N·d_in)
+  const Tensor A = a.n[0] == 0 ? a.keys_f[1] : a.n[1] == 0 ? a.keys_f[0] : at::cat({a.keys_f[0], a.keys_f[1]});
+  const bool x_f32 = gx.defined() ? gx.scalar_type() == at::kFloat : true;
+  Tensor gxf = x_f32 ? gx : at::empty({T, d_in}, f32);
+  const int64_t BT = std::max<int64_t>(1, std::min<int64_t>(T, (int64_t{16} << 20) / (4 * N)));  // <= 16 MiB
+  Tensor gp_buf = at::empty({std::min(BT, T) * N}, f32);
+  const float* GS = g_sel.data_ptr<float>();
+  const int64_t* I = idx.data_ptr<int64_t>();
+  const float* AL = alpha.data_ptr<float>();
+  for (int s = 0; s < 2; ++s)
+    if (need_seg[s] && a.n[s] > 0) gkf[s] = at::empty({a.n[s], d_in}, f32);
+  for (int64_t t0 = 0; t0 < T; t0 += BT) {
+    const int64_t bt = std::min(BT, T - t0);
+    const Tensor xb = xf.narrow(0, t0, bt);
+    Tensor gp = gp_buf.narrow(0, 0, bt * N).view({bt, N});
+    at::mm_out(gp, xb, A.t());
+    float* GP = gp.data_ptr<float>();
+    const int nth = threads_for_stream(static_cast<double>(bt) * static_cast<double>(N + K));
+#pragma omp parallel for schedule(static) num_threads(nth) if (nth > 1)
+    for (int64_t r = 0; r < bt; ++r) {
+      const int64_t t = t0 + r;
+      const float na = -AL[t];
+      float* row = GP + r * N;
+#pragma omp simd
+      for (int64_t j = 0; j < N; ++j) row[j] *= na;
+      for (int64_t i = 0; i < K; ++i) row[I[t * K + i]] += GS[t * K + i];
+    }
+    Tensor gxb = gxf.narrow(0, t0, bt);
+    at::mm_out(gxb, gp, A);
+    for (int s = 0; s < 2; ++s) {
+      if (!gkf[s].defined()) continue;
+      const Tensor cols = gp.narrow(1, a.lo[s], a.n[s]);
+      if (t0 == 0) at::mm_out(gkf[s], cols.t(), xb);
+      else gkf[s].addmm_(cols.t(), xb);
+    }
+  }
+  if (!x_f32) gx.copy_(gxf);
 }
 
 // ---- backward ------------------------------------------------------------------------------
@@ -658,7 +790,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
     float* GS = g_sel.data_ptr<float>();
     float* CV = coef_v.data_ptr<float>();
     float* AL = alpha.data_ptr<float>();
-    const int nth = threads_for(dT * dK * static_cast<double>(d_out));
+    const int nth = threads_for_stream(dT * dK * static_cast<double>(d_out));
 #pragma omp parallel num_threads(nth) if (nth > 1)
     {
     std::vector<float> w(K), gw(K), gc(K);  // per thread
@@ -697,7 +829,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
     }
   }
 
-  if (need_x) {
+  // A small bank on the recompute road: gx and the needed key gradients from one fused
+  // [T, N] gp in three GEMMs (small_bank_grads) instead of the tiled road below.
+  Tensor gk_fused[2];
+  const bool fused = need_x && small_bank_fused(a, T, gram0.defined());
+  if (fused) {
+    gx = at::empty({T, d_in}, x.options());
+    small_bank_grads(a, xf, g_sel, idx, alpha, need_seg, gx, gk_fused);
+  }
+  if (need_x && !fused) {
     // Dense term -alpha · Σ_j p_j a_j = -alpha · (G x) with G = Aᵀ A. Two ways, by FLOPs:
     //   Gram:      2·T·d_in² (x G), plus 2·N_s·d_in² to build G for a segment without a cache
     //   recompute: 4·T·N·d_in (P = x Aᵀ, then (alpha∘P) A), tiled, no [T, N] buffer
@@ -706,7 +846,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
     const double dT = static_cast<double>(T), dd = static_cast<double>(d_in);
     const double build = 2.0 * dd * dd * static_cast<double>((gram0.defined() ? 0 : a.n[0]) + a.n[1]);
     const double cost_gram = 2.0 * dT * dd * dd + build;
-    const double cost_rec = 4.0 * dT * static_cast<double>(a.n_total) * dd;
+    const double cost_rec = 4.0 * dT * static_cast<double>(a.n_total) * dd;  // small_bank_fused too
     Tensor dense;  // [T, d_in] fp32, already multiplied by -alpha
     const Tensor neg_alpha = alpha.neg().unsqueeze(1);
     if (cost_gram < cost_rec) {
@@ -740,7 +880,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
     const float* GS = g_sel.data_ptr<float>();
     const int64_t* I = idx.data_ptr<int64_t>();
     float* D = dense.data_ptr<float>();
-    const int nth = threads_for(dT * dK * static_cast<double>(d_in));
+    const int nth = threads_for_stream(dT * dK * static_cast<double>(d_in));
 #pragma omp parallel for schedule(static) num_threads(nth) if (nth > 1)
     for (int64_t t = 0; t < T; ++t) {
       float* row = D + t * d_in;
@@ -763,6 +903,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
     }
     // dA_s = gp_sᵀ x with gp_s = -alpha∘(x A_sᵀ) + the selected g_sel: dense over this
     // segment's atoms only, in [BT, BN] tiles; the addmm_ chain runs in a fixed order.
+    if (fused) {
+      gk[s] = gk_fused[s].to(a.keys[s].scalar_type());
+    } else {
     Tensor gkf = at::empty({ns, d_in}, xf.options().dtype(at::kFloat));  // the first block writes it
     const int64_t BT = 1024, BN = 4096;
     const float* GS = g_sel.data_ptr<float>();
@@ -776,7 +919,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
         Tensor ak = a.keys_f[s].narrow(0, lo, bn);
         Tensor gp = at::mm(xb, ak.t()).contiguous();  // [bt, bn]
         float* GP = gp.data_ptr<float>();
-        const int nth = threads_for(static_cast<double>(bt) * static_cast<double>(bn + K));
+        const int nth = threads_for_stream(static_cast<double>(bt) * static_cast<double>(bn + K));
 #pragma omp parallel for schedule(static) num_threads(nth) if (nth > 1)
         for (int64_t r = 0; r < bt; ++r) {
           const int64_t t = t0 + r;
@@ -794,6 +937,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
       }
     }
     gk[s] = gkf.to(a.keys[s].scalar_type());
+    }
+    const int64_t* I = idx.data_ptr<int64_t>();
 
     // dB_s: scatter of coef_v · gy over the selected rows of this segment, made
     // deterministic by a counting sort of the (token, slot) pairs by atom, then one
@@ -815,7 +960,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
     gv[s] = at::empty({ns, d_out}, a.values[s].options());
     const float* CV = coef_v.data_ptr<float>();
     const float* G = gyf.data_ptr<float>();
-    const int nth = threads_for(static_cast<double>(start[ns]) * static_cast<double>(d_out));
+    const int nth = threads_for_stream(static_cast<double>(start[ns]) * static_cast<double>(d_out));
 #pragma omp parallel for schedule(dynamic, 16) num_threads(nth) if (nth > 1)
     for (int64_t j = 0; j < ns; ++j) {
       std::vector<float> acc(d_out, 0.f);
