@@ -47,7 +47,7 @@ int64_t tile_atoms() { return env_int("MORAM_CPU_BN", 1024); }
 // Threads worth waking for a call: moram_cpu::threads_for(multiply-adds, bytes streamed)
 // (csrc/cpu/thread_plan.h), from the machine's L2 per core and torch's intra-op count, or
 // MORAM_CPU_GRAIN. Waking a thread costs µs on an idle machine and a whole scheduler slice
-// on a busy one, so a call whose bytes fit in one core's L2 stays on the calling thread.
+// on a busy one, so a call that streams less than a few L2s stays on the calling thread.
 // Parallel loops below pass `if (nth > 1)`: with one thread the region is inactive, runs
 // inline, and BLAS/ATen calls inside it keep their own threading.
 using moram_cpu::threads_for;
@@ -511,7 +511,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moram_fwd_cpu(const Tensor& x_in, con
       const int64_t st = xf.stride(1);
       for (int64_t i = 0; i < d_in; ++i) xr[i] = xp[i * st];
     }
-    // threads only for a bank that does not fit in one core's L2 (thread_plan.h)
+    // threads only for a bank of several L2s (thread_plan.h)
     const double nd = static_cast<double>(N) * static_cast<double>(d_in);
     const int nth = threads_for(nd, 4.0 * nd);
     for (int sg = 0; sg < 2; ++sg) {

@@ -61,6 +61,8 @@ Machine read_machine() {
   return m;
 }
 
+constexpr double kL2PerThread = 4.0;
+
 int64_t env_grain() {
   const char* v = std::getenv("MORAM_CPU_GRAIN");
   if (v == nullptr || *v == '\0') return 0;
@@ -81,7 +83,9 @@ int plan_threads(double madds, double bytes, int max_threads, int64_t l2_bytes, 
   if (grain > 0) {
     want = std::floor(madds / static_cast<double>(grain));
   } else {
-    want = std::max(std::floor(bytes / static_cast<double>(std::max<int64_t>(l2_bytes, 1))),
+    // a thread streams at least kL2PerThread L2s: waking it costs µs on an idle machine and
+    // a scheduler slice (ms) on a busy one, which streaming one L2 does not amortise
+    want = std::max(std::floor(bytes / (kL2PerThread * static_cast<double>(std::max<int64_t>(l2_bytes, 1)))),
                     std::floor(madds / static_cast<double>(kComputeGrain)));
   }
   if (!(want >= 1.0)) return 1;  // NaN too

@@ -21,9 +21,9 @@ struct Machine {
 const Machine& machine();
 
 // The plan itself, a pure function: with `grain` > 0 (MORAM_CPU_GRAIN set) one thread per
-// `grain` multiply-adds; otherwise one per `l2_bytes` streamed or per kComputeGrain
-// multiply-adds, whichever asks for more. Always in [1, max_threads]: a call whose bytes fit
-// in one core's L2 and whose compute is a few µs wakes nobody.
+// `grain` multiply-adds; otherwise one per four `l2_bytes` streamed or per kComputeGrain
+// multiply-adds, whichever asks for more. Always in [1, max_threads]: a call that streams
+// less than a few L2s and computes for a few µs wakes nobody.
 int plan_threads(double madds, double bytes, int max_threads, int64_t l2_bytes, int64_t grain);
 
 // plan_threads with this machine's L2, torch's intra-op thread count and MORAM_CPU_GRAIN

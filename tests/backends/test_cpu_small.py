@@ -118,9 +118,10 @@ L2 = 512 * 1024
 
 @pytest.mark.parametrize("madds,nbytes,want", [
     (64 * 96 * 56, 4 * (96 * 40 + 64 * 56), 1),      # a tiny block: fits in L2, µs of work
-    (4096 * 64, 4 * 4096 * 64 * 0.5, 1),             # half an L2 of keys, one token
+    (4096 * 64, 4 * 4096 * 64, 1),                   # one token over 1 MiB of keys: 2 L2s
     (4096 * 1024, 4 * 4096 * 1024, 2),               # one token over 16 MiB of keys
-    (2 * L2 / 4, 2 * L2, 2),                         # two L2s' worth of bytes
+    (8 * L2 / 4, 8 * L2, 2),                         # four L2s' worth of bytes per thread
+    (7 * L2 / 4, 7 * L2, 1),                         # ... not quite for two
     (3 * 2**20, 1000, 2),                            # compute-bound, three grains
     (3 * 2**20, 1000, 3),                            # ... with four threads allowed
 ])
