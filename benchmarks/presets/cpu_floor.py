@@ -3,7 +3,7 @@ its goal and PASS / MISS, above the CPU model and its ISA.
 
     python -m benchmarks --preset cpu-floor [--reps 5] [--only one-token,clip] [--csv out.csv]
 
-The goals (docs/benchmarks.md, "cpu-floor"):
+The goals (docs/benchmarks.md, "Presets"):
 
 * ``one-token``: one decoded token at d = 4096 / N = 64 / k = 8 and d = 768 / N = 160 /
   k = 16 (the paper's LLaMA and CLIP banks) >= 3x faster than the authors' dense path, and
