@@ -105,7 +105,8 @@ def _impls(st: Setup, mode: str, names: dict[str, str]) -> dict[str, Callable[[]
 
 
 def _fmt(s: float) -> str:
-    return f"{s * 1e6:.0f} µs" if s < 1e-3 else f"{s * 1e3:.3g} ms"
+    """Three significant figures, so that each ratio can be checked against its figures."""
+    return f"{s * 1e6:.3g} µs" if abs(s) < 1e-3 else f"{s * 1e3:.3g} ms"
 
 
 def _faster(group: str, measure: str, ours: float, theirs: float, goal: float) -> Goal:
