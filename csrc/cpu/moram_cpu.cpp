@@ -662,6 +662,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moram_fwd_cpu(const Tensor& x_in, con
 // two per segment and token block for the dense term plus two per segment for dA, with a
 // separate scaling pass each. Taken when the recompute road is the cheaper one (no Gram)
 // and the bank is small enough that [BT, N] for a useful BT stays in a bounded buffer.
+// The gradient of a block of scores, in place: row r of GP [bt, n] (token t0 + r, columns
+// the atoms col0 .. col0 + n - 1) becomes -alpha_t · P + the selected g_sel that fall in it.
+void gp_rows(float* GP, int64_t bt, int64_t n, int64_t t0, int64_t col0, const float* AL, const float* GS,
+             const int64_t* I, int64_t K) {
+  const int nth = threads_for_stream(static_cast<double>(bt) * static_cast<double>(n + K));
+#pragma omp parallel for schedule(static) num_threads(nth) if (nth > 1)
+  for (int64_t r = 0; r < bt; ++r) {
+    const int64_t t = t0 + r;
+    const float na = -AL[t];
+    float* row = GP + r * n;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) row[j] *= na;
+    for (int64_t i = 0; i < K; ++i) {
+      const int64_t j = I[t * K + i] - col0;
+      if (j >= 0 && j < n) row[j] += GS[t * K + i];
+    }
+  }
+}
+
 bool small_bank_fused(const Atoms& a, int64_t T, bool gram_cached) {
   if (a.n_total > 4096) return false;
   const double dT = static_cast<double>(T), dd = static_cast<double>(a.d_in);
@@ -689,17 +708,7 @@ void small_bank_grads(const Atoms& a, const Tensor& xf, const Tensor& g_sel, con
     const Tensor xb = xf.narrow(0, t0, bt);
     Tensor gp = gp_buf.narrow(0, 0, bt * N).view({bt, N});
     at::mm_out(gp, xb, A.t());
-    float* GP = gp.data_ptr<float>();
-    const int nth = threads_for_stream(static_cast<double>(bt) * static_cast<double>(N + K));
-#pragma omp parallel for schedule(static) num_threads(nth) if (nth > 1)
-    for (int64_t r = 0; r < bt; ++r) {
-      const int64_t t = t0 + r;
-      const float na = -AL[t];
-      float* row = GP + r * N;
-#pragma omp simd
-      for (int64_t j = 0; j < N; ++j) row[j] *= na;
-      for (int64_t i = 0; i < K; ++i) row[I[t * K + i]] += GS[t * K + i];
-    }
+    gp_rows(gp.data_ptr<float>(), bt, N, t0, 0, AL, GS, I, K);
     Tensor gxb = gxf.narrow(0, t0, bt);
     at::mm_out(gxb, gp, A);
     for (int s = 0; s < 2; ++s) {
@@ -918,19 +927,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
         const int64_t bn = std::min(BN, ns - lo);
         Tensor ak = a.keys_f[s].narrow(0, lo, bn);
         Tensor gp = at::mm(xb, ak.t()).contiguous();  // [bt, bn]
-        float* GP = gp.data_ptr<float>();
-        const int nth = threads_for_stream(static_cast<double>(bt) * static_cast<double>(bn + K));
-#pragma omp parallel for schedule(static) num_threads(nth) if (nth > 1)
-        for (int64_t r = 0; r < bt; ++r) {
-          const int64_t t = t0 + r;
-          const float na = -AL[t];
-          float* row = GP + r * bn;
-          for (int64_t j = 0; j < bn; ++j) row[j] *= na;
-          for (int64_t i = 0; i < K; ++i) {
-            const int64_t j = I[t * K + i] - lo_s - lo;
-            if (j >= 0 && j < bn) row[j] += GS[t * K + i];
-          }
-        }
+        gp_rows(gp.data_ptr<float>(), bt, bn, t0, lo_s + lo, AL, GS, I, K);
         Tensor gkb = gkf.narrow(0, lo, bn);
         if (t0 == 0) at::mm_out(gkb, gp.t(), xb);
         else gkb.addmm_(gp.t(), xb);
