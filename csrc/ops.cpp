@@ -43,9 +43,19 @@ bool has_cuda() {
 
 }  // namespace
 
+#ifdef MORAM_WITH_CPU
+namespace moram_cpu {
+std::string lowp_road(const std::string& dtype);  // csrc/cpu/moram_cpu.cpp
+}
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_cpu", &has_cpu, "whether CPU kernels are compiled in");
   m.def("has_cuda", &has_cuda, "whether CUDA kernels are compiled in");
+#ifdef MORAM_WITH_CPU
+  m.def("cpu_lowp_road", &moram_cpu::lowp_road,
+        "the road of the CPU GEMMs for 'bfloat16'/'float16' inputs now: 'native' or 'fp32' (MORAM_CPU_LOWP)");
+#endif
   m.def("eager", &moram_eager::eager, "the MoRAM delta with its autograd node, for eager calls on the cpu/cuda backends",
         py::call_guard<py::gil_scoped_release>());
 #ifdef MORAM_WITH_CPU

@@ -2,6 +2,7 @@
 //
 // Contract: moram_kernels/backends/reference.py and docs/op.md (two atom segments, global ids, segment 0 first).
 // Scores, norms, softmax and every accumulation are fp32 whatever the input dtypes.
+// bf16/fp16 inputs take one of two roads for their GEMMs (see "low-precision GEMMs" below).
 //
 // Forward, per (block of tokens x group of atom tiles):
 //   S = x_blk @ keys_tileᵀ     BLAS (at::mm_out into a per-item [BT, BN] buffer; no [T, N])
@@ -13,6 +14,7 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <ATen/cpu/Utils.h>
 #include <omp.h>
 
 #include "thread_plan.h"
@@ -23,6 +25,8 @@
 #include <exception>
 #include <limits>
 #include <mutex>
+#include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace {
@@ -80,14 +84,123 @@ void check_float(const Tensor& t, const char* name) {
               " must be float32, float16 or bfloat16, got ", t.scalar_type());
 }
 
+// ---- low-precision GEMMs (bf16 / fp16 inputs) ----------------------------------------------
+//
+// Two roads for the GEMMs of a call whose x and keys are all bf16 (or all fp16):
+//   native: the products run in that dtype with fp32 accumulation and an fp32 result, through
+//           MKL's mixed GEMMs (cblas_gemm_bf16bf16f32 / cblas_gemm_f16f16f32, shipped inside
+//           torch's CPU library), which use AMX tiles or AVX512-BF16/FP16 where the CPU has
+//           them. Score tiles come out fp32 and feed the same fused top-K and sum of squares.
+//           A computed fp32 operand of a backward GEMM (score gradients, the Gram matrix) is
+//           scaled by a power of two and rounded to the input dtype; alpha undoes the scale.
+//   fp32:   the operands are converted to fp32 (a block of tokens at a time, the keys once per
+//           call) and every GEMM is an fp32 GEMM, the road of fp32 inputs.
+// MORAM_CPU_LOWP picks: "auto" (default) takes native where the CPU multiplies that dtype
+// natively (AMX or AVX512-BF16 for bf16; AMX-FP16 or AVX512-FP16 for fp16) and fp32
+// elsewhere; "native" and "fp32" force a road (native still needs the MKL symbol: without it
+// the fp32 road runs). The CPU is read once, the variable on every call. One token (T = 1)
+// reads fp32 key rows in its own loop on either road.
+
+// Weak: absent from torch builds without MKL (e.g. aarch64), then null and the fp32 road runs.
+// Layout/transpose enums are CBLAS's ints; MKL_INT is int (LP64); MKL_BF16/MKL_F16 are 16-bit.
+extern "C" {
+void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
+                            const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta, float* c,
+                            int ldc) __attribute__((weak));
+void cblas_gemm_f16f16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
+                          const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta, float* c,
+                          int ldc) __attribute__((weak));
+}
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+
+bool mixed_gemm_linked(at::ScalarType dt) {
+  return dt == at::kBFloat16 ? cblas_gemm_bf16bf16f32 != nullptr : cblas_gemm_f16f16f32 != nullptr;
+}
+
+bool cpu_has(const std::unordered_map<std::string, c10::IValue>& caps, const char* key) {
+  const auto it = caps.find(key);
+  return it != caps.end() && it->second.isBool() && it->second.toBool();
+}
+
+// Whether this CPU multiplies dt natively (read once, through torch's cpuinfo).
+bool cpu_has_native(at::ScalarType dt) {
+  static const bool bf16 = [] {
+    const auto caps = at::cpu::get_cpu_capabilities();
+    return cpu_has(caps, "amx_bf16") || cpu_has(caps, "avx512_bf16");
+  }();
+  static const bool fp16 = [] {
+    const auto caps = at::cpu::get_cpu_capabilities();
+    return cpu_has(caps, "amx_fp16") || cpu_has(caps, "avx512_fp16");
+  }();
+  return dt == at::kBFloat16 ? bf16 : fp16;
+}
+
+// Whether a call computing in dt runs its GEMMs in dt (false for every dtype but bf16/fp16).
+bool lowp_gemm_road(at::ScalarType dt) {
+  if (dt != at::kBFloat16 && dt != at::kHalf) return false;
+  const char* v = std::getenv("MORAM_CPU_LOWP");
+  const std::string mode = v == nullptr ? "" : v;
+  TORCH_CHECK(mode.empty() || mode == "auto" || mode == "native" || mode == "fp32",
+              "moram cpu: MORAM_CPU_LOWP must be auto, native or fp32, got '", mode, "'");
+  if (mode == "fp32" || !mixed_gemm_linked(dt)) return false;
+  return mode == "native" || cpu_has_native(dt);
+}
+
+// A 2-D operand as row-major CBLAS reads it: its transpose flag and leading dimension, or a
+// contiguous copy when neither its rows nor its columns are unit-stride.
+struct GemmOperand {
+  Tensor t;
+  int trans, ld;
+};
+GemmOperand gemm_operand(const Tensor& t) {
+  const int64_t r = t.size(0), c = t.size(1);
+  if (t.stride(1) == 1 && t.stride(0) >= std::max<int64_t>(1, c))
+    return {t, kNoTrans, static_cast<int>(t.stride(0))};
+  if (t.stride(0) == 1 && t.stride(1) >= std::max<int64_t>(1, r)) return {t, kTrans, static_cast<int>(t.stride(1))};
+  return {t.contiguous(), kNoTrans, static_cast<int>(std::max<int64_t>(1, c))};
+}
+
+// out (fp32 [m, n], unit column stride) = alpha · a @ b (+ out when accumulate), a [m, k] and
+// b [k, n] both bf16 or both fp16, any strides; fp32 accumulation.
+void lowp_mm(const Tensor& out, const Tensor& a, const Tensor& b, bool accumulate, float alpha = 1.f) {
+  const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
+  TORCH_CHECK(a.scalar_type() == b.scalar_type() && b.size(0) == k && out.scalar_type() == at::kFloat &&
+                  out.size(0) == m && out.size(1) == n && (n <= 1 || out.stride(1) == 1),
+              "moram cpu: lowp_mm got mismatched operands");
+  TORCH_CHECK(std::max({m, n, k, out.stride(0)}) <= INT32_MAX, "moram cpu: a GEMM too large for 32-bit BLAS");
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    if (!accumulate) out.zero_();
+    return;
+  }
+  const GemmOperand A = gemm_operand(a), B = gemm_operand(b);
+  const int ldc = static_cast<int>(std::max<int64_t>(out.stride(0), n));
+  auto* fn = a.scalar_type() == at::kBFloat16 ? cblas_gemm_bf16bf16f32 : cblas_gemm_f16f16f32;
+  fn(kRowMajor, A.trans, B.trans, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), alpha,
+     static_cast<const uint16_t*>(A.t.data_ptr()), A.ld, static_cast<const uint16_t*>(B.t.data_ptr()), B.ld,
+     accumulate ? 1.f : 0.f, out.data_ptr<float>(), ldc);
+}
+
+// A computed fp32 operand rounded to dt after a power-of-two scale that puts its largest
+// magnitude near 2^14 (inside fp16's range; exact, so harmless for bf16); *unscale is the
+// inverse, passed to lowp_mm as alpha.
+Tensor to_lowp_scaled(const Tensor& f, at::ScalarType dt, float* unscale) {
+  const float amax = f.numel() ? f.abs().max().item<float>() : 0.f;
+  int e = 0;
+  if (amax > 0.f && std::isfinite(amax)) e = 14 - std::ilogb(amax);
+  *unscale = std::ldexp(1.f, -e);
+  return (e == 0 ? f : f.mul(std::ldexp(1.0, e))).to(dt);
+}
+
 // The atoms as the kernels read them: fp32 keys for BLAS, value rows contiguous in their own
 // dtype (converted on the fly in the gather), fp32 scales or none.
 struct Atoms {
   int64_t n[2] = {0, 0};
   int64_t lo[2] = {0, 0};  // global id of the first atom of each segment
   int64_t n_total = 0, d_in = 0, d_out = 0;
-  Tensor keys_f[2];        // [N_s, d_in] fp32 contiguous
+  Tensor keys_f[2];        // [N_s, d_in] fp32 contiguous (undefined on the low-precision road)
   Tensor keys[2];          // as given (dtype of the key gradient)
+  at::ScalarType lowp = at::kFloat;  // bf16/fp16: every GEMM runs in this dtype (lowp_gemm_road)
   Tensor values[2];        // [N_s, d_out] contiguous, any float dtype
   Tensor scale[2];         // [N_s] fp32 contiguous, or undefined (= 1)
 
@@ -123,8 +236,6 @@ Atoms make_atoms(const Tensor& x, const Tensor& keys0, const Tensor& values0,
     a.n[s] = k.size(0);
     // detached: ATen calls on OpenMP worker threads do not see this thread's below-autograd guard
     a.keys[s] = k.requires_grad() ? k.detach() : k;
-    a.keys_f[s] = k.scalar_type() == at::kFloat ? a.keys[s] : a.keys[s].to(at::kFloat);
-    if (!a.keys_f[s].is_contiguous()) a.keys_f[s] = a.keys_f[s].contiguous();
     a.values[s] = v.is_contiguous() ? v : v.contiguous();
     if (ss[s]->has_value() && (*ss[s])->defined()) {
       const Tensor& sc = **ss[s];
@@ -143,6 +254,18 @@ Atoms make_atoms(const Tensor& x, const Tensor& keys0, const Tensor& values0,
   a.lo[1] = a.n[0];
   a.n_total = a.n[0] + a.n[1];
   TORCH_CHECK(a.n_total >= 1, "moram cpu: the two segments hold no atom (N = 0)");
+  // One token reads fp32 key rows in its own loop, whatever the road.
+  const at::ScalarType xt = x.scalar_type();
+  if (x.size(0) > 1 && keys0.scalar_type() == xt && keys1.scalar_type() == xt && lowp_gemm_road(xt))
+    a.lowp = xt;
+  for (int s = 0; s < 2; ++s) {
+    if (a.lowp != at::kFloat) {
+      if (!a.keys[s].is_contiguous()) a.keys[s] = a.keys[s].contiguous();
+      continue;
+    }
+    a.keys_f[s] = a.keys[s].scalar_type() == at::kFloat ? a.keys[s] : a.keys[s].to(at::kFloat);
+    if (!a.keys_f[s].is_contiguous()) a.keys_f[s] = a.keys_f[s].contiguous();
+  }
   return a;
 }
 
@@ -454,9 +577,45 @@ struct Tile {
   int64_t lo, n;  // local first atom and count within the segment
 };
 
-// The whole bank against a block of tokens xb [bt, d_in] (fp32): each segment's GEMM writes
-// its columns of one [bt, N] score row per token (BLAS takes the row stride), then
-// select_row picks each token's top-K into (hv, hid) and adds its squares to ss.
+// One score tile on the call's road: s (fp32 [bt, n]) = xb @ keys_tileᵀ, xb in the road's dtype.
+void score_tile(Tensor& s, const Tensor& xb, const Atoms& a, const Tile& tl) {
+  if (a.lowp != at::kFloat) lowp_mm(s, xb, a.keys[tl.seg].narrow(0, tl.lo, tl.n).t(), false);
+  else at::mm_out(s, xb, a.keys_f[tl.seg].narrow(0, tl.lo, tl.n).t());
+}
+
+// out (fp32) = lhs @ rhs (+ out when accumulate) on the call's road: fp32 BLAS, or the
+// low-precision GEMM, with an fp32 (computed) operand rounded by to_lowp_scaled.
+void road_mm(const Atoms& a, Tensor out, const Tensor& lhs, const Tensor& rhs, bool accumulate) {
+  if (a.lowp == at::kFloat) {
+    if (accumulate) out.addmm_(lhs, rhs);
+    else at::mm_out(out, lhs, rhs);
+    return;
+  }
+  float ul = 1.f, ur = 1.f;
+  const Tensor l = lhs.scalar_type() == a.lowp ? lhs : to_lowp_scaled(lhs, a.lowp, &ul);
+  const Tensor r = rhs.scalar_type() == a.lowp ? rhs : to_lowp_scaled(rhs, a.lowp, &ur);
+  lowp_mm(out, l, r, accumulate, ul * ur);
+}
+
+// The keys of segment s as the road's GEMMs read them.
+const Tensor& road_keys(const Atoms& a, int s) { return a.lowp != at::kFloat ? a.keys[s] : a.keys_f[s]; }
+
+// acc += c * keys[id] for the road's key dtype.
+inline void axpy_key(const Atoms& a, int64_t id, float c, float* acc) {
+  const int s = a.seg_of(id);
+  const Tensor& k = road_keys(a, s);
+  const int64_t r = (id - a.lo[s]) * a.d_in;
+  switch (k.scalar_type()) {
+    case at::kFloat: axpy_row(c, k.data_ptr<float>() + r, acc, a.d_in); break;
+    case at::kHalf: axpy_row(c, k.data_ptr<at::Half>() + r, acc, a.d_in); break;
+    default: axpy_row(c, k.data_ptr<at::BFloat16>() + r, acc, a.d_in); break;
+  }
+}
+
+// The whole bank against a block of tokens xb [bt, d_in] (in the road's dtype): each
+// segment's GEMM (score_tile, either road) writes its columns of one [bt, N] score row per
+// token (BLAS takes the row stride), then select_row picks each token's top-K into (hv, hid)
+// and adds its squares to ss.
 void score_rows_and_select(const Atoms& a, const Tensor& xb, const Tensor& buf, int64_t K, float* hv, int64_t* hid,
                            float* ss) {
   const int64_t bt = xb.size(0), N = a.n_total;
@@ -464,7 +623,7 @@ void score_rows_and_select(const Atoms& a, const Tensor& xb, const Tensor& buf, 
   for (int sg = 0; sg < 2; ++sg)
     if (a.n[sg] > 0) {
       Tensor cols = s.narrow(1, a.lo[sg], a.n[sg]);
-      at::mm_out(cols, xb, a.keys_f[sg].t());
+      score_tile(cols, xb, a, Tile{sg, 0, a.n[sg]});
     }
   const float* sp = s.data_ptr<float>();
   std::vector<Cand> cand;
@@ -581,7 +740,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moram_fwd_cpu(const Tensor& x_in, con
       int64_t g0 = n_tiles * sp / n_splits;
       const int64_t g1 = n_tiles * (sp + 1) / n_splits;
       Tensor xb = x.narrow(0, t0, bt);
-      if (!x_f32) xb = xb.to(at::kFloat);  // a strided fp32 block goes to BLAS as it is
+      if (!x_f32 && a.lowp == at::kFloat) xb = xb.to(at::kFloat);  // strided blocks go to BLAS as they are
       Tensor buf = at::empty({bt * std::min(BN, a.n_total)}, p_sel.options());
       float* hv;
       int64_t* hid;
@@ -602,7 +761,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moram_fwd_cpu(const Tensor& x_in, con
       for (int64_t g = g0; g < g1; ++g) {
         const Tile& tl = tiles[g];
         Tensor s = buf.narrow(0, 0, bt * tl.n).view({bt, tl.n});
-        at::mm_out(s, xb, a.keys_f[tl.seg].narrow(0, tl.lo, tl.n).t());
+        score_tile(s, xb, a, tl);
         const float* sp_ = s.data_ptr<float>();
         const int64_t id0 = a.lo[tl.seg] + tl.lo;
         const bool first = g == g0;  // the heaps are still empty
@@ -692,8 +851,12 @@ void small_bank_grads(const Atoms& a, const Tensor& xf, const Tensor& g_sel, con
                       const bool need_seg[2], Tensor& gx, Tensor gkf[2]) {
   const int64_t T = xf.size(0), d_in = a.d_in, N = a.n_total, K = idx.size(1);
   const auto f32 = xf.options().dtype(at::kFloat);
-  // both segments' fp32 keys as one [N, d_in] matrix (a copy of N·d_in, small next to T·N·d_in)
-  const Tensor A = a.n[0] == 0 ? a.keys_f[1] : a.n[1] == 0 ? a.keys_f[0] : at::cat({a.keys_f[0], a.keys_f[1]});
+  // both segments' keys as the road reads them, one [N, d_in] matrix (a copy of N·d_in, small
+  // next to T·N·d_in); xf is the road's x too. Every GEMM below is a road_mm, so on the
+  // low-precision road gp is rounded to the input dtype (scaled) for the gx and dA products.
+  const Tensor A = a.n[0] == 0   ? road_keys(a, 1)
+                   : a.n[1] == 0 ? road_keys(a, 0)
+                                 : at::cat({road_keys(a, 0), road_keys(a, 1)});
   const bool x_f32 = gx.defined() ? gx.scalar_type() == at::kFloat : true;
   Tensor gxf = x_f32 ? gx : at::empty({T, d_in}, f32);
   const int64_t BT = std::max<int64_t>(1, std::min<int64_t>(T, (int64_t{16} << 20) / (4 * N)));  // <= 16 MiB
@@ -707,15 +870,14 @@ void small_bank_grads(const Atoms& a, const Tensor& xf, const Tensor& g_sel, con
     const int64_t bt = std::min(BT, T - t0);
     const Tensor xb = xf.narrow(0, t0, bt);
     Tensor gp = gp_buf.narrow(0, 0, bt * N).view({bt, N});
-    at::mm_out(gp, xb, A.t());
+    road_mm(a, gp, xb, A.t(), false);
     gp_rows(gp.data_ptr<float>(), bt, N, t0, 0, AL, GS, I, K);
     Tensor gxb = gxf.narrow(0, t0, bt);
-    at::mm_out(gxb, gp, A);
+    road_mm(a, gxb, gp, A, false);
     for (int s = 0; s < 2; ++s) {
       if (!gkf[s].defined()) continue;
       const Tensor cols = gp.narrow(1, a.lo[s], a.n[s]);
-      if (t0 == 0) at::mm_out(gkf[s], cols.t(), xb);
-      else gkf[s].addmm_(cols.t(), xb);
+      road_mm(a, gkf[s], cols.t(), xb, t0 != 0);
     }
   }
   if (!x_f32) gx.copy_(gxf);
@@ -782,7 +944,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
   }
 
   const Tensor gyf = gy.to(at::kFloat).contiguous();
-  const Tensor xf = x.to(at::kFloat);  // any strides: BLAS takes it as it is
+  // the road's x (any strides: BLAS takes it as it is)
+  const Tensor xf = a.lowp != at::kFloat ? x : x.to(at::kFloat);
   const double dT = static_cast<double>(T), dK = static_cast<double>(K);
   const float ftau = static_cast<float>(tau), fdelta = static_cast<float>(delta), feps = static_cast<float>(eps);
 
@@ -859,16 +1022,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
     Tensor dense;  // [T, d_in] fp32, already multiplied by -alpha
     const Tensor neg_alpha = alpha.neg().unsqueeze(1);
     if (cost_gram < cost_rec) {
-      Tensor G = !gram0.defined() ? at::zeros({d_in, d_in}, xf.options().dtype(at::kFloat))
+      Tensor G = !gram0.defined() ? at::zeros({d_in, d_in}, x.options().dtype(at::kFloat))
                  : a.n[1] > 0      ? gram0.clone()  // the caller's cache is read-only
                                    : gram0;
       for (int s = 0; s < 2; ++s) {
         if (a.n[s] == 0 || (s == 0 && gram0.defined())) continue;
-        G.addmm_(a.keys_f[s].t(), a.keys_f[s]);
+        road_mm(a, G, road_keys(a, s).t(), road_keys(a, s), true);
       }
-      dense = at::mm(xf, G).mul_(neg_alpha);
+      dense = at::empty({T, d_in}, x.options().dtype(at::kFloat));
+      road_mm(a, dense, xf, G, false);
+      dense.mul_(neg_alpha);
     } else {
-      dense = at::empty({T, d_in}, xf.options().dtype(at::kFloat));  // the first product writes it
+      dense = at::empty({T, d_in}, x.options().dtype(at::kFloat));  // the first product writes it
       const int64_t BT = 1024, BN = 4096;  // bounds the [BT, BN] score buffer to 16 MiB
       for (int64_t t0 = 0; t0 < T; t0 += BT) {
         const int64_t bt = std::min(BT, T - t0);
@@ -876,10 +1041,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
         bool first = true;
         for (int s = 0; s < 2; ++s)
           for (int64_t lo = 0; lo < a.n[s]; lo += BN) {
-            Tensor ak = a.keys_f[s].narrow(0, lo, std::min(BN, a.n[s] - lo));
-            Tensor sc = at::mm(xb, ak.t()).mul_(nab);
-            if (first) at::mm_out(db, sc, ak);
-            else db.addmm_(sc, ak);
+            Tensor ak = road_keys(a, s).narrow(0, lo, std::min(BN, a.n[s] - lo));
+            Tensor sc = at::empty({bt, ak.size(0)}, x.options().dtype(at::kFloat));
+            road_mm(a, sc, xb, ak.t(), false);
+            sc.mul_(nab);
+            road_mm(a, db, sc, ak, !first);
             first = false;
           }
       }
@@ -896,7 +1062,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
       for (int64_t i = 0; i < K; ++i) {
         const int64_t id = I[t * K + i];
         const int s = a.seg_of(id);
-        axpy_row(GS[t * K + i], a.keys_f[s].data_ptr<float>() + (id - a.lo[s]) * d_in, row, d_in);
+        axpy_key(a, id, GS[t * K + i], row);
       }
       store_row_any(row, gx, t);
     }
@@ -915,7 +1081,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
     if (fused) {
       gk[s] = gk_fused[s].to(a.keys[s].scalar_type());
     } else {
-    Tensor gkf = at::empty({ns, d_in}, xf.options().dtype(at::kFloat));  // the first block writes it
+    Tensor gkf = at::empty({ns, d_in}, x.options().dtype(at::kFloat));  // the first block writes it
     const int64_t BT = 1024, BN = 4096;
     const float* GS = g_sel.data_ptr<float>();
     const int64_t* I = idx.data_ptr<int64_t>();
@@ -925,12 +1091,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
       Tensor xb = xf.narrow(0, t0, bt);
       for (int64_t lo = 0; lo < ns; lo += BN) {
         const int64_t bn = std::min(BN, ns - lo);
-        Tensor ak = a.keys_f[s].narrow(0, lo, bn);
-        Tensor gp = at::mm(xb, ak.t()).contiguous();  // [bt, bn]
+        Tensor ak = road_keys(a, s).narrow(0, lo, bn);
+        Tensor gp = at::empty({bt, bn}, x.options().dtype(at::kFloat));
+        road_mm(a, gp, xb, ak.t(), false);
         gp_rows(gp.data_ptr<float>(), bt, bn, t0, lo_s + lo, AL, GS, I, K);
         Tensor gkb = gkf.narrow(0, lo, bn);
-        if (t0 == 0) at::mm_out(gkb, gp.t(), xb);
-        else gkb.addmm_(gp.t(), xb);
+        road_mm(a, gkb, gp.t(), xb, t0 != 0);
       }
     }
     gk[s] = gkf.to(a.keys[s].scalar_type());
@@ -974,6 +1140,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
 }
 
 }  // namespace
+
+namespace moram_cpu {
+// The road lowp_gemm_road takes now for a call in dtype ("bfloat16" or "float16"), for
+// tests and benchmarks (bound as _C.cpu_lowp_road in csrc/ops.cpp).
+std::string lowp_road(const std::string& dtype) {
+  TORCH_CHECK(dtype == "bfloat16" || dtype == "float16", "cpu_lowp_road: dtype must be 'bfloat16' or 'float16', got '",
+              dtype, "'");
+  return lowp_gemm_road(dtype == "bfloat16" ? at::kBFloat16 : at::kHalf) ? "native" : "fp32";
+}
+}  // namespace moram_cpu
 
 TORCH_LIBRARY_IMPL(moram_kernels_C, CPU, m) {
   m.impl("moram_fwd", &moram_fwd_cpu);
