@@ -1060,9 +1060,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
     for (int64_t t = 0; t < T; ++t) {
       float* row = D + t * d_in;
       for (int64_t i = 0; i < K; ++i) {
-        const int64_t id = I[t * K + i];
-        const int s = a.seg_of(id);
-        axpy_key(a, id, GS[t * K + i], row);
+        axpy_key(a, I[t * K + i], GS[t * K + i], row);
       }
       store_row_any(row, gx, t);
     }

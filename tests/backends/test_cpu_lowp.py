@@ -42,7 +42,7 @@ def road(request, monkeypatch):
 
 
 def _case(name, dt, seed=0):
-    t, d_in, d_out, n0, n1, k = CASES[name]
+    t, d_in, d_out, n0, n1, k = CASES[name] if isinstance(name, str) else name
     x, keys, values = make_inputs(t, d_in, d_out, n0 + n1, k=k, seed=seed, min_gap=0.03)
     scale = torch.rand(n0 + n1, generator=torch.Generator().manual_seed(seed + 1)) + 0.5
     segs = (keys[:n0], values[:n0], scale[:n0].contiguous(), keys[n0:], values[n0:], scale[n0:].contiguous())
@@ -119,3 +119,26 @@ def test_backward_against_fp64(road, name, with_gram, dn):
         if like.numel():
             _close(g, w, dt, nm)
 
+
+@pytest.mark.parametrize("dn", list(LOWP))
+@pytest.mark.parametrize("t", [1, 9])
+def test_small_bank_paths_on_either_road(road, t, dn):
+    """The small-bank paths on each road: one decoded token (t = 1, fp32 key rows on both
+    roads), a bank that fits in one tile (N = 200 <= MORAM_CPU_BN = 256: one score row per
+    token, both segments' GEMMs side by side, then select_row) and the fused small-bank
+    backward (N <= 4096, no Gram: gx and both key gradients from one [T, N] score gradient,
+    every GEMM on the road). Against float64 on the same rounded inputs."""
+    dt = LOWP[dn]
+    x, segs, x64, segs64, k = _case((t, 48, 20, 150, 50, 8), dt, seed=5)
+    y, idx, p_sel, norm = _cpu.moram_fwd(x, *segs, k, TAU, 0.0, EPS)
+    y64, idx64, _, n64 = ref.moram_fwd(x64, *segs64, k, TAU, 0.0, EPS)
+    assert torch.equal(idx.sort(1).values, idx64.sort(1).values), "not the exact top-K"
+    _close(norm, n64, torch.float32, "norm")
+    _close(y, y64, dt, "y")
+    gy = torch.randn(t, 20, generator=torch.Generator().manual_seed(4)).to(dt)
+    got = _cpu.moram_bwd(gy, x, *segs, None, idx, p_sel, norm, TAU, 0.0, EPS, True, True, True)
+    want = ref.moram_bwd(gy.double(), x64, *segs64, None, idx, p_sel.double(), norm.double(), TAU, 0.0, EPS,
+                         True, True, True)
+    for nm, g, w in zip(("gx", "gk0", "gv0", "gk1", "gv1"), got, want):
+        assert g.dtype == dt, nm
+        _close(g, w, dt, nm)
