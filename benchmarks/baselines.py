@@ -8,12 +8,16 @@
   shapes serves every layer of a sweep instead of recompiling per module instance.
 * :class:`LoRALinear` / :func:`lora_delta`: a plain LoRA adapter, for the cost of a dense
   adapter of the same rank.
+* :func:`fastest_gemm`: the fastest of torch's ways to compute the scoring product
+  ``x @ keys.T`` in the inputs' dtype, the floor every moram row is measured against.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +27,7 @@ from moram_kernels import MoRAMLinear
 from moram_kernels.backends.reference import moram_dense
 
 __all__ = ["authors_moram_linear", "AuthorsMoRAMLinear", "compiled_authors_linear", "compiled_dense",
-           "LoRALinear", "lora_delta"]
+           "LoRALinear", "lora_delta", "gemm_variants", "fastest_gemm"]
 
 
 def authors_moram_linear(x: Tensor, weight: Tensor, bias: Tensor | None, frozen_keys: Tensor,
@@ -113,3 +117,37 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.base_layer(x) + lora_delta(x, self.lora_a, self.lora_b) * self.scaling
+
+
+def gemm_variants(keys: Tensor) -> dict[str, Callable[[Tensor], Tensor]]:
+    """torch's ways to compute ``x @ keys.T`` (``[T, d] -> [T, N]``) in the inputs' dtype:
+    the NT product as written, ``F.linear`` (the addmm road of ``nn.Linear``), the NN
+    product on keys transposed once, and the transposed product ``(keys @ x.T).T``. Which
+    wins depends on the dtype, the BLAS (MKL, oneDNN for bf16 on AMX) and the shape."""
+    keys_t = keys.t().contiguous()
+    return {
+        "x@keys.T": lambda x: x @ keys.t(),
+        "F.linear": lambda x: F.linear(x, keys),
+        "mm(x,keysT)": lambda x: torch.mm(x, keys_t),
+        "(keys@x.T).T": lambda x: (keys @ x.t()).t(),
+    }
+
+
+def fastest_gemm(x: Tensor, keys: Tensor, reps: int = 3, variants=None) -> tuple[str, Callable[[Tensor], Tensor]]:
+    """The fastest of :func:`gemm_variants` (or ``variants``) on ``x``: each run once to warm
+    up, then the best of ``reps`` timed calls, interleaved. Returns ``(name, fn)``."""
+    variants = gemm_variants(keys) if variants is None else variants
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    with torch.no_grad():
+        for fn in variants.values():
+            fn(x)
+        best = {name: math.inf for name in variants}
+        for _ in range(reps):
+            for name, fn in variants.items():
+                sync()
+                t0 = time.perf_counter()
+                fn(x)
+                sync()
+                best[name] = min(best[name], time.perf_counter() - t0)
+    name = min(best, key=best.get)
+    return name, variants[name]

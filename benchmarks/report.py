@@ -13,9 +13,12 @@ COLUMNS = [
     "impl", "status", "reason", "median_ms", "q25_ms", "q75_ms", "min_ms", "max_ms", "reps", "compile_s",
     "speedup_vs_authors", "time_vs_floor", "flops", "bytes", "gflops", "gbs", "peak_mem_mb",
     "peak_mem_note", "saved_bwd_mb", "max_rel_err",
-    "device", "cpu", "cpu_cores", "torch_threads", "load_avg_1min", "gpu", "platform", "python", "torch", "cuda", "triton",
+    "device", "cpu", "cpu_isa", "torch_cpu_capability", "cpu_lowp_road", "floor_variant", "cpu_cores", "torch_threads", "load_avg_1min", "gpu", "platform", "python", "torch", "cuda", "triton",
     "numpy", "moram_kernels", "git_commit", "backends",
 ]
+
+
+_DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
 
 
 def _display(impl: str) -> str:
@@ -45,7 +48,7 @@ def _mb(v) -> str:
 
 
 def _case_key(r: dict) -> tuple:
-    return (r["sweep"], r["d_in"], r["N"], r["k"], r["T"], r["r"], r["tau"])
+    return (r["sweep"], r["d_in"], r["N"], r["k"], r["T"], r["r"], r["tau"], r["dtype"])
 
 
 def markdown(rows: list[dict], hw: dict, notes: list[str], mem_note: str, elapsed: float, command: str) -> str:
@@ -63,8 +66,10 @@ def markdown(rows: list[dict], hw: dict, notes: list[str], mem_note: str, elapse
         return f"[{footnotes.index(text) + 1}]"
 
     out = [f"## MoRAM benchmark, {hw['timestamp_utc']}", "",
-           f"`{command}` on {hw['cpu']} ({hw['cpu_cores']} cores, {hw['torch_threads']} torch threads), "
-           f"GPU: {hw['gpu']}; device {hw['device']}, {rows[0]['dtype'] if rows else ''}; "
+           f"`{command}` on {hw['cpu']} ({hw['cpu_cores']} cores, {hw['torch_threads']} torch threads; "
+           f"ISA: {hw['cpu_isa']}; torch CPU capability {hw['torch_cpu_capability']}; cpu backend's "
+           f"low-precision road {hw['cpu_lowp_road']}), "
+           f"GPU: {hw['gpu']}; device {hw['device']}, {', '.join(dict.fromkeys(r['dtype'] for r in rows))}; "
            f"torch {hw['torch']}, triton {hw['triton']}, python {hw['python']}, moram_kernels "
            f"{hw['moram_kernels']} ({hw['git_commit']}); backends timed: "
            f"{', '.join(_display(b) for b in backends) or 'none'}; {elapsed:.0f} s in all.", ""]
@@ -91,7 +96,7 @@ def markdown(rows: list[dict], hw: dict, notes: list[str], mem_note: str, elapse
         cases: dict[tuple, dict[str, dict]] = {}
         for r in mrows:
             cases.setdefault(_case_key(r), {})[r["impl"]] = r
-        head = ["sweep", "d", "N", "k", "T"] + [_display(i) for i in order] + \
+        head = ["sweep", "d", "N", "k", "T", "dtype"] + [_display(i) for i in order] + \
                ["best/floor", "GFLOP/s", "GB/s", "peak MB (authors→best)"]
         if mode == "train":
             head += ["saved MB (authors→best)", "adapter share ms: best / LoRA R=N"]
@@ -99,7 +104,8 @@ def markdown(rows: list[dict], hw: dict, notes: list[str], mem_note: str, elapse
                 "|" + "|".join("---" if i < 1 else "---:" for i in range(len(head))) + "|"]
         for key, by in cases.items():
             any_r = next(iter(by.values()))
-            cells = [any_r["sweep"], str(any_r["d_in"]), str(any_r["N"]), str(any_r["k"]), str(any_r["T"])]
+            cells = [any_r["sweep"], str(any_r["d_in"]), str(any_r["N"]), str(any_r["k"]), str(any_r["T"]),
+                     _DTYPE_SHORT.get(any_r["dtype"], any_r["dtype"])]
             for i in order:
                 r = by.get(i)
                 if r is None:
@@ -128,7 +134,8 @@ def markdown(rows: list[dict], hw: dict, notes: list[str], mem_note: str, elapse
         out.append("")
     out += ["Cells: median ms over repeats after warm-up, ± the interquartile range as % of the median, "
             "(speed-up against the authors' layer in the same run). best = the fastest moram backend; "
-            "best/floor = its time over the bare `x @ keys.T` GEMM; GFLOP/s and GB/s are its nominal useful "
+            "best/floor = its time over the fastest torch GEMM of `x @ keys.T` in the row's dtype (best of "
+            "torch's matmul variants, the CSV's floor_variant); GFLOP/s and GB/s are its nominal useful "
             "work (the sparse algorithm's FLOPs, each tensor touched once) over its time. "
             f"Peak memory: {mem_note}. saved MB: bytes autograd keeps for backward, not counting inputs, "
             "parameters, buffers and the cached Gram matrix. LoRA R=N is a dense adapter as wide as the bank, R=r one task's adapter. "

@@ -34,6 +34,18 @@ def _ints(s: str) -> list[int]:
     return [int(v) for v in s.split(",") if v.strip()]
 
 
+DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+               "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def _dtypes(s: str) -> list[torch.dtype]:
+    names = [v.strip() for v in s.split(",") if v.strip()]
+    bad = [v for v in names if v not in DTYPE_NAMES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown dtype(s) {bad or [s]}; use {', '.join(DTYPE_NAMES)}")
+    return list(dict.fromkeys(DTYPE_NAMES[v] for v in names))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -47,8 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backends", default=None,
                    help="comma list (default: every available backend; the Triton interpreter is never timed)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--dtype", default=None, type=_dtypes,
+                   help="comma list of fp32, bf16, fp16 (or float32, bfloat16, float16): each case is timed "
+                        "in each, interleaved, against the fastest torch GEMM of the same dtype "
+                        "(default: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--d", type=_ints, default=None, help="custom grid: widths, e.g. 768,4096")
     p.add_argument("--N", type=_ints, default=None, help="custom grid: atom counts")
     p.add_argument("--k", type=_ints, default=None, help="custom grid: k values")
@@ -109,6 +123,10 @@ def choose_backends(requested: str | None, device: torch.device) -> tuple[list[s
     return names, notes
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def _short(e: BaseException) -> str:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
     msg = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
@@ -145,7 +163,7 @@ def bench_case(case, mode, setup: Setup, backends, args, device, dtype, timer, b
         flops, nbytes = work(case, mode, comp.kind, elem, comp.lora_rank(case))
         row = dict(mode=mode, sweep=case.sweep, d_in=case.d_in, d_out=case.d_out, N=case.n, k=case.k,
                    K=case.kk, T=case.t, r=case.r, tau=case.tau, delta=case.delta if mode == "eval" else 0.0,
-                   dtype=str(dtype).replace("torch.", ""), impl=comp.name, status="ok", reason="",
+                   dtype=_dtype_name(dtype), impl=comp.name, status="ok", reason="",
                    flops=flops, bytes=nbytes)
         rows.append(row)
         if comp.compiled and args.compile not in ("all", mode):
@@ -197,6 +215,7 @@ def bench_case(case, mode, setup: Setup, backends, args, device, dtype, timer, b
                        gflops=flops / med / 1e6, gbs=nbytes / med / 1e6)
             if comp.kind == "floor":
                 floor_rate = flops / (med / 1e3)
+                row["floor_variant"] = impl.variant
         pbar.update(1)
     by = {r["impl"]: r for r in rows if r["status"] == "ok"}
     for r in rows:
@@ -209,7 +228,7 @@ def bench_case(case, mode, setup: Setup, backends, args, device, dtype, timer, b
     return rows
 
 
-def memory_pass(cases, args, backends, device, dtype, rows, pbar) -> str | None:
+def memory_pass(cases, args, backends, device, dtypes, rows, pbar) -> str | None:
     """Peak memory of one call of every implementation that was timed (after all timing)."""
     mem = PeakMemory(device)
     mem.prepare_cpu()
@@ -218,7 +237,7 @@ def memory_pass(cases, args, backends, device, dtype, rows, pbar) -> str | None:
     gc.collect()
     gc.freeze()     # later collections skip the (many) objects torch and compile created
     try:
-        _measure_all(mem, cases, args, backends, device, dtype, rows, pbar)
+        _measure_all(mem, cases, args, backends, device, dtypes, rows, pbar)
     finally:
         # Frozen objects are never collected, not even at exit: extension objects kept alive
         # by a cycle then outlive their module, and nanobind-based libraries (triton >= 3.7,
@@ -227,24 +246,26 @@ def memory_pass(cases, args, backends, device, dtype, rows, pbar) -> str | None:
     return None
 
 
-def _measure_all(mem, cases, args, backends, device, dtype, rows, pbar) -> None:
-    ok = {(r["mode"], r["d_in"], r["N"], r["k"], r["T"], r["r"], r["tau"], r["impl"]): r
+def _measure_all(mem, cases, args, backends, device, dtypes, rows, pbar) -> None:
+    ok = {(r["mode"], r["d_in"], r["N"], r["k"], r["T"], r["r"], r["tau"], r["dtype"], r["impl"]): r
           for r in rows if r["status"] == "ok"}
     for case in cases:
-        setup = Setup(case, device, dtype, seed=args.seed)
-        for mode in args.modes:
-            for comp in timed_in(mode, backends, args.compile != "none"):
-                r = ok.get((mode, case.d_in, case.n, case.k, case.t, case.r, case.tau, comp.name))
-                if r is None:
-                    continue
-                pbar.set_postfix_str(f"memory {mode} {case.label()} {comp.name}", refresh=True)
-                try:
-                    r["peak_mem_mb"] = mem.measure(comp.build(mode, setup).run) / 2**20
-                except Exception as e:
-                    r["peak_mem_note"] = _short(e)
-                pbar.update(1)
-        del setup
-        gc.collect()
+        for dt in dtypes:
+            setup = Setup(case, device, dt, seed=args.seed)
+            for mode in args.modes:
+                for comp in timed_in(mode, backends, args.compile != "none"):
+                    r = ok.get((mode, case.d_in, case.n, case.k, case.t, case.r, case.tau, _dtype_name(dt),
+                                comp.name))
+                    if r is None:
+                        continue
+                    pbar.set_postfix_str(f"memory {mode} {case.label()} {comp.name}", refresh=True)
+                    try:
+                        r["peak_mem_mb"] = mem.measure(comp.build(mode, setup).run) / 2**20
+                    except Exception as e:
+                        r["peak_mem_note"] = _short(e)
+                    pbar.update(1)
+            del setup
+            gc.collect()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -256,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtypes = args.dtype or [torch.bfloat16 if device.type == "cuda" else torch.float32]
     backends, notes = choose_backends(args.backends, device)
     if any(v is not None for v in (args.d, args.N, args.k, args.T)):
         cases = grid.custom(args.d or [768], args.N or [4096], args.k or [16], args.T or [256], args.r)
@@ -268,21 +289,22 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*TF32.*")
 
     from tqdm.auto import tqdm
-    total = len(cases) * sum(len(timed_in(m, backends, args.compile != "none")) for m in args.modes)
+    total = len(cases) * len(dtypes) * sum(len(timed_in(m, backends, args.compile != "none")) for m in args.modes)
     rows: list[dict] = []
     t_start = time.perf_counter()
     with tqdm(total=total, desc="timing", unit="run", file=sys.stderr, disable=args.no_progress) as pbar:
-        for case in cases:
-            setup = Setup(case, device, dtype, seed=args.seed)
-            for mode in args.modes:
-                rows += bench_case(case, mode, setup, backends, args, device, dtype, timer, budget, pbar)
-            del setup
-            gc.collect()
+        for case in cases:          # dtypes innermost: a case's dtypes are timed side by side
+            for dt in dtypes:
+                setup = Setup(case, device, dt, seed=args.seed)
+                for mode in args.modes:
+                    rows += bench_case(case, mode, setup, backends, args, device, dt, timer, budget, pbar)
+                del setup
+                gc.collect()
     mem_note = "disabled (--no-memory)"
     if not args.no_memory:
         n_ok = sum(r["status"] == "ok" for r in rows)
         with tqdm(total=n_ok, desc="memory", unit="run", file=sys.stderr, disable=args.no_progress) as pbar:
-            why = memory_pass(cases, args, backends, device, dtype, rows, pbar)
+            why = memory_pass(cases, args, backends, device, dtypes, rows, pbar)
         mem_note = why or ("peak RSS growth of one call (VmHWM)" if device.type == "cpu"
                            else "torch.cuda.max_memory_allocated growth of one call")
     for r in rows:

@@ -5,6 +5,9 @@
 #include <torch/extension.h>
 
 #include "eager.h"
+#ifdef MORAM_WITH_CPU
+#include "cpu/thread_plan.h"
+#endif
 
 TORCH_LIBRARY(moram_kernels_C, m) {
   m.def(
@@ -40,9 +43,36 @@ bool has_cuda() {
 
 }  // namespace
 
+#ifdef MORAM_WITH_CPU
+namespace moram_cpu {
+std::string lowp_road(const std::string& dtype);  // csrc/cpu/moram_cpu.cpp
+}
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_cpu", &has_cpu, "whether CPU kernels are compiled in");
   m.def("has_cuda", &has_cuda, "whether CUDA kernels are compiled in");
+#ifdef MORAM_WITH_CPU
+  m.def("cpu_lowp_road", &moram_cpu::lowp_road,
+        "the road of the CPU GEMMs for 'bfloat16'/'float16' inputs now: 'native' or 'fp32' (MORAM_CPU_LOWP)");
+#endif
   m.def("eager", &moram_eager::eager, "the MoRAM delta with its autograd node, for eager calls on the cpu/cuda backends",
         py::call_guard<py::gil_scoped_release>());
+#ifdef MORAM_WITH_CPU
+  // The CPU kernels' thread plan (csrc/cpu/thread_plan.h), for tests and docs: arguments
+  // left at -1 take this machine's value (torch's thread count, L2 per core, MORAM_CPU_GRAIN).
+  m.def(
+      "cpu_thread_plan",
+      [](double madds, double bytes, int max_threads, int64_t l2_bytes, int64_t grain) {
+        if (max_threads < 0 && l2_bytes < 0 && grain < 0) return moram_cpu::threads_for(madds, bytes);
+        const int mt = max_threads >= 0 ? max_threads : at::get_num_threads();
+        const int64_t l2 = l2_bytes >= 0 ? l2_bytes : moram_cpu::machine().l2_bytes;
+        return moram_cpu::plan_threads(madds, bytes, mt, l2, std::max<int64_t>(grain, 0));
+      },
+      "threads a CPU kernel call wakes for (multiply-adds, bytes streamed)", py::arg("madds"), py::arg("bytes"),
+      py::arg("max_threads") = -1, py::arg("l2_bytes") = -1, py::arg("grain") = -1);
+  m.def(
+      "cpu_machine", [] { return std::make_tuple(moram_cpu::machine().l2_bytes, moram_cpu::machine().cores); },
+      "(L2 bytes per core, cores) as the CPU kernels' thread plan reads them, once");
+#endif
 }

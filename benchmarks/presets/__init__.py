@@ -24,6 +24,8 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "cpu-goals": Preset("cpu_goals", "the C++ cpu backend against its goals (forward, train step, memory, "
                                      "saved for backward) at T=2048, d=1024, N=4096, k=16"),
+    "cpu-floor": Preset("cpu_floor", "every CPU goal in one interleaved run (one token vs the authors and the GEMV, "
+                                     "the CLIP train step vs LoRA, fp32 and bf16 at large N), PASS/MISS each"),
     "bank-parallel": Preset("bank_parallel", "the frozen bank sharded over P = 1, 2, 4 gloo processes: per-rank "
                                              "compute, bytes per call, and the NVLink / Ethernet model "
                                              "against all-gathering the bank"),

@@ -2,6 +2,7 @@
 //
 // Contract: moram_kernels/backends/reference.py and docs/op.md (two atom segments, global ids, segment 0 first).
 // Scores, norms, softmax and every accumulation are fp32 whatever the input dtypes.
+// bf16/fp16 inputs take one of two roads for their GEMMs (see "low-precision GEMMs" below).
 //
 // Forward, per (block of tokens x group of atom tiles):
 //   S = x_blk @ keys_tileᵀ     BLAS (at::mm_out into a per-item [BT, BN] buffer; no [T, N])
@@ -13,7 +14,10 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <ATen/cpu/Utils.h>
 #include <omp.h>
+
+#include "thread_plan.h"
 
 #include <algorithm>
 #include <cmath>
@@ -21,6 +25,8 @@
 #include <exception>
 #include <limits>
 #include <mutex>
+#include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace {
@@ -42,16 +48,15 @@ int64_t env_int(const char* name, int64_t dflt) {
 int64_t block_tokens() { return env_int("MORAM_CPU_BT", 512); }
 int64_t tile_atoms() { return env_int("MORAM_CPU_BN", 1024); }
 
-// Threads worth waking for `work` multiply-adds: one per MORAM_CPU_GRAIN (2^17, some tens
-// of µs of work), at most torch's intra-op count. Waking a thread costs µs on an idle
-// machine and a whole scheduler slice on a busy one, so one decoded token stays on the
-// calling thread. Parallel loops below pass `if (nth > 1)`: with one thread the region is
-// inactive, runs inline, and BLAS/ATen calls inside it keep their own threading.
-int threads_for(double work) {
-  const double grain = static_cast<double>(env_int("MORAM_CPU_GRAIN", int64_t{1} << 17));
-  const int nth = std::max(1, at::get_num_threads());
-  return static_cast<int>(std::max(1.0, std::min<double>(nth, std::floor(work / grain))));
-}
+// Threads worth waking for a call: moram_cpu::threads_for(multiply-adds, bytes streamed)
+// (csrc/cpu/thread_plan.h), from the machine's L2 per core and torch's intra-op count, or
+// MORAM_CPU_GRAIN. Waking a thread costs µs on an idle machine and a whole scheduler slice
+// on a busy one, so a call that streams less than a few L2s stays on the calling thread.
+// Parallel loops below pass `if (nth > 1)`: with one thread the region is inactive, runs
+// inline, and BLAS/ATen calls inside it keep their own threading.
+using moram_cpu::threads_for;
+// A loop that reads about one fp32 per multiply-add (gathers, row scans): its bytes.
+inline int threads_for_stream(double madds) { return threads_for(madds, 4.0 * madds); }
 
 // Exceptions must not cross an OpenMP region boundary: keep the first, rethrow after.
 struct FirstError {
@@ -79,14 +84,123 @@ void check_float(const Tensor& t, const char* name) {
               " must be float32, float16 or bfloat16, got ", t.scalar_type());
 }
 
+// ---- low-precision GEMMs (bf16 / fp16 inputs) ----------------------------------------------
+//
+// Two roads for the GEMMs of a call whose x and keys are all bf16 (or all fp16):
+//   native: the products run in that dtype with fp32 accumulation and an fp32 result, through
+//           MKL's mixed GEMMs (cblas_gemm_bf16bf16f32 / cblas_gemm_f16f16f32, shipped inside
+//           torch's CPU library), which use AMX tiles or AVX512-BF16/FP16 where the CPU has
+//           them. Score tiles come out fp32 and feed the same fused top-K and sum of squares.
+//           A computed fp32 operand of a backward GEMM (score gradients, the Gram matrix) is
+//           scaled by a power of two and rounded to the input dtype; alpha undoes the scale.
+//   fp32:   the operands are converted to fp32 (a block of tokens at a time, the keys once per
+//           call) and every GEMM is an fp32 GEMM, the road of fp32 inputs.
+// MORAM_CPU_LOWP picks: "auto" (default) takes native where the CPU multiplies that dtype
+// natively (AMX or AVX512-BF16 for bf16; AMX-FP16 or AVX512-FP16 for fp16) and fp32
+// elsewhere; "native" and "fp32" force a road (native still needs the MKL symbol: without it
+// the fp32 road runs). The CPU is read once, the variable on every call. One token (T = 1)
+// reads fp32 key rows in its own loop on either road.
+
+// Weak: absent from torch builds without MKL (e.g. aarch64), then null and the fp32 road runs.
+// Layout/transpose enums are CBLAS's ints; MKL_INT is int (LP64); MKL_BF16/MKL_F16 are 16-bit.
+extern "C" {
+void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
+                            const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta, float* c,
+                            int ldc) __attribute__((weak));
+void cblas_gemm_f16f16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
+                          const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta, float* c,
+                          int ldc) __attribute__((weak));
+}
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+
+bool mixed_gemm_linked(at::ScalarType dt) {
+  return dt == at::kBFloat16 ? cblas_gemm_bf16bf16f32 != nullptr : cblas_gemm_f16f16f32 != nullptr;
+}
+
+bool cpu_has(const std::unordered_map<std::string, c10::IValue>& caps, const char* key) {
+  const auto it = caps.find(key);
+  return it != caps.end() && it->second.isBool() && it->second.toBool();
+}
+
+// Whether this CPU multiplies dt natively (read once, through torch's cpuinfo).
+bool cpu_has_native(at::ScalarType dt) {
+  static const bool bf16 = [] {
+    const auto caps = at::cpu::get_cpu_capabilities();
+    return cpu_has(caps, "amx_bf16") || cpu_has(caps, "avx512_bf16");
+  }();
+  static const bool fp16 = [] {
+    const auto caps = at::cpu::get_cpu_capabilities();
+    return cpu_has(caps, "amx_fp16") || cpu_has(caps, "avx512_fp16");
+  }();
+  return dt == at::kBFloat16 ? bf16 : fp16;
+}
+
+// Whether a call computing in dt runs its GEMMs in dt (false for every dtype but bf16/fp16).
+bool lowp_gemm_road(at::ScalarType dt) {
+  if (dt != at::kBFloat16 && dt != at::kHalf) return false;
+  const char* v = std::getenv("MORAM_CPU_LOWP");
+  const std::string mode = v == nullptr ? "" : v;
+  TORCH_CHECK(mode.empty() || mode == "auto" || mode == "native" || mode == "fp32",
+              "moram cpu: MORAM_CPU_LOWP must be auto, native or fp32, got '", mode, "'");
+  if (mode == "fp32" || !mixed_gemm_linked(dt)) return false;
+  return mode == "native" || cpu_has_native(dt);
+}
+
+// A 2-D operand as row-major CBLAS reads it: its transpose flag and leading dimension, or a
+// contiguous copy when neither its rows nor its columns are unit-stride.
+struct GemmOperand {
+  Tensor t;
+  int trans, ld;
+};
+GemmOperand gemm_operand(const Tensor& t) {
+  const int64_t r = t.size(0), c = t.size(1);
+  if (t.stride(1) == 1 && t.stride(0) >= std::max<int64_t>(1, c))
+    return {t, kNoTrans, static_cast<int>(t.stride(0))};
+  if (t.stride(0) == 1 && t.stride(1) >= std::max<int64_t>(1, r)) return {t, kTrans, static_cast<int>(t.stride(1))};
+  return {t.contiguous(), kNoTrans, static_cast<int>(std::max<int64_t>(1, c))};
+}
+
+// out (fp32 [m, n], unit column stride) = alpha · a @ b (+ out when accumulate), a [m, k] and
+// b [k, n] both bf16 or both fp16, any strides; fp32 accumulation.
+void lowp_mm(const Tensor& out, const Tensor& a, const Tensor& b, bool accumulate, float alpha = 1.f) {
+  const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
+  TORCH_CHECK(a.scalar_type() == b.scalar_type() && b.size(0) == k && out.scalar_type() == at::kFloat &&
+                  out.size(0) == m && out.size(1) == n && (n <= 1 || out.stride(1) == 1),
+              "moram cpu: lowp_mm got mismatched operands");
+  TORCH_CHECK(std::max({m, n, k, out.stride(0)}) <= INT32_MAX, "moram cpu: a GEMM too large for 32-bit BLAS");
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    if (!accumulate) out.zero_();
+    return;
+  }
+  const GemmOperand A = gemm_operand(a), B = gemm_operand(b);
+  const int ldc = static_cast<int>(std::max<int64_t>(out.stride(0), n));
+  auto* fn = a.scalar_type() == at::kBFloat16 ? cblas_gemm_bf16bf16f32 : cblas_gemm_f16f16f32;
+  fn(kRowMajor, A.trans, B.trans, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), alpha,
+     static_cast<const uint16_t*>(A.t.data_ptr()), A.ld, static_cast<const uint16_t*>(B.t.data_ptr()), B.ld,
+     accumulate ? 1.f : 0.f, out.data_ptr<float>(), ldc);
+}
+
+// A computed fp32 operand rounded to dt after a power-of-two scale that puts its largest
+// magnitude near 2^14 (inside fp16's range; exact, so harmless for bf16); *unscale is the
+// inverse, passed to lowp_mm as alpha.
+Tensor to_lowp_scaled(const Tensor& f, at::ScalarType dt, float* unscale) {
+  const float amax = f.numel() ? f.abs().max().item<float>() : 0.f;
+  int e = 0;
+  if (amax > 0.f && std::isfinite(amax)) e = 14 - std::ilogb(amax);
+  *unscale = std::ldexp(1.f, -e);
+  return (e == 0 ? f : f.mul(std::ldexp(1.0, e))).to(dt);
+}
+
 // The atoms as the kernels read them: fp32 keys for BLAS, value rows contiguous in their own
 // dtype (converted on the fly in the gather), fp32 scales or none.
 struct Atoms {
   int64_t n[2] = {0, 0};
   int64_t lo[2] = {0, 0};  // global id of the first atom of each segment
   int64_t n_total = 0, d_in = 0, d_out = 0;
-  Tensor keys_f[2];        // [N_s, d_in] fp32 contiguous
+  Tensor keys_f[2];        // [N_s, d_in] fp32 contiguous (undefined on the low-precision road)
   Tensor keys[2];          // as given (dtype of the key gradient)
+  at::ScalarType lowp = at::kFloat;  // bf16/fp16: every GEMM runs in this dtype (lowp_gemm_road)
   Tensor values[2];        // [N_s, d_out] contiguous, any float dtype
   Tensor scale[2];         // [N_s] fp32 contiguous, or undefined (= 1)
 
@@ -122,8 +236,6 @@ Atoms make_atoms(const Tensor& x, const Tensor& keys0, const Tensor& values0,
     a.n[s] = k.size(0);
     // detached: ATen calls on OpenMP worker threads do not see this thread's below-autograd guard
     a.keys[s] = k.requires_grad() ? k.detach() : k;
-    a.keys_f[s] = k.scalar_type() == at::kFloat ? a.keys[s] : a.keys[s].to(at::kFloat);
-    if (!a.keys_f[s].is_contiguous()) a.keys_f[s] = a.keys_f[s].contiguous();
     a.values[s] = v.is_contiguous() ? v : v.contiguous();
     if (ss[s]->has_value() && (*ss[s])->defined()) {
       const Tensor& sc = **ss[s];
@@ -142,6 +254,18 @@ Atoms make_atoms(const Tensor& x, const Tensor& keys0, const Tensor& values0,
   a.lo[1] = a.n[0];
   a.n_total = a.n[0] + a.n[1];
   TORCH_CHECK(a.n_total >= 1, "moram cpu: the two segments hold no atom (N = 0)");
+  // One token reads fp32 key rows in its own loop, whatever the road.
+  const at::ScalarType xt = x.scalar_type();
+  if (x.size(0) > 1 && keys0.scalar_type() == xt && keys1.scalar_type() == xt && lowp_gemm_road(xt))
+    a.lowp = xt;
+  for (int s = 0; s < 2; ++s) {
+    if (a.lowp != at::kFloat) {
+      if (!a.keys[s].is_contiguous()) a.keys[s] = a.keys[s].contiguous();
+      continue;
+    }
+    a.keys_f[s] = a.keys[s].scalar_type() == at::kFloat ? a.keys[s] : a.keys[s].to(at::kFloat);
+    if (!a.keys_f[s].is_contiguous()) a.keys_f[s] = a.keys_f[s].contiguous();
+  }
   return a;
 }
 
@@ -386,6 +510,47 @@ ScanFn pick_scan() {
   return scan_row_scalar;
 }
 
+// ---- top-K of a whole row, for banks that fit in one tile ------------------------------------
+
+// When every score of a token is in one row (the bank fits in one tile, or one decoded
+// token), the top-K needs no running heap: a threshold that at least K scores reach (the
+// smallest of K group maxima, kth_floor) keeps a few candidates, and a selection among them
+// (nth_element, then a sort of the K) finds the K best. Linear in the row, no per-score heap
+// upkeep. Ties go to the lower id, and the K come out by score descending, then id.
+// NaN scores never pass the threshold; if fewer than K scores are candidates (a row of NaN
+// or -inf), the rest are filled with -inf at the lowest unused ids, as heap_init would.
+struct Cand {
+  float v;
+  int64_t id;
+};
+
+inline bool cand_before(const Cand& a, const Cand& b) { return a.v > b.v || (a.v == b.v && a.id < b.id); }
+
+void select_row(const float* __restrict__ row, int64_t n, int64_t k, float* out_v, int64_t* out_id, float* ss,
+                std::vector<Cand>& cand) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < n; ++j) acc += row[j] * row[j];
+  *ss += acc;
+  const float floor = kth_floor(row, n, k);
+  cand.clear();
+  for (int64_t j = 0; j < n; ++j)
+    if (row[j] > floor) cand.push_back({row[j], j});
+  const int64_t m = static_cast<int64_t>(cand.size());
+  if (m > k) std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(), cand_before);
+  const int64_t got = std::min(m, k);
+  std::sort(cand.begin(), cand.begin() + got, cand_before);
+  for (int64_t i = 0; i < got; ++i) {
+    out_v[i] = cand[i].v;
+    out_id[i] = cand[i].id;
+  }
+  for (int64_t i = got, next = 0; i < k; ++i, ++next) {
+    while (std::find(out_id, out_id + got, next) != out_id + got) ++next;
+    out_v[i] = -std::numeric_limits<float>::infinity();
+    out_id[i] = next;
+  }
+}
+
 // The epilogue of one token: y_row (fp32, d_out) = Σ c_k values[idx_k].
 inline void epilogue(const Atoms& a, const float* p, const int64_t* ids, int64_t k, float ss, float tau,
                      float delta, float eps, float* c, float* y_row, float* norm_out) {
@@ -411,6 +576,60 @@ struct Tile {
   int seg;
   int64_t lo, n;  // local first atom and count within the segment
 };
+
+// One score tile on the call's road: s (fp32 [bt, n]) = xb @ keys_tileᵀ, xb in the road's dtype.
+void score_tile(Tensor& s, const Tensor& xb, const Atoms& a, const Tile& tl) {
+  if (a.lowp != at::kFloat) lowp_mm(s, xb, a.keys[tl.seg].narrow(0, tl.lo, tl.n).t(), false);
+  else at::mm_out(s, xb, a.keys_f[tl.seg].narrow(0, tl.lo, tl.n).t());
+}
+
+// out (fp32) = lhs @ rhs (+ out when accumulate) on the call's road: fp32 BLAS, or the
+// low-precision GEMM, with an fp32 (computed) operand rounded by to_lowp_scaled.
+void road_mm(const Atoms& a, Tensor out, const Tensor& lhs, const Tensor& rhs, bool accumulate) {
+  if (a.lowp == at::kFloat) {
+    if (accumulate) out.addmm_(lhs, rhs);
+    else at::mm_out(out, lhs, rhs);
+    return;
+  }
+  float ul = 1.f, ur = 1.f;
+  const Tensor l = lhs.scalar_type() == a.lowp ? lhs : to_lowp_scaled(lhs, a.lowp, &ul);
+  const Tensor r = rhs.scalar_type() == a.lowp ? rhs : to_lowp_scaled(rhs, a.lowp, &ur);
+  lowp_mm(out, l, r, accumulate, ul * ur);
+}
+
+// The keys of segment s as the road's GEMMs read them.
+const Tensor& road_keys(const Atoms& a, int s) { return a.lowp != at::kFloat ? a.keys[s] : a.keys_f[s]; }
+
+// acc += c * keys[id] for the road's key dtype.
+inline void axpy_key(const Atoms& a, int64_t id, float c, float* acc) {
+  const int s = a.seg_of(id);
+  const Tensor& k = road_keys(a, s);
+  const int64_t r = (id - a.lo[s]) * a.d_in;
+  switch (k.scalar_type()) {
+    case at::kFloat: axpy_row(c, k.data_ptr<float>() + r, acc, a.d_in); break;
+    case at::kHalf: axpy_row(c, k.data_ptr<at::Half>() + r, acc, a.d_in); break;
+    default: axpy_row(c, k.data_ptr<at::BFloat16>() + r, acc, a.d_in); break;
+  }
+}
+
+// The whole bank against a block of tokens xb [bt, d_in] (in the road's dtype): each
+// segment's GEMM (score_tile, either road) writes its columns of one [bt, N] score row per
+// token (BLAS takes the row stride), then select_row picks each token's top-K into (hv, hid)
+// and adds its squares to ss.
+void score_rows_and_select(const Atoms& a, const Tensor& xb, const Tensor& buf, int64_t K, float* hv, int64_t* hid,
+                           float* ss) {
+  const int64_t bt = xb.size(0), N = a.n_total;
+  Tensor s = buf.narrow(0, 0, bt * N).view({bt, N});
+  for (int sg = 0; sg < 2; ++sg)
+    if (a.n[sg] > 0) {
+      Tensor cols = s.narrow(1, a.lo[sg], a.n[sg]);
+      score_tile(cols, xb, a, Tile{sg, 0, a.n[sg]});
+    }
+  const float* sp = s.data_ptr<float>();
+  std::vector<Cand> cand;
+  cand.reserve(std::min<int64_t>(N, 4 * K + 64));
+  for (int64_t r = 0; r < bt; ++r) select_row(sp + r * N, N, K, hv + r * K, hid + r * K, ss + r, cand);
+}
 
 // ---- forward -------------------------------------------------------------------------------
 
@@ -451,8 +670,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moram_fwd_cpu(const Tensor& x_in, con
       const int64_t st = xf.stride(1);
       for (int64_t i = 0; i < d_in; ++i) xr[i] = xp[i * st];
     }
-    // threads only for a bank that streams from memory (16 MiB of fp32 keys at the default grain)
-    const int nth = threads_for(static_cast<double>(N) * static_cast<double>(d_in) / 32.0);
+    // threads only for a bank of several L2s (thread_plan.h)
+    const double nd = static_cast<double>(N) * static_cast<double>(d_in);
+    const int nth = threads_for(nd, 4.0 * nd);
     for (int sg = 0; sg < 2; ++sg) {
       const float* kp = a.keys_f[sg].data_ptr<float>();
       float* out = sc.data() + a.lo[sg];
@@ -466,20 +686,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moram_fwd_cpu(const Tensor& x_in, con
     }
     float* hv = p_sel.data_ptr<float>();
     int64_t* hid = idx.data_ptr<int64_t>();
-    heap_init(hv, hid, K);
     float ss = 0.f;
-    scan(sc.data(), N, 0, hv, hid, K, &ss, kth_floor(sc.data(), N, K));
+    std::vector<Cand> cand;
+    cand.reserve(std::min<int64_t>(N, 4 * K + 64));
+    select_row(sc.data(), N, K, hv, hid, &ss, cand);
     epilogue(a, hv, hid, K, ss, ftau, fdelta, feps, c.data(), yrow.data(), norm.data_ptr<float>());
     store_row_any(yrow.data(), y, 0);
     return {y, idx, p_sel, norm};
   }
 
   const int nth = threads_for(static_cast<double>(T) * static_cast<double>(a.n_total) *
-                              static_cast<double>(a.d_in + K));
+                                  static_cast<double>(a.d_in + K),
+                              4.0 * (static_cast<double>(a.n_total) * static_cast<double>(a.d_in) +
+                                     static_cast<double>(T) * static_cast<double>(a.d_in + K * d_out)));
   std::vector<Tile> tiles;
   const int64_t BN = tile_atoms();
   for (int s = 0; s < 2; ++s)
     for (int64_t lo = 0; lo < a.n[s]; lo += BN) tiles.push_back({s, lo, std::min(BN, a.n[s] - lo)});
+  // A bank that fits in one tile is scored as one row per token (both segments side by
+  // side, seg = -1) and selected by select_row, with no running heap.
+  if (a.n_total <= BN) tiles.assign(1, Tile{-1, 0, a.n_total});
   const int64_t n_tiles = static_cast<int64_t>(tiles.size());
 
   // Few tokens (decode): the scoring streams the keys and is memory-bound, so the threads
@@ -511,9 +737,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moram_fwd_cpu(const Tensor& x_in, con
     try {
       const int64_t b = item / n_splits, sp = item % n_splits;
       const int64_t t0 = b * BT, bt = std::min(BT, T - t0);
-      const int64_t g0 = n_tiles * sp / n_splits, g1 = n_tiles * (sp + 1) / n_splits;
+      int64_t g0 = n_tiles * sp / n_splits;
+      const int64_t g1 = n_tiles * (sp + 1) / n_splits;
       Tensor xb = x.narrow(0, t0, bt);
-      if (!x_f32) xb = xb.to(at::kFloat);  // a strided fp32 block goes to BLAS as it is
+      if (!x_f32 && a.lowp == at::kFloat) xb = xb.to(at::kFloat);  // strided blocks go to BLAS as they are
       Tensor buf = at::empty({bt * std::min(BN, a.n_total)}, p_sel.options());
       float* hv;
       int64_t* hid;
@@ -525,11 +752,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moram_fwd_cpu(const Tensor& x_in, con
         hv = p_sel.data_ptr<float>() + t0 * K;
         hid = idx.data_ptr<int64_t>() + t0 * K;
       }
-      for (int64_t r = 0; r < bt; ++r) heap_init(hv + r * K, hid + r * K, K);
+      if (tiles[0].seg < 0) {
+        score_rows_and_select(a, xb, buf, K, hv, hid, ss.data());
+        g0 = g1;  // no tile left
+      } else {
+        for (int64_t r = 0; r < bt; ++r) heap_init(hv + r * K, hid + r * K, K);
+      }
       for (int64_t g = g0; g < g1; ++g) {
         const Tile& tl = tiles[g];
         Tensor s = buf.narrow(0, 0, bt * tl.n).view({bt, tl.n});
-        at::mm_out(s, xb, a.keys_f[tl.seg].narrow(0, tl.lo, tl.n).t());
+        score_tile(s, xb, a, tl);
         const float* sp_ = s.data_ptr<float>();
         const int64_t id0 = a.lo[tl.seg] + tl.lo;
         const bool first = g == g0;  // the heaps are still empty
@@ -578,6 +810,77 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moram_fwd_cpu(const Tensor& x_in, con
     }
   }
   return {y, idx, p_sel, norm};
+}
+
+// ---- backward of a small bank: fewer, larger GEMMs --------------------------------------------
+
+// With gp = -alpha∘P + the selected g_sel (P = x Aᵀ over all N atoms, [T, N]):
+//   gx  = gp A            (the dense term and the sparse one in one GEMM)
+//   dA_s = gp[:, s]ᵀ x    (each needed segment, its columns of gp; BLAS takes the stride)
+// so a step costs three GEMMs over the whole bank (P, gx, dA) where the tiled road issues
+// two per segment and token block for the dense term plus two per segment for dA, with a
+// separate scaling pass each. Taken when the recompute road is the cheaper one (no Gram)
+// and the bank is small enough that [BT, N] for a useful BT stays in a bounded buffer.
+// The gradient of a block of scores, in place: row r of GP [bt, n] (token t0 + r, columns
+// the atoms col0 .. col0 + n - 1) becomes -alpha_t · P + the selected g_sel that fall in it.
+void gp_rows(float* GP, int64_t bt, int64_t n, int64_t t0, int64_t col0, const float* AL, const float* GS,
+             const int64_t* I, int64_t K) {
+  const int nth = threads_for_stream(static_cast<double>(bt) * static_cast<double>(n + K));
+#pragma omp parallel for schedule(static) num_threads(nth) if (nth > 1)
+  for (int64_t r = 0; r < bt; ++r) {
+    const int64_t t = t0 + r;
+    const float na = -AL[t];
+    float* row = GP + r * n;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) row[j] *= na;
+    for (int64_t i = 0; i < K; ++i) {
+      const int64_t j = I[t * K + i] - col0;
+      if (j >= 0 && j < n) row[j] += GS[t * K + i];
+    }
+  }
+}
+
+bool small_bank_fused(const Atoms& a, int64_t T, bool gram_cached) {
+  if (a.n_total > 4096) return false;
+  const double dT = static_cast<double>(T), dd = static_cast<double>(a.d_in);
+  const double build = 2.0 * dd * dd * static_cast<double>((gram_cached ? 0 : a.n[0]) + a.n[1]);
+  return 4.0 * dT * static_cast<double>(a.n_total) * dd <= 2.0 * dT * dd * dd + build;
+}
+
+void small_bank_grads(const Atoms& a, const Tensor& xf, const Tensor& g_sel, const Tensor& idx, const Tensor& alpha,
+                      const bool need_seg[2], Tensor& gx, Tensor gkf[2]) {
+  const int64_t T = xf.size(0), d_in = a.d_in, N = a.n_total, K = idx.size(1);
+  const auto f32 = xf.options().dtype(at::kFloat);
+  // both segments' keys as the road reads them, one [N, d_in] matrix (a copy of N·d_in, small
+  // next to T·N·d_in); xf is the road's x too. Every GEMM below is a road_mm, so on the
+  // low-precision road gp is rounded to the input dtype (scaled) for the gx and dA products.
+  const Tensor A = a.n[0] == 0   ? road_keys(a, 1)
+                   : a.n[1] == 0 ? road_keys(a, 0)
+                                 : at::cat({road_keys(a, 0), road_keys(a, 1)});
+  const bool x_f32 = gx.defined() ? gx.scalar_type() == at::kFloat : true;
+  Tensor gxf = x_f32 ? gx : at::empty({T, d_in}, f32);
+  const int64_t BT = std::max<int64_t>(1, std::min<int64_t>(T, (int64_t{16} << 20) / (4 * N)));  // <= 16 MiB
+  Tensor gp_buf = at::empty({std::min(BT, T) * N}, f32);
+  const float* GS = g_sel.data_ptr<float>();
+  const int64_t* I = idx.data_ptr<int64_t>();
+  const float* AL = alpha.data_ptr<float>();
+  for (int s = 0; s < 2; ++s)
+    if (need_seg[s] && a.n[s] > 0) gkf[s] = at::empty({a.n[s], d_in}, f32);
+  for (int64_t t0 = 0; t0 < T; t0 += BT) {
+    const int64_t bt = std::min(BT, T - t0);
+    const Tensor xb = xf.narrow(0, t0, bt);
+    Tensor gp = gp_buf.narrow(0, 0, bt * N).view({bt, N});
+    road_mm(a, gp, xb, A.t(), false);
+    gp_rows(gp.data_ptr<float>(), bt, N, t0, 0, AL, GS, I, K);
+    Tensor gxb = gxf.narrow(0, t0, bt);
+    road_mm(a, gxb, gp, A, false);
+    for (int s = 0; s < 2; ++s) {
+      if (!gkf[s].defined()) continue;
+      const Tensor cols = gp.narrow(1, a.lo[s], a.n[s]);
+      road_mm(a, gkf[s], cols.t(), xb, t0 != 0);
+    }
+  }
+  if (!x_f32) gx.copy_(gxf);
 }
 
 // ---- backward ------------------------------------------------------------------------------
@@ -641,7 +944,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
   }
 
   const Tensor gyf = gy.to(at::kFloat).contiguous();
-  const Tensor xf = x.to(at::kFloat);  // any strides: BLAS takes it as it is
+  // the road's x (any strides: BLAS takes it as it is)
+  const Tensor xf = a.lowp != at::kFloat ? x : x.to(at::kFloat);
   const double dT = static_cast<double>(T), dK = static_cast<double>(K);
   const float ftau = static_cast<float>(tau), fdelta = static_cast<float>(delta), feps = static_cast<float>(eps);
 
@@ -658,7 +962,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
     float* GS = g_sel.data_ptr<float>();
     float* CV = coef_v.data_ptr<float>();
     float* AL = alpha.data_ptr<float>();
-    const int nth = threads_for(dT * dK * static_cast<double>(d_out));
+    const int nth = threads_for_stream(dT * dK * static_cast<double>(d_out));
 #pragma omp parallel num_threads(nth) if (nth > 1)
     {
     std::vector<float> w(K), gw(K), gc(K);  // per thread
@@ -697,7 +1001,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
     }
   }
 
-  if (need_x) {
+  // A small bank on the recompute road: gx and the needed key gradients from one fused
+  // [T, N] gp in three GEMMs (small_bank_grads) instead of the tiled road below.
+  Tensor gk_fused[2];
+  const bool fused = need_x && small_bank_fused(a, T, gram0.defined());
+  if (fused) {
+    gx = at::empty({T, d_in}, x.options());
+    small_bank_grads(a, xf, g_sel, idx, alpha, need_seg, gx, gk_fused);
+  }
+  if (need_x && !fused) {
     // Dense term -alpha · Σ_j p_j a_j = -alpha · (G x) with G = Aᵀ A. Two ways, by FLOPs:
     //   Gram:      2·T·d_in² (x G), plus 2·N_s·d_in² to build G for a segment without a cache
     //   recompute: 4·T·N·d_in (P = x Aᵀ, then (alpha∘P) A), tiled, no [T, N] buffer
@@ -706,20 +1018,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
     const double dT = static_cast<double>(T), dd = static_cast<double>(d_in);
     const double build = 2.0 * dd * dd * static_cast<double>((gram0.defined() ? 0 : a.n[0]) + a.n[1]);
     const double cost_gram = 2.0 * dT * dd * dd + build;
-    const double cost_rec = 4.0 * dT * static_cast<double>(a.n_total) * dd;
+    const double cost_rec = 4.0 * dT * static_cast<double>(a.n_total) * dd;  // small_bank_fused too
     Tensor dense;  // [T, d_in] fp32, already multiplied by -alpha
     const Tensor neg_alpha = alpha.neg().unsqueeze(1);
     if (cost_gram < cost_rec) {
-      Tensor G = !gram0.defined() ? at::zeros({d_in, d_in}, xf.options().dtype(at::kFloat))
+      Tensor G = !gram0.defined() ? at::zeros({d_in, d_in}, x.options().dtype(at::kFloat))
                  : a.n[1] > 0      ? gram0.clone()  // the caller's cache is read-only
                                    : gram0;
       for (int s = 0; s < 2; ++s) {
         if (a.n[s] == 0 || (s == 0 && gram0.defined())) continue;
-        G.addmm_(a.keys_f[s].t(), a.keys_f[s]);
+        road_mm(a, G, road_keys(a, s).t(), road_keys(a, s), true);
       }
-      dense = at::mm(xf, G).mul_(neg_alpha);
+      dense = at::empty({T, d_in}, x.options().dtype(at::kFloat));
+      road_mm(a, dense, xf, G, false);
+      dense.mul_(neg_alpha);
     } else {
-      dense = at::empty({T, d_in}, xf.options().dtype(at::kFloat));  // the first product writes it
+      dense = at::empty({T, d_in}, x.options().dtype(at::kFloat));  // the first product writes it
       const int64_t BT = 1024, BN = 4096;  // bounds the [BT, BN] score buffer to 16 MiB
       for (int64_t t0 = 0; t0 < T; t0 += BT) {
         const int64_t bt = std::min(BT, T - t0);
@@ -727,10 +1041,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
         bool first = true;
         for (int s = 0; s < 2; ++s)
           for (int64_t lo = 0; lo < a.n[s]; lo += BN) {
-            Tensor ak = a.keys_f[s].narrow(0, lo, std::min(BN, a.n[s] - lo));
-            Tensor sc = at::mm(xb, ak.t()).mul_(nab);
-            if (first) at::mm_out(db, sc, ak);
-            else db.addmm_(sc, ak);
+            Tensor ak = road_keys(a, s).narrow(0, lo, std::min(BN, a.n[s] - lo));
+            Tensor sc = at::empty({bt, ak.size(0)}, x.options().dtype(at::kFloat));
+            road_mm(a, sc, xb, ak.t(), false);
+            sc.mul_(nab);
+            road_mm(a, db, sc, ak, !first);
             first = false;
           }
       }
@@ -740,14 +1055,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
     const float* GS = g_sel.data_ptr<float>();
     const int64_t* I = idx.data_ptr<int64_t>();
     float* D = dense.data_ptr<float>();
-    const int nth = threads_for(dT * dK * static_cast<double>(d_in));
+    const int nth = threads_for_stream(dT * dK * static_cast<double>(d_in));
 #pragma omp parallel for schedule(static) num_threads(nth) if (nth > 1)
     for (int64_t t = 0; t < T; ++t) {
       float* row = D + t * d_in;
       for (int64_t i = 0; i < K; ++i) {
-        const int64_t id = I[t * K + i];
-        const int s = a.seg_of(id);
-        axpy_row(GS[t * K + i], a.keys_f[s].data_ptr<float>() + (id - a.lo[s]) * d_in, row, d_in);
+        axpy_key(a, I[t * K + i], GS[t * K + i], row);
       }
       store_row_any(row, gx, t);
     }
@@ -763,7 +1076,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
     }
     // dA_s = gp_sᵀ x with gp_s = -alpha∘(x A_sᵀ) + the selected g_sel: dense over this
     // segment's atoms only, in [BT, BN] tiles; the addmm_ chain runs in a fixed order.
-    Tensor gkf = at::empty({ns, d_in}, xf.options().dtype(at::kFloat));  // the first block writes it
+    if (fused) {
+      gk[s] = gk_fused[s].to(a.keys[s].scalar_type());
+    } else {
+    Tensor gkf = at::empty({ns, d_in}, x.options().dtype(at::kFloat));  // the first block writes it
     const int64_t BT = 1024, BN = 4096;
     const float* GS = g_sel.data_ptr<float>();
     const int64_t* I = idx.data_ptr<int64_t>();
@@ -773,27 +1089,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
       Tensor xb = xf.narrow(0, t0, bt);
       for (int64_t lo = 0; lo < ns; lo += BN) {
         const int64_t bn = std::min(BN, ns - lo);
-        Tensor ak = a.keys_f[s].narrow(0, lo, bn);
-        Tensor gp = at::mm(xb, ak.t()).contiguous();  // [bt, bn]
-        float* GP = gp.data_ptr<float>();
-        const int nth = threads_for(static_cast<double>(bt) * static_cast<double>(bn + K));
-#pragma omp parallel for schedule(static) num_threads(nth) if (nth > 1)
-        for (int64_t r = 0; r < bt; ++r) {
-          const int64_t t = t0 + r;
-          const float na = -AL[t];
-          float* row = GP + r * bn;
-          for (int64_t j = 0; j < bn; ++j) row[j] *= na;
-          for (int64_t i = 0; i < K; ++i) {
-            const int64_t j = I[t * K + i] - lo_s - lo;
-            if (j >= 0 && j < bn) row[j] += GS[t * K + i];
-          }
-        }
+        Tensor ak = road_keys(a, s).narrow(0, lo, bn);
+        Tensor gp = at::empty({bt, bn}, x.options().dtype(at::kFloat));
+        road_mm(a, gp, xb, ak.t(), false);
+        gp_rows(gp.data_ptr<float>(), bt, bn, t0, lo_s + lo, AL, GS, I, K);
         Tensor gkb = gkf.narrow(0, lo, bn);
-        if (t0 == 0) at::mm_out(gkb, gp.t(), xb);
-        else gkb.addmm_(gp.t(), xb);
+        road_mm(a, gkb, gp.t(), xb, t0 != 0);
       }
     }
     gk[s] = gkf.to(a.keys[s].scalar_type());
+    }
+    const int64_t* I = idx.data_ptr<int64_t>();
 
     // dB_s: scatter of coef_v · gy over the selected rows of this segment, made
     // deterministic by a counting sort of the (token, slot) pairs by atom, then one
@@ -815,7 +1121,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
     gv[s] = at::empty({ns, d_out}, a.values[s].options());
     const float* CV = coef_v.data_ptr<float>();
     const float* G = gyf.data_ptr<float>();
-    const int nth = threads_for(static_cast<double>(start[ns]) * static_cast<double>(d_out));
+    const int nth = threads_for_stream(static_cast<double>(start[ns]) * static_cast<double>(d_out));
 #pragma omp parallel for schedule(dynamic, 16) num_threads(nth) if (nth > 1)
     for (int64_t j = 0; j < ns; ++j) {
       std::vector<float> acc(d_out, 0.f);
@@ -832,6 +1138,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
 }
 
 }  // namespace
+
+namespace moram_cpu {
+// The road lowp_gemm_road takes now for a call in dtype ("bfloat16" or "float16"), for
+// tests and benchmarks (bound as _C.cpu_lowp_road in csrc/ops.cpp).
+std::string lowp_road(const std::string& dtype) {
+  TORCH_CHECK(dtype == "bfloat16" || dtype == "float16", "cpu_lowp_road: dtype must be 'bfloat16' or 'float16', got '",
+              dtype, "'");
+  return lowp_gemm_road(dtype == "bfloat16" ? at::kBFloat16 : at::kHalf) ? "native" : "fp32";
+}
+}  // namespace moram_cpu
 
 TORCH_LIBRARY_IMPL(moram_kernels_C, CPU, m) {
   m.impl("moram_fwd", &moram_fwd_cpu);

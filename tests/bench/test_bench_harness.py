@@ -63,7 +63,7 @@ def test_smoke_run_writes_table_csv_and_plots(tmp_path):
         if r["mode"] == "train" and r["impl"] != FLOOR:
             assert r["saved_bwd_mb"] != ""
     md = open(os.path.join(folder, "results.md")).read()
-    assert "| sweep | d | N | k | T | authors | " + " | ".join(timed) + " | LoRA R=N |" in md
+    assert "| sweep | d | N | k | T | dtype | authors | " + " | ".join(timed) + " | LoRA R=N |" in md
     assert md.strip() in out.stdout
     # train rows: the adapter's share (layer step minus the base layer's step), best vs LoRA R=N
     by = {(r["mode"], r["N"], r["T"], r["impl"]): float(r["median_ms"]) for r in rows}
@@ -210,7 +210,7 @@ def test_every_eval_check_has_something_to_check():
         assert rows > 0.5, f"{case.label()} (delta {case.delta}): only {rows:.0%} of rows non-zero"
 
 
-@pytest.mark.parametrize("argv", [["--modes", "bogus"], ["--quick", "--smoke"]])
+@pytest.mark.parametrize("argv", [["--modes", "bogus"], ["--quick", "--smoke"], ["--dtype", "fp32,fp8"]])
 def test_bad_arguments_are_refused(argv):
     with pytest.raises(SystemExit):
         run.parse_args(argv)
@@ -284,6 +284,36 @@ def test_cpu_goals_preset_table_matches_its_ratios(tmp_path, capsys):
         saved = list(csv.DictReader(f))
     assert [r["goal"] for r in saved] == [c[4] for c in rows]
     assert [r["met"] for r in saved] == [str(c[5].rstrip(" |") == "yes") for c in rows]
+
+
+@pytest.mark.skipif("cpu" not in mk.available_backends(), reason="the cpu-floor preset times the C++ cpu backend")
+def test_cpu_floor_preset_prints_every_goal_with_its_verdict(tmp_path, capsys):
+    """Every goal of the issue in one run (tiny shapes): one PASS/MISS row each, each ratio
+    the quotient of its two figures and each verdict the goal applied to it, the CPU model
+    and ISA above the table, the same rows in the CSV."""
+    out_csv = tmp_path / "floor.csv"
+    assert run.main(["--preset", "cpu-floor", "--tiny", "--reps", "1", "--threads", "1", "--csv", str(out_csv)]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"# CPU: .+, \d+ cores, ISA: .+\(torch dispatch: \w+\)", text), text
+    rows = [ln.strip("| ").split(" | ") for ln in text.splitlines() if re.match(r"\| (one-token|clip|fp32|bf16) \|", ln)]
+    scored = [r for r in rows if r[4] != "-"]
+    assert [r[0] for r in scored] == ["one-token"] * 3 + ["clip"] + ["fp32"] * 3 + ["bf16"] * 3, text
+    unit = {"µs": 1e-6, "ms": 1e-3}
+    for group, measure, value, ratio, goal, verdict in scored:
+        a, b = [float(v.split()[0]) * unit[v.split()[1]] for v in value.split(" (")[0].split(" vs ")]
+        r = float(ratio.rstrip("x"))
+        limit = float(re.search(r"[\d.]+", goal).group())
+        faster = goal.startswith(">=")
+        want = b / a if faster else a / b
+        assert r == pytest.approx(want, rel=0.02, abs=0.01), (measure, value, ratio)
+        assert verdict == ("PASS" if (r >= limit if faster else 0 < r <= limit) else "MISS"), (measure, ratio, goal)
+    assert re.search(rf"{sum(r[5] == 'PASS' for r in scored)} of 10 goals met on .+ \(", text)
+    with open(out_csv) as f:
+        saved = list(csv.DictReader(f))
+    assert [r["measure"] for r in saved] == [r[1] for r in rows]
+    assert all(r["cpu"] and r["isa"] for r in saved)
+    with pytest.raises(SystemExit):
+        run.main(["--preset", "cpu-floor", "--only", "nope"])
 
 
 def test_every_preset_has_one_help_line_and_its_own_help(capsys):
@@ -388,3 +418,57 @@ def test_triton_compile_check_refuses_the_interpreter():
     out = subprocess.run([sys.executable, os.path.join(ROOT, ".ci", "triton_compile_check.py")], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "unset TRITON_INTERPRET" in out.stderr
+
+
+def test_cpu_isa_names_the_extensions_that_pick_the_roads():
+    from benchmarks.hardware import cpu_isa, detect
+    spr = "processor: 0\nflags\t\t: fpu sse2 avx2 fma avx512f avx512bw avx512_bf16 avx512_fp16 amx_bf16 amx_tile amx_int8\n"
+    assert cpu_isa(spr) == "avx2 fma avx512 avx512_bf16 avx512_fp16 amx amx_bf16"
+    assert cpu_isa("flags : fpu sse2 avx avx2 fma f16c\n") == "avx2 fma"
+    assert cpu_isa("flags : fpu sse2\n") == "none"
+    hw = detect(torch.device("cpu"))
+    assert hw["cpu_isa"] == cpu_isa() and hw["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert ("avx2" in hw["cpu_isa"].split()) == torch.cpu._is_avx2_supported()
+    assert ("avx512_bf16" in hw["cpu_isa"].split()) == torch.cpu._is_avx512_bf16_supported()
+    assert ("amx" in hw["cpu_isa"].split()) == torch.cpu._is_amx_tile_supported()
+    assert hw["cpu_lowp_road"] == "n/a" or hw["cpu_lowp_road"].startswith("bf16:")
+
+
+def test_the_floor_is_the_fastest_of_torchs_gemms():
+    from benchmarks.baselines import fastest_gemm, gemm_variants
+    import time as _time
+    g = torch.Generator().manual_seed(0)
+    x, keys = torch.randn(9, 13, generator=g), torch.randn(21, 13, generator=g)
+    for dt in (torch.float32, torch.bfloat16):
+        for name, fn in gemm_variants(keys.to(dt)).items():
+            torch.testing.assert_close(fn(x.to(dt)), x.to(dt) @ keys.to(dt).T, msg=name)
+
+    def slow(x):
+        _time.sleep(0.004)
+        return x @ keys.T
+    name, fn = fastest_gemm(x, keys, variants={"slow": slow, "fast": lambda x: x @ keys.T, "slower": slow})
+    assert name == "fast"
+
+
+def test_dtype_axis_times_each_case_in_each_dtype_against_its_own_floor(tmp_path):
+    from benchmarks.baselines import gemm_variants
+    from benchmarks.hardware import cpu_isa
+    rc = run.main(["--smoke", "--modes", "eval", "--backends", "cpu", "--dtype", "fp32,bf16", "--d", "16",
+                   "--N", "40", "--k", "4", "--T", "8", "--no-memory", "--no-plots", "--no-compile",
+                   "--threads", "1", "--no-progress", "--out", str(tmp_path)])
+    assert rc == 0
+    (folder,) = glob.glob(str(tmp_path / "*-smoke"))
+    rows = _read_csv(folder)
+    impls = {r["impl"] for r in rows}
+    assert {(r["impl"], r["dtype"]) for r in rows} == {(i, d) for i in impls for d in ("float32", "bfloat16")}
+    names = set(gemm_variants(torch.zeros(1, 1)))
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["cpu_isa"] == cpu_isa() and r["cpu"] and r["torch_cpu_capability"]
+        assert (r["floor_variant"] in names) if r["impl"] == FLOOR else r["floor_variant"] == ""
+        floor = next(f for f in rows if f["impl"] == FLOOR and f["dtype"] == r["dtype"])
+        assert float(r["time_vs_floor"]) == pytest.approx(float(r["median_ms"]) / float(floor["median_ms"]))
+    md = open(os.path.join(folder, "results.md")).read()
+    lines = [ln for ln in md.splitlines() if ln.startswith("| custom ")]
+    assert [ln.split(" | ")[5] for ln in lines] == ["fp32", "bf16"]
+    assert "float32, bfloat16" in md and cpu_isa() in md
