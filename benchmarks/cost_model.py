@@ -189,7 +189,7 @@ def _backward_s(t, d, k, r, hw=H200):
 
 
 def issue_rows(hw: dict = H200) -> list[dict]:
-    """Model against floor for the four rows issue 18 tracks (bf16, d = 4096, k = 16):
+    """Model against floor for the four tracked GPU rows (bf16, d = 4096, k = 16):
     prefill forward and forward + backward at T = 4096, N = 16,384; decode of one token at
     N = 1,024 under a CUDA graph and at N = 65,536 (eager). Per row: ``floor_s``, the
     modelled seconds of every forward route (:func:`route_ms`, plus the backward on the

@@ -5,7 +5,7 @@
     python -m benchmarks --preset gpu-check --no-pytest --csv out.csv --budget 200
     python benchmarks/gpu_check.py [same options]      # the same check, as a script
 
-It times issue 18's four rows (:data:`ROWS`: prefill forward and forward + backward at
+It times the four tracked GPU rows (:data:`ROWS`: prefill forward and forward + backward at
 T = 4096, N = 16,384; decode T = 1 at N = 1,024 under a CUDA graph and at N = 65,536),
 d_in = d_out = 4096, k = 16, bf16, for every implementation (:func:`plan_jobs`): cuBLAS
 ``x @ keys.T``, the authors' dense path, the cuda backend, the triton backend as users get
@@ -237,7 +237,7 @@ def gpu_backends(mk, torch, only_available=True):
     return [b for b in names if b != "reference" and not _dispatch._BY_NAME[b].refuses(inp, True)]
 
 
-# ---- what is timed: issue 18's four rows x every variant --------------------------------------
+# ---- what is timed: the four tracked rows x every variant ---------------------------------------
 
 @dataclass(frozen=True)
 class Row:
@@ -551,7 +551,7 @@ def bench(args):
     except Exception as e:
         print(f"ceilings not measured ({type(e).__name__}: {e}); the model's are used", flush=True)
 
-    # 2. timings: issue 18's rows, every variant, each beside the model's prediction
+    # 2. timings: the tracked rows, every variant, each beside the model's prediction
     until += shares["timings"]
 
     def timer(fn, graph):

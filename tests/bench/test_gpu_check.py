@@ -1,5 +1,5 @@
 """The GPU check's planning and printing, run on CPU with a fake timer (a dry run), so the
-one call a lent GPU gets cannot rot: every row of issue 18's table, every forward route in
+one call a lent GPU gets cannot rot: every tracked GPU row, every forward route in
 ``forward.FWD_ROUTES`` (the others skipped with a reason), both backward variants, the
 model's prediction and measured / predicted beside each line, and the section budgets."""
 
