@@ -64,6 +64,7 @@ from ._dist import (ACTIVE_DDP, _all_gather, _all_reduce, _all_to_all_rows, _col
                     _reduce_scatter, traffic)
 from ._precision import acc_dtype, autocast_off
 from .backends import Inputs, select
+from ._base_road import base_forward
 from .backends.reference import _gate, effective_k, gate_backward, gram_apply, segment_grads
 from .nn import MoRAMLinear, _keep_frozen_banks_out_of_ddp
 
@@ -256,9 +257,9 @@ class ShardedMoRAMLinear(MoRAMLinear):
         if ddp is not None:
             self._check_ddp(ddp)             # the same on every rank: all raise alike
         if self.num_atoms == 0:
-            return self.base_layer(x)
+            return base_forward(self.base_layer, x)
         d, gid = _sharded_delta(self, x)     # first: it checks x on every rank together
-        y = self.base_layer(x)
+        y = base_forward(self.base_layer, x)
         if self.usage_counts is not None and gid is not None:
             self._count_usage(gid)
         return y + d.to(y.dtype)

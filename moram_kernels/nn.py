@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ._cache import DerivedCaches
+from ._base_road import base_forward
 from ._checks import check_real as _check_real
 from ._dist import (ACTIVE_DDP, _assign_full, _broadcast_from_rank0, _ddp_class, _ddp_ignore, _full,
                     _is_dtensor, _local)
@@ -349,7 +350,7 @@ class MoRAMLinear(nn.Module):
         ddp = ACTIVE_DDP._active_ddp_module
         if ddp is not None:
             self._check_ddp(ddp)
-        y = self.base_layer(x)
+        y = base_forward(self.base_layer, x)   # torch's base(x), or its fp32 road (_base_road)
         # each module attribute read once: nn.Module's lookups cost about a µs apiece
         fk, fv, keys, values = self.frozen_keys, self.frozen_values, self.keys, self.values
         if fk.shape[0] + keys.shape[0] == 0:

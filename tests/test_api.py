@@ -214,7 +214,7 @@ LAYERS = (
     ("moram_kernels.backends",),
     ("moram_kernels._precision", "moram_kernels._warnings", "moram_kernels._checks",
      "moram_kernels._cache", "moram_kernels._dist", "moram_kernels._io",
-     "moram_kernels._version"),                                                # leaves
+     "moram_kernels._version", "moram_kernels._base_road"),                    # leaves
 )
 
 
