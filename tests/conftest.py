@@ -10,6 +10,14 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Under pytest-xdist each worker gets its share of the cores: with torch's default (every
+# core in every worker) the OpenMP teams of the workers oversubscribe the machine. Tests
+# that are about threading set their own counts.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+if _WORKERS > 1:
+    _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, _CORES // _WORKERS))
+
 import moram_kernels as mk  # noqa: E402
 
 # Backends that run interpreted here: parity cases for them stay small.
