@@ -168,7 +168,8 @@ def fwd_route(t: int, n: int, d: int, kp: int = 16, compute: str = "bf16", prec:
     then the same pick), ``scan2`` (the prefill scan with 128 x 128 tiles and a packed
     ``tl.topk`` merge, :mod:`.scan2`), or ``auto``/unset: ``split`` up to ``DECODE_T`` (64)
     tokens, above that the cheapest of ``fused``/``scan2``/``gemm``/``split`` by the runtime
-    model (:func:`.model.prefill_route`, on ``sms`` SMs). ``tests/backends/triton/test_triton_routes.py``
+    model (:func:`.model.prefill_route`, on ``sms`` SMs, for ``t`` rounded up by
+    :func:`route_bucket`). ``tests/backends/triton/test_triton_routes.py``
     pins this rule to the model. ``t, n, d``: tokens, atoms, d_in; ``kp, compute, prec``:
     the K bucket, the dot dtype and precision (``scan2`` serves K <= 16 on tensor cores).
     An unknown value raises ``ValueError`` naming the variable."""
@@ -180,7 +181,18 @@ def fwd_route(t: int, n: int, d: int, kp: int = 16, compute: str = "bf16", prec:
     if t <= DECODE_T:
         return "split"
     from .model import prefill_route
-    return prefill_route(t, d, n, kp, compute, prec, sms)
+    return prefill_route(route_bucket(t), d, n, kp, compute, prec, sms)
+
+
+def route_bucket(t: int) -> int:
+    """``t`` rounded up to two significant bits (65 -> 96, 100 -> 128, 4097 -> 6144, powers
+    of two unchanged), under 1.5 t: ``auto`` asks the runtime model once per bucket, two
+    per octave, not once per new prompt length (the model's merge simulations cost 30-250
+    ms of host time on a first call)."""
+    if t < 4:
+        return t
+    step = 1 << (t.bit_length() - 2)
+    return -(-t // step) * step
 
 
 def moram_fwd(x, keys0, values0, scale0, keys1, values1, scale1, K, tau, delta, eps, *,

@@ -203,20 +203,21 @@ def scan_old_s(t, d, n, k, kp, compute="bf16", gpu: Gpu = H200, sms=None) -> dic
                 gated=sim["gated"], waves=waves, cfg=cfg)
 
 
-def scan2_s(t, d, n, k, kp, compute="bf16", gpu: Gpu = H200, sms=None) -> dict:
+def scan2_s(t, d, n, k, kp, compute="bf16", gpu: Gpu = H200, sms=None, stats=True) -> dict:
     """``scan2``: same keys as :func:`scan_old_s`; every tile is merged (``rounds`` =
-    tiles), ``gated`` says how often the old gate would have skipped a 128 x 128 tile."""
+    tiles), ``gated`` says how often the old gate would have skipped a 128 x 128 tile (a
+    statistic for reports, simulated only with ``stats``: the time does not use it)."""
     from .scan2 import SCAN2_MAX_KP, scan2_configs
     sms = sms or gpu.sms
     kp = SCAN2_MAX_KP                 # the launcher's list width for scan2
     cfg = scan2_configs(compute, kp)["prefill"]
     splits, per, waves = _grid(t, n, cfg, sms)
-    sim = simulate_scan(min(t, cfg.BT), cfg.BT, cfg.BN, per, k, kp)
     prog = per * (_mma_tile_s(cfg.BT, cfg.BN, d, compute, gpu)
                   + _instr_s(SCAN2_EPI_SASS, cfg.num_warps, gpu))
     mem = 2 * n * d / gpu.hbm
+    gated = simulate_scan(min(t, cfg.BT), cfg.BT, cfg.BN, per, k, kp)["gated"] if stats else None
     return dict(s=max(waves * prog, mem), splits=splits, tiles=per, rounds=per,
-                gated=sim["gated"], waves=waves, cfg=cfg)
+                gated=gated, waves=waves, cfg=cfg)
 
 
 def select_s(t, n_split, per_split, k, kp, gpu: Gpu = H200, sms=None) -> dict:
@@ -303,7 +304,8 @@ def _fused_terms(route, t, d, n, k, compute, gpu):
     if route == "scan2":
         from .scan2 import SCAN2_MAX_KP
         kp = SCAN2_MAX_KP
-    scan = (scan2_s if route == "scan2" else scan_old_s)(t, d, n, k, kp, compute, gpu)
+    scan = scan2_s(t, d, n, k, kp, compute, gpu, stats=False) if route == "scan2" else \
+        scan_old_s(t, d, n, k, kp, compute, gpu)
     sel = select_s(t, scan["splits"], scan["tiles"] * scan["cfg"].BN, k, kp, gpu)
     return dict(scores=scan["s"], select=sel["s"]), 3
 

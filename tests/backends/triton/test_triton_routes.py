@@ -168,14 +168,30 @@ def test_fwd_route_reads_the_variable_on_every_call(road, monkeypatch):
     road("auto")
     assert tf.fwd_route(1, 16384, 4096) == "split" and tf.fwd_route(64, 1024, 4096) == "split"
     from moram_kernels.backends.triton import model as tm
-    for t in (65, 4096):    # above decode: the runtime model's cheapest route
-        assert tf.fwd_route(t, 16384, 4096) == tm.prefill_route(t, 4096, 16384, 16, "bf16", "tf32", 132)
+    for t in (65, 4096):    # above decode: the runtime model's cheapest route, for t's bucket
+        b = tf.route_bucket(t)
+        assert tf.fwd_route(t, 16384, 4096) == tm.prefill_route(b, 4096, 16384, 16, "bf16", "tf32", 132)
     assert tf.fwd_route(65, 16384, 4096, sms=108) == "split"     # an A100: split past decode too
     monkeypatch.delenv("MORAM_TRITON_FWD")
     assert tf.fwd_route(1, 64, 64) == "split"
     road("scan9")
     with pytest.raises(ValueError, match="MORAM_TRITON_FWD"):
         tf.fwd_route(1, 64, 64)
+
+
+def test_prefill_lengths_share_the_models_answers(road):
+    """``auto`` asks the runtime model once per bucket of prompt lengths: ``route_bucket``
+    rounds up to two significant bits, under 1.5x, so 2,000 lengths make 11 calls."""
+    from moram_kernels.backends.triton import model as tm
+    got = [tf.route_bucket(t) for t in range(1, 10001)]
+    assert all(t <= b < 1.5 * t or b == t for t, b in enumerate(got, 1))
+    assert all(tf.route_bucket(1 << j) == 1 << j for j in range(20))     # powers of two: their own
+    assert len(set(got[64:2064])) == 11
+    road("auto")
+    tm.prefill_route.cache_clear()
+    for t in range(65, 2065):
+        tf.fwd_route(t, 4096, 1024, sms=132)
+    assert tm.prefill_route.cache_info().currsize == len({tf.route_bucket(t) for t in range(65, 2065)})
 
 
 def test_auto_route_follows_the_cost_model(road):
