@@ -448,6 +448,17 @@ def test_the_floor_is_the_fastest_of_torchs_gemms():
         return x @ keys.T
     name, fn = fastest_gemm(x, keys, variants={"slow": slow, "fast": lambda x: x @ keys.T, "slower": slow})
     assert name == "fast"
+    # a variant over 4x slower than the quickest at warm-up is dropped after that one call
+    calls = {"crawl": 0, "fast": 0}
+
+    def counted(name, f):
+        def run(x):
+            calls[name] += 1
+            return f(x)
+        return run
+    name, _ = fastest_gemm(x, keys, reps=3, variants={"crawl": counted("crawl", lambda x: (_time.sleep(0.05), x @ keys.T)[1]),
+                                                      "fast": counted("fast", lambda x: x @ keys.T)})
+    assert name == "fast" and calls == {"crawl": 1, "fast": 4}
 
 
 def test_dtype_axis_times_each_case_in_each_dtype_against_its_own_floor(tmp_path):
