@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
-__all__ = ["base_forward", "fp32_road"]
+__all__ = ["base_forward", "base_forward_owned", "fp32_road"]
 
 _LOWP = (torch.bfloat16, torch.float16)
 # the widened weight slice: about 4 MiB of fp32 (a million elements)
@@ -100,9 +100,23 @@ def _takes_road(base: nn.Module, x: Tensor) -> bool:
 
 def base_forward(base: nn.Module, x: Tensor) -> Tensor:
     """``base(x)``, on the fp32 road where it is taken (see the module docstring)."""
-    if not _takes_road(base, x):
-        return base(x)
-    return _Fp32Linear.apply(x, base.weight, base.bias)
+    return base_forward_owned(base, x)[0]
+
+
+def base_forward_owned(base: nn.Module, x: Tensor) -> tuple[Tensor, bool]:
+    """``(base(x), owned)``: ``owned`` when the result is a new tensor nothing else holds or
+    saved (the fp32 road's, or ``F.linear``'s for a plain ``nn.Linear`` without hooks on
+    plain tensors, which is all ``nn.Linear.forward`` does), so the caller may add the
+    adapter's output into it in place instead of allocating another ``[T, d_out]``."""
+    if _takes_road(base, x):
+        # 2-D in the Function, reshaped outside it: an output that is a view made inside a
+        # custom Function may not be modified in place
+        y2 = _Fp32Linear.apply(x.reshape(-1, x.shape[-1]), base.weight, base.bias)
+        return y2.view(*x.shape[:-1], base.weight.shape[0]), True
+    if (type(base) is nn.Linear and _no_hooks(base) and _plain(x) and _plain(base.weight)
+            and _plain(base.bias)):
+        return F.linear(x, base.weight, base.bias), True
+    return base(x), False
 
 
 def _slices(rows: int, cols: int):
@@ -138,16 +152,14 @@ class _Fp32Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         ctx.save_for_backward(w)
-        x2 = x.reshape(-1, x.shape[-1])
-        if x2.shape[0] < MIN_FORWARD_ROWS:
+        if x.shape[0] < MIN_FORWARD_ROWS:       # x is 2-D here
             return F.linear(x, w, b)
-        return linear_fp32(x2, w, b).to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
+        return linear_fp32(x, w, b).to(x.dtype)
 
     @staticmethod
     def backward(ctx, gy: Tensor):
         (w,) = ctx.saved_tensors
         gx = None
         if ctx.needs_input_grad[0]:
-            gy2 = gy.reshape(-1, gy.shape[-1])
-            gx = input_grad_fp32(gy2, w).to(gy.dtype).reshape(*gy.shape[:-1], w.shape[1])
+            gx = input_grad_fp32(gy, w).to(gy.dtype)
         return gx, None, None

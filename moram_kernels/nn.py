@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ._cache import DerivedCaches
-from ._base_road import base_forward
+from ._base_road import base_forward_owned
 from ._checks import check_real as _check_real
 from ._dist import (ACTIVE_DDP, _assign_full, _broadcast_from_rank0, _ddp_class, _ddp_ignore, _full,
                     _is_dtensor, _local)
@@ -350,7 +350,7 @@ class MoRAMLinear(nn.Module):
         ddp = ACTIVE_DDP._active_ddp_module
         if ddp is not None:
             self._check_ddp(ddp)
-        y = base_forward(self.base_layer, x)   # torch's base(x), or its fp32 road (_base_road)
+        y, owned = base_forward_owned(self.base_layer, x)   # base(x), or its fp32 road (_base_road)
         # each module attribute read once: nn.Module's lookups cost about a µs apiece
         fk, fv, keys, values = self.frozen_keys, self.frozen_values, self.keys, self.values
         if fk.shape[0] + keys.shape[0] == 0:
@@ -371,7 +371,8 @@ class MoRAMLinear(nn.Module):
             gram0=self._frozen_gram(cd) if need_grad else None, backend=self.backend)
         if self.usage_counts is not None and idx is not None:
             self._count_usage(idx)
-        return y + d.to(y.dtype)
+        # into the base layer's fresh output when nothing else holds it (one [T, d_out] less)
+        return y.add_(d.to(y.dtype)) if owned else y + d.to(y.dtype)
 
     def _check_ddp(self, ddp) -> None:
         """At this layer's first forward under the DDP wrapper ``ddp``: every frozen bank
