@@ -52,8 +52,10 @@ int64_t tile_atoms() { return env_int("MORAM_CPU_BN", 1024); }
 // (csrc/cpu/thread_plan.h), from the machine's L2 per core and torch's intra-op count, or
 // MORAM_CPU_GRAIN. Waking a thread costs µs on an idle machine and a whole scheduler slice
 // on a busy one, so a call that streams less than a few L2s stays on the calling thread.
-// Parallel loops below pass `if (nth > 1)`: with one thread the region is inactive, runs
-// inline, and BLAS/ATen calls inside it keep their own threading.
+// Parallel loops below pass `if (nth > 1)`: with one thread the region is inactive and runs
+// inline. A loop whose body calls BLAS/ATen must not sit in such a region when it runs on one
+// thread (see the forward's items): libgomp then gives those calls a nested team of fresh
+// threads instead of the pool's.
 using moram_cpu::threads_for;
 // A loop that reads about one fp32 per multiply-add (gathers, row scans): its bytes.
 inline int threads_for_stream(double madds) { return threads_for(madds, 4.0 * madds); }
@@ -846,9 +848,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moram_fwd_cpu(const Tensor& x_in, con
   const bool x_f32 = x.scalar_type() == at::kFloat;
 
   FirstError fe;
-  // One item (a decoded token, a small bank): no parallel region; its GEMM threads itself.
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nth) if (nth > 1 && n_blocks * n_splits > 1)
-  for (int64_t item = 0; item < n_blocks * n_splits; ++item) {
+  const int64_t n_items = n_blocks * n_splits;
+  auto run_item = [&](int64_t item) {
     try {
       const int64_t b = item / n_splits, sp = item % n_splits;
       const int64_t t0 = b * BT, bt = std::min(BT, T - t0);
@@ -901,6 +902,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moram_fwd_cpu(const Tensor& x_in, con
     } catch (...) {
       fe.capture();
     }
+  };
+  // One item (a decoded token, a small bank) runs outside any OpenMP construct, so its GEMM
+  // threads itself from the top-level pool. Inside even an inactive `parallel if (false)`
+  // region, libgomp gives MKL a nested team of fresh threads that compete with the pool's
+  // still-spinning workers: a T = 50, N = 40 call took 7-13 ms instead of 0.2 ms right after
+  // any multi-threaded torch op on a 2-core machine.
+  if (nth > 1 && n_items > 1) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nth)
+    for (int64_t item = 0; item < n_items; ++item) run_item(item);
+  } else {
+    for (int64_t item = 0; item < n_items; ++item) run_item(item);
   }
   fe.rethrow();
 
