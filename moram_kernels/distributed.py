@@ -896,7 +896,7 @@ def unshard_bank(model: nn.Module) -> nn.Module:
 _NOT_SHARDED = object()
 
 
-def _bank_group(layers: dict[str, MoRAMLinear]):
+def _models_bank_group(layers: dict[str, MoRAMLinear]):
     """The process group the sharded layers of a model share, or ``_NOT_SHARDED``."""
     groups = {id(l._bank_shard.group): l._bank_shard.group for l in layers.values() if is_sharded(l)}
     if not groups:

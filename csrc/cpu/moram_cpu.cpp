@@ -322,25 +322,6 @@ MORAM_CLONES void store_row(const float* src, float* dst, int64_t n) { store_bod
 MORAM_CLONES void store_row(const float* src, at::Half* dst, int64_t n) { store_body(src, dst, n); }
 MORAM_CLONES void store_row(const float* src, at::BFloat16* dst, int64_t n) { store_body(src, dst, n); }
 
-// Four dot products against one vector: four independent accumulators hide the FMA latency
-// that bounds a single reduction, and each load of b serves four rows.
-MORAM_CLONES void dot4_rows(const float* __restrict__ a0, const float* __restrict__ a1, const float* __restrict__ a2,
-                            const float* __restrict__ a3, const float* __restrict__ b, int64_t n, float* out) {
-  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-  for (int64_t j = 0; j < n; ++j) {
-    const float bj = b[j];
-    s0 += a0[j] * bj;
-    s1 += a1[j] * bj;
-    s2 += a2[j] * bj;
-    s3 += a3[j] * bj;
-  }
-  out[0] = s0;
-  out[1] = s1;
-  out[2] = s2;
-  out[3] = s3;
-}
-
 // Four value rows at once: acc += c0 v0 + c1 v1 + c2 v2 + c3 v3 reads and writes acc once
 // for four rows instead of four times (the gather of K = 16 rows of 768 was L1-bound on acc:
 // 3 of the 9 ms of a CLIP-layer forward on a 2-core AVX2 EPYC).
@@ -354,7 +335,9 @@ inline void axpy4_body(const float* c, const V* __restrict__ v0, const V* __rest
               c3 * static_cast<float>(v3[j]);
 }
 
-// Four value rows against one gradient row: each load of g serves four dot products.
+// Four rows against one vector (value rows against a gradient row, key rows against a
+// token): four independent accumulators hide the FMA latency that bounds a single
+// reduction, and each load of g serves four rows.
 template <typename V>
 inline void dot4_body(const V* __restrict__ v0, const V* __restrict__ v1, const V* __restrict__ v2,
                       const V* __restrict__ v3, const float* __restrict__ g, int64_t n, float* out) {
@@ -373,7 +356,7 @@ inline void dot4_body(const V* __restrict__ v0, const V* __restrict__ v1, const 
   out[3] = s3;
 }
 
-#define MORAM_ROW4(V)                                                                                    \
+#define DEFINE_ROW4(V)                                                                                    \
   MORAM_CLONES void axpy4_row(const float* c, const V* v0, const V* v1, const V* v2, const V* v3, float* acc, \
                               int64_t n) {                                                               \
     axpy4_body(c, v0, v1, v2, v3, acc, n);                                                               \
@@ -382,10 +365,10 @@ inline void dot4_body(const V* __restrict__ v0, const V* __restrict__ v1, const 
                              float* out) {                                                               \
     dot4_body(v0, v1, v2, v3, g, n, out);                                                                \
   }
-MORAM_ROW4(float)
-MORAM_ROW4(at::Half)
-MORAM_ROW4(at::BFloat16)
-#undef MORAM_ROW4
+DEFINE_ROW4(float)
+DEFINE_ROW4(at::Half)
+DEFINE_ROW4(at::BFloat16)
+#undef DEFINE_ROW4
 
 // The value rows of the K ids of one token, four at a time: acc = Σ c_i values[ids_i]
 // (gather) or out_i = values[ids_i] · g (dots), for values of one dtype V in both segments.
@@ -793,7 +776,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moram_fwd_cpu(const Tensor& x_in, con
 #pragma omp parallel for schedule(static) num_threads(nth) if (nth > 1)
       for (int64_t q = 0; q < n4; ++q) {
         const float* r = kp + 4 * q * d_in;
-        dot4_rows(r, r + d_in, r + 2 * d_in, r + 3 * d_in, xr.data(), d_in, out + 4 * q);
+        dot4_row(r, r + d_in, r + 2 * d_in, r + 3 * d_in, xr.data(), d_in, out + 4 * q);
       }
       for (int64_t j = 4 * n4; j < n_s; ++j) out[j] = dot_row(kp + j * d_in, xr.data(), d_in);
     }

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..distributed import _NOT_SHARDED, _agree, _bank_group, _read_part, _save_sharded, is_sharded
+from ..distributed import _NOT_SHARDED, _agree, _models_bank_group, _read_part, _save_sharded, is_sharded
 from ..nn import MoRAMLinear, _is_conv1d, _keep_frozen_banks_out_of_ddp, _linear_dims
 
 __all__ = ["MoRAMConfig", "InjectionSummary", "inject", "remove", "add_task", "save_moram",
@@ -242,7 +242,7 @@ def _all_ranks(layers: dict[str, MoRAMLinear], what: str, fn):
     """``fn()``; for a model with a sharded bank a collective in which the ranks of its
     group learn whether every one of them succeeded (and was given the same number of
     frozen atoms, ``fn``'s second result), so that all go on or all raise."""
-    group = _bank_group(layers)
+    group = _models_bank_group(layers)
     if group is _NOT_SHARDED:
         return fn()
     err = res = None
@@ -292,7 +292,7 @@ def save_moram(model: nn.Module, path) -> None:
                                   "hyper": {h: getattr(l, h) for h in _HYPER if h != "dropout"}}
                               for n, l in layers.items()}),
     }
-    group = _bank_group(layers)
+    group = _models_bank_group(layers)
     if group is not _NOT_SHARDED:
         _save_sharded(layers, _STATE, path, meta, group)
         return
