@@ -52,18 +52,25 @@ def _linear_dims(base: nn.Module) -> tuple[int, int]:
 
 # ---- builders of the values MoRAMLinear caches (see MoRAMLinear._caches) ---------------------
 
+# The cached values below are built outside inference mode even when the first call that
+# needs them runs under torch.inference_mode(): an inference tensor cannot be saved for
+# backward, so a cache filled during an evaluation made the next training step raise.
+
 def _gram(keys: Tensor, dtype: torch.dtype) -> Tensor:
     """``keys^T keys``, accumulated in fp32 (fp64 for fp64 keys), stored in ``dtype``."""
-    a = keys.detach().to(acc_dtype(keys.dtype))
-    return (a.t() @ a).to(dtype)
+    with torch.inference_mode(False):
+        a = keys.detach().to(acc_dtype(keys.dtype))
+        return (a.t() @ a).to(dtype)
 
 
 def _cast_pair(keys: Tensor, values: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    return keys.detach().to(dtype), values.detach().to(dtype)
+    with torch.inference_mode(False):
+        return keys.detach().to(dtype), values.detach().to(dtype)
 
 
 def _scale_vector(n: int, scale: float, device: torch.device, dtype: torch.dtype) -> Tensor:
-    return torch.full((n,), scale, device=device, dtype=dtype)
+    with torch.inference_mode(False):
+        return torch.full((n,), scale, device=device, dtype=dtype)
 
 
 class MoRAMLinear(nn.Module):

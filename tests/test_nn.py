@@ -482,3 +482,39 @@ def test_a_new_tensor_at_the_old_address_is_not_taken_for_the_old_one():
     a = new.double()
     torch.testing.assert_close(layer._frozen_gram().double(), a.t() @ a)
     assert not torch.allclose(old.double(), a.t() @ a)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_an_evaluation_under_inference_mode_does_not_break_the_next_training_step(autocast):
+    """The layer's caches (the trainable values' scale vector, and under autocast the
+    frozen bank cast to bf16) filled during a torch.inference_mode() evaluation must not be
+    inference tensors: the next training step saves them for backward. Its gradients equal
+    those of a layer that never saw inference mode."""
+    import contextlib
+
+    def make():
+        torch.manual_seed(0)
+        layer = mk.MoRAMLinear(nn.Linear(16, 12), r=8, k=3, tau=0.3, alpha=4.0, backend="reference")
+        for _ in range(3):
+            layer.add_task()
+            with torch.no_grad():
+                layer.values.normal_()
+        return layer
+
+    def ctx():
+        return torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    x = torch.randn(5, 16)
+    seen, fresh = make(), make()
+    with torch.inference_mode(), ctx():
+        seen.eval()
+        seen(x)
+    grads = []
+    for layer in (seen, fresh):
+        layer.train()
+        xi = x.clone().requires_grad_(True)
+        with ctx():
+            y = layer(xi)
+        y.float().square().sum().backward()
+        grads.append((xi.grad, layer.keys.grad, layer.values.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
