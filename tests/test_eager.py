@@ -98,7 +98,8 @@ def test_eager_path_taken_only_where_it_should(count_eager):
     x, keys, values = torch.randn(3, 8), torch.randn(6, 8), torch.randn(6, 5)
     mk.moram(x, keys, values, k=3, tau=0.1, backend="cpu")
     mk.moram(x, keys, values, k=3, tau=0.1, value_scale=torch.ones(6), backend="cpu")
-    # validated in Python first (a float scale, an int tau), then the eager path
+    # a float scale: made an [N] vector (cached) and straight to the eager path; an int tau:
+    # validated in Python first, then the eager path
     mk.moram(x, keys, values, k=3, tau=0.1, value_scale=2.0, backend="cpu")
     mk.moram(x, keys, values, k=3, tau=1, backend="cpu")
     assert len(count_eager) == 4
@@ -327,3 +328,25 @@ def test_gram_and_scales_are_checked_up_front(road, what, bad, err, msg):
     with _road(road), pytest.raises(err, match=msg):
         moram_segments(x, k0, v0, kw["scale0"], k1, v1, kw["scale1"], k=3, tau=0.1, delta=0.0,
                        eps=1e-12, gram0=kw["gram0"], backend="cpu")
+
+
+def test_a_float_scale_is_the_vector_of_it_and_survives_inference_mode(count_eager):
+    """``value_scale=2.5`` gives what ``torch.full((N,), 2.5)`` gives, forward and backward,
+    on the eager road; its cached vector, first made under torch.inference_mode(), serves a
+    later call that saves it for backward; NaN and bool still raise."""
+    x, keys, values = torch.randn(4, 8), torch.randn(6, 8), torch.randn(6, 5)
+    with torch.inference_mode():
+        mk.moram(x, keys, values, k=3, tau=0.1, value_scale=2.5, backend="cpu")
+    outs = []
+    for scale in (2.5, torch.full((6,), 2.5)):
+        xi, ki = x.clone().requires_grad_(True), keys.clone().requires_grad_(True)
+        y = mk.moram(xi, ki, values, k=3, tau=0.1, value_scale=scale, backend="cpu")
+        y.square().sum().backward()
+        outs.append((y, xi.grad, ki.grad))
+    assert len(count_eager) == 3
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="value_scale"):
+        mk.moram(x, keys, values, k=3, tau=0.1, value_scale=float("nan"), backend="cpu")
+    with pytest.raises(TypeError, match="value_scale"):
+        mk.moram(x, keys, values, k=3, tau=0.1, value_scale=True, backend="cpu")
