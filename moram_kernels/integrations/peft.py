@@ -59,6 +59,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from .._base_road import base_forward
 from ..nn import MoRAMLinear, _is_conv1d, _linear_dims, _NoBase
 from .model import MoRAMConfig
 
@@ -239,7 +240,9 @@ class MoRAMPeftLayer(nn.Module, BaseTunerLayer):
         raise ValueError(_MERGE_ERROR)
 
     def forward(self, x: Tensor, *args, adapter_names=None, **kwargs) -> Tensor:
-        y = self.base_layer(x, *args, **kwargs)
+        # a plain frozen nn.Linear base takes the CPU's fp32 road for bf16/fp16 where the CPU
+        # has no unit for them (moram_kernels/_base_road.py); anything else is called as is
+        y = base_forward(self.base_layer, x) if not args and not kwargs else self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
             return y
         if adapter_names is not None:

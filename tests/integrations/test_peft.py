@@ -139,3 +139,32 @@ def test_merge_raises_and_layer_reports_sizes(tmp_path):
         MoRAMPeftConfig(target_modules=[])
     with pytest.raises(ValueError, match="r must be"):
         peft.get_peft_model(_base(tmp_path / "base"), MoRAMPeftConfig(**{**CFG, "r": 0}))
+
+
+def test_a_bf16_peft_model_takes_the_base_layers_fp32_road(tmp_path, monkeypatch):
+    """A bf16 PEFT model's MoRAM layers run their frozen base nn.Linear on the CPU's fp32
+    road (moram_kernels/_base_road.py) when it is chosen, and give what torch's own bf16
+    product gives within bf16 rounding, forward and backward."""
+    from moram_kernels import _base_road
+    pm = peft.get_peft_model(_base(tmp_path / "base"), MoRAMPeftConfig(**CFG)).to(torch.bfloat16)
+    for m in pm.modules():
+        if isinstance(m, MoRAMPeftLayer):
+            with torch.no_grad():
+                for bank in m.moram_bank.values():
+                    bank.values.normal_()
+    ids = torch.randint(0, 50, (2, 9))
+    real = _base_road._Fp32Linear.apply
+    out = {}
+    for mode in ("fp32", "native"):
+        monkeypatch.setenv("MORAM_CPU_LOWP", mode)
+        calls = []
+        monkeypatch.setattr(_base_road._Fp32Linear, "apply", lambda *a: calls.append(1) or real(*a))
+        pm.zero_grad(set_to_none=True)
+        h = pm(input_ids=ids).last_hidden_state
+        h.float().square().mean().backward()
+        grads = [p.grad.float() for n, p in pm.named_parameters() if p.requires_grad]
+        out[mode] = (h.float(), grads, len(calls))
+    assert out["fp32"][2] == 4 and out["native"][2] == 0     # query and value of 2 layers
+    torch.testing.assert_close(out["fp32"][0], out["native"][0], rtol=0.05, atol=0.05)
+    for a, b in zip(out["fp32"][1], out["native"][1]):
+        torch.testing.assert_close(a, b, rtol=0.1, atol=0.05 * b.abs().max().item())
