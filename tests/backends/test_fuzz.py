@@ -16,15 +16,35 @@ from moram_kernels.functional import moram_segments
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
+# An interpreted backend (Triton on CPU) runs each call in Python, ~2 s a case: it gets
+# half the examples (the same strategies; its kernels' shapes are also covered case by
+# case in tests/backends/triton/).
+INTERPRETED_EXAMPLES = {"forward": 12, "gradients": 10}
+COMPILED = [b for b in mk.available_backends() if b not in INTERPRETED]
+INTERPRETED_HERE = [b for b in mk.available_backends() if b in INTERPRETED]
+
+FWD_STRATEGIES = dict(
+    t=st.integers(0, 40), d_in=st.integers(1, 40), d_out=st.integers(1, 24),
+    n=st.integers(0, 90), k=st.integers(1, 70), tau=st.floats(0.01, 2.0),
+    delta=st.sampled_from([0.0, 0.05, 0.3]), dn=st.sampled_from(list(DTYPES)),
+    special=st.sampled_from(["none", "nan", "inf", "zero"]), seed=st.integers(0, 2**16))
 
 
-@pytest.mark.parametrize("backend", mk.available_backends())
+@pytest.mark.parametrize("backend", COMPILED)
 @SETTINGS
-@given(t=st.integers(0, 40), d_in=st.integers(1, 40), d_out=st.integers(1, 24),
-       n=st.integers(0, 90), k=st.integers(1, 70), tau=st.floats(0.01, 2.0),
-       delta=st.sampled_from([0.0, 0.05, 0.3]), dn=st.sampled_from(list(DTYPES)),
-       special=st.sampled_from(["none", "nan", "inf", "zero"]), seed=st.integers(0, 2**16))
+@given(**FWD_STRATEGIES)
 def test_matches_reference_or_raises(backend, t, d_in, d_out, n, k, tau, delta, dn, special, seed):
+    _forward_case(backend, t, d_in, d_out, n, k, tau, delta, dn, special, seed)
+
+
+@pytest.mark.parametrize("backend", INTERPRETED_HERE)
+@settings(SETTINGS, max_examples=INTERPRETED_EXAMPLES["forward"])
+@given(**FWD_STRATEGIES)
+def test_matches_reference_or_raises_interpreted(backend, t, d_in, d_out, n, k, tau, delta, dn, special, seed):
+    _forward_case(backend, t, d_in, d_out, n, k, tau, delta, dn, special, seed)
+
+
+def _forward_case(backend, t, d_in, d_out, n, k, tau, delta, dn, special, seed):
     if backend in INTERPRETED and t * max(n, 1) > 600:
         t = min(t, 3)
     dt = DTYPES[dn]
@@ -59,14 +79,29 @@ GRAD_SETTINGS = settings(max_examples=20, deadline=None, derandomize=True,
                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
 
-@pytest.mark.parametrize("backend", mk.available_backends())
+GRAD_STRATEGIES = dict(
+    t=st.integers(1, 24), d_in=st.integers(2, 24), d_out=st.integers(1, 16),
+    n=st.integers(1, 48), split=st.sampled_from([0.0, 0.5, 1.0]), k=st.integers(1, 20),
+    tau=st.floats(0.05, 1.0), delta=st.sampled_from([0.0, 0.1]),
+    dn=st.sampled_from(list(DTYPES)), scaled=st.booleans(), seed=st.integers(0, 2**16))
+
+
+@pytest.mark.parametrize("backend", COMPILED)
 @GRAD_SETTINGS
-@given(t=st.integers(1, 24), d_in=st.integers(2, 24), d_out=st.integers(1, 16),
-       n=st.integers(1, 48), split=st.sampled_from([0.0, 0.5, 1.0]), k=st.integers(1, 20),
-       tau=st.floats(0.05, 1.0), delta=st.sampled_from([0.0, 0.1]),
-       dn=st.sampled_from(list(DTYPES)), scaled=st.booleans(), seed=st.integers(0, 2**16))
-def test_gradients_match_dense_autograd(backend, t, d_in, d_out, n, split, k, tau, delta, dn,
-                                        scaled, seed):
+@given(**GRAD_STRATEGIES)
+def test_gradients_match_dense_autograd(backend, t, d_in, d_out, n, split, k, tau, delta, dn, scaled, seed):
+    _gradient_case(backend, t, d_in, d_out, n, split, k, tau, delta, dn, scaled, seed)
+
+
+@pytest.mark.parametrize("backend", INTERPRETED_HERE)
+@settings(GRAD_SETTINGS, max_examples=INTERPRETED_EXAMPLES["gradients"])
+@given(**GRAD_STRATEGIES)
+def test_gradients_match_dense_autograd_interpreted(backend, t, d_in, d_out, n, split, k, tau, delta, dn,
+                                                    scaled, seed):
+    _gradient_case(backend, t, d_in, d_out, n, split, k, tau, delta, dn, scaled, seed)
+
+
+def _gradient_case(backend, t, d_in, d_out, n, split, k, tau, delta, dn, scaled, seed):
     """Every gradient (x, both segments' keys and values, and the per-atom scales when they
     require grad) against float64 autograd of the authors' dense layer, for tokens whose
     top-K is well separated and whose selected scores are away from the threshold."""
