@@ -60,11 +60,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ._base_road import base_forward
 from ._dist import (ACTIVE_DDP, _all_gather, _all_reduce, _all_to_all_rows, _collective, _is_dtensor,
                     _reduce_scatter, traffic)
 from ._precision import acc_dtype, autocast_off
 from .backends import Inputs, select
-from ._base_road import base_forward
 from .backends.reference import _gate, effective_k, gate_backward, gram_apply, segment_grads
 from .nn import MoRAMLinear, _keep_frozen_banks_out_of_ddp
 

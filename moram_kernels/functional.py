@@ -85,8 +85,9 @@ def moram_segments(x, keys0, values0, scale0, keys1, values1, scale1, *, k, tau,
 
 @functools.lru_cache(maxsize=64)
 def _scale_vector(n: int, scale: float, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """The ``[n]`` vector of a float ``value_scale`` (never modified; built outside inference
-    mode so that a training call may save it for backward)."""
+    """The ``[n]`` vector of a float scale, for ``moram``'s ``value_scale`` and
+    ``MoRAMLinear``'s trainable values (cached, shared, never modified; built outside
+    inference mode so that a training call may save it for backward)."""
     with torch.inference_mode(False):
         return torch.full((n,), scale, device=device, dtype=dtype)
 
@@ -105,12 +106,11 @@ def moram(x: Tensor, keys: Tensor, values: Tensor, *, k: int, tau: float, delta:
     the atoms with fp32 accumulation (:mod:`moram_kernels._precision`). With no atoms or no
     tokens the output is zeros that still take part in autograd (zero gradients).
     """
-    if (type(value_scale) is float or type(value_scale) is int) and value_scale == value_scale \
-            and type(keys) is Tensor and keys.dim() == 2:
+    if (type(value_scale) in (float, int) and value_scale == value_scale and type(x) is Tensor
+            and type(keys) is Tensor and keys.dim() == 2 and not torch.compiler.is_compiling()):
         # a plain number (not NaN) becomes its [N] vector here, cached, so the call can take
         # the eager road (one decoded token spent ~35 µs of its ~90 µs on the slower road)
-        value_scale = _scale_vector(keys.shape[0], float(value_scale), x.device, acc_dtype(x.dtype)) \
-            if type(x) is Tensor and not torch.compiler.is_compiling() else value_scale
+        value_scale = _scale_vector(keys.shape[0], float(value_scale), x.device, acc_dtype(x.dtype))
     if (value_scale is None or type(value_scale) is Tensor) and _why_not_eager(
             x, keys, values, value_scale, None, None, None, None, k, tau, delta, eps, backend) is None:
         return _eager.ENTRY[0](x, keys, values, value_scale, None, None, None, None, k, tau, delta, eps)[0]

@@ -13,7 +13,7 @@ from ._checks import check_real as _check_real
 from ._dist import (ACTIVE_DDP, _assign_full, _broadcast_from_rank0, _ddp_class, _ddp_ignore, _full,
                     _is_dtensor, _local)
 from ._precision import acc_dtype, call_dtypes
-from .functional import moram_segments
+from .functional import _scale_vector, moram_segments
 
 __all__ = ["MoRAMLinear"]
 
@@ -52,8 +52,8 @@ def _linear_dims(base: nn.Module) -> tuple[int, int]:
 
 # ---- builders of the values MoRAMLinear caches (see MoRAMLinear._caches) ---------------------
 
-# The cached values below are built outside inference mode even when the first call that
-# needs them runs under torch.inference_mode(): an inference tensor cannot be saved for
+# The cached values below (and functional._scale_vector) are built outside inference mode
+# even when the first call that needs them runs under torch.inference_mode(): an inference tensor cannot be saved for
 # backward, so a cache filled during an evaluation made the next training step raise.
 
 def _gram(keys: Tensor, dtype: torch.dtype) -> Tensor:
@@ -66,11 +66,6 @@ def _gram(keys: Tensor, dtype: torch.dtype) -> Tensor:
 def _cast_pair(keys: Tensor, values: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     with torch.inference_mode(False):
         return keys.detach().to(dtype), values.detach().to(dtype)
-
-
-def _scale_vector(n: int, scale: float, device: torch.device, dtype: torch.dtype) -> Tensor:
-    with torch.inference_mode(False):
-        return torch.full((n,), scale, device=device, dtype=dtype)
 
 
 class MoRAMLinear(nn.Module):

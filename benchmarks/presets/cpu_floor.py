@@ -38,7 +38,7 @@ import moram_kernels as mk
 from moram_kernels._base_road import base_forward, fp32_road
 
 from ..baselines import fastest_gemm
-from ..competitors import AUTHORS, BASE, FLOOR, LORA_N, Setup, entries
+from ..competitors import AUTHORS, BASE, FLOOR, LORA_N, Setup, _step, entries
 from ..grid import Case
 from ..hardware import cpu_isa, detect
 
@@ -219,17 +219,20 @@ def _large(dtype: torch.dtype, reps: int, tiny: bool) -> list[Goal]:
     return out
 
 
-def _base_road_step(st: Setup) -> Callable[[], object]:
-    """A train step of the frozen base layer as MoRAMLinear calls it (``base_forward``)."""
-    xs, gy = st.train_xs, st.gy
-    i = [0]
+class _BaseAsMoRAMLinearCallsIt(torch.nn.Module):
+    """The frozen base layer called as MoRAMLinear calls it (``base_forward``)."""
 
-    def step():
-        i[0] = (i[0] + 1) % len(xs)
-        x = xs[i[0]]
-        base_forward(st.base, x).backward(gy)
-        x.grad = None
-    return step
+    def __init__(self, base: torch.nn.Module):
+        super().__init__()
+        self.base = base
+
+    def forward(self, x):
+        return base_forward(self.base, x)
+
+
+def _base_road_step(st: Setup) -> Callable[[], object]:
+    """A train step of the frozen base layer as MoRAMLinear runs it."""
+    return _step(st, _BaseAsMoRAMLinearCallsIt(st.base)).run
 
 
 RUN = {"one-token": one_token, "clip": clip,

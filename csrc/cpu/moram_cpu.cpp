@@ -434,27 +434,29 @@ at::ScalarType values_dtype(const Atoms& a) {
   return a.values[1].scalar_type() == t ? t : at::ScalarType::Undefined;
 }
 
+// f(ValueRows<V>(a)) for the bank's one value dtype V; false (f not called) when the two
+// segments' value dtypes differ.
+template <typename F>
+bool with_value_rows(const Atoms& a, F&& f) {
+  switch (values_dtype(a)) {
+    case at::kFloat: f(ValueRows<float>(a)); return true;
+    case at::kHalf: f(ValueRows<at::Half>(a)); return true;
+    case at::kBFloat16: f(ValueRows<at::BFloat16>(a)); return true;
+    default: return false;
+  }
+}
+
 // acc = Σ_i c_i values[ids_i] (K rows), four rows at a time where the bank has one value dtype.
 void gather_any(const Atoms& a, const int64_t* ids, const float* c, int64_t k, float* acc) {
-  switch (values_dtype(a)) {
-    case at::kFloat: gather_values(ValueRows<float>(a), ids, c, k, acc); return;
-    case at::kHalf: gather_values(ValueRows<at::Half>(a), ids, c, k, acc); return;
-    case at::kBFloat16: gather_values(ValueRows<at::BFloat16>(a), ids, c, k, acc); return;
-    default:
-      std::fill(acc, acc + a.d_out, 0.f);
-      for (int64_t i = 0; i < k; ++i) axpy_value(a, ids[i], c[i], acc);
-  }
+  if (with_value_rows(a, [&](const auto& vr) { gather_values(vr, ids, c, k, acc); })) return;
+  std::fill(acc, acc + a.d_out, 0.f);
+  for (int64_t i = 0; i < k; ++i) axpy_value(a, ids[i], c[i], acc);
 }
 
 // out_i = values[ids_i] · g (K rows), four rows at a time where the bank has one value dtype.
 void dots_any(const Atoms& a, const int64_t* ids, const float* g, int64_t k, float* out) {
-  switch (values_dtype(a)) {
-    case at::kFloat: dot_values(ValueRows<float>(a), ids, g, k, out); return;
-    case at::kHalf: dot_values(ValueRows<at::Half>(a), ids, g, k, out); return;
-    case at::kBFloat16: dot_values(ValueRows<at::BFloat16>(a), ids, g, k, out); return;
-    default:
-      for (int64_t i = 0; i < k; ++i) out[i] = dot_value(a, ids[i], g);
-  }
+  if (with_value_rows(a, [&](const auto& vr) { dot_values(vr, ids, g, k, out); })) return;
+  for (int64_t i = 0; i < k; ++i) out[i] = dot_value(a, ids[i], g);
 }
 
 void store_row_any(const float* src, const Tensor& out, int64_t row) {
