@@ -69,6 +69,17 @@ def test_matches_float64_and_torch(fp32_road, monkeypatch, dt, bias, shape):
     assert max_rel_err(x.grad, x64.grad) <= max_rel_err(xs.grad, x64.grad) + bound / 4
 
 
+@pytest.mark.parametrize("dt", LOWP)
+@pytest.mark.parametrize("lead", [(0,), (2, 0)], ids=["T0", "B2xT0"])
+def test_no_tokens(fp32_road, dt, lead):
+    lin = _frozen(8, 5, LOWP[dt])
+    x = torch.randn(*lead, 8).to(LOWP[dt]).requires_grad_(True)
+    y = base_road.base_forward(lin, x)
+    assert _on_road(y) and y.shape == (*lead, 5) and y.dtype == LOWP[dt]
+    y.float().sum().backward()
+    assert x.grad.shape == x.shape and x.grad.dtype == x.dtype
+
+
 def test_the_switch(monkeypatch):
     lin = _frozen(24, 16, torch.bfloat16)
     x = torch.randn(32, 24).bfloat16().requires_grad_(True)
