@@ -70,6 +70,27 @@ def test_ties_go_to_the_lower_id(t):
     assert idx.tolist() == [[0, 1, 2, 3]] * t
 
 
+@pytest.mark.parametrize("t", [1, 9])
+@pytest.mark.parametrize("n,k", [(200, 8), (161, 16), (64, 8), (40, 16), (33, 2)])
+def test_rows_full_of_ties_match_a_stable_sort(t, n, k):
+    """Integer scores from a handful of values, so every row ties at and around its K-th
+    place, in the same and in different groups of the row road's threshold (score j in
+    group j mod 2K): the K ids and scores are exactly a stable sort's, lower ids first.
+    Rows with more than 3K candidates take the selection before the sort."""
+    g = torch.Generator().manual_seed(31 * n + k)
+    keys = torch.zeros(n, 4)
+    keys[:, 0] = torch.randint(-3, 4, (n,), generator=g).float()
+    keys[:, 1] = torch.randint(-2, 3, (n,), generator=g).float()
+    x = torch.zeros(t, 4)
+    x[:, 0] = 1.0
+    x[:, 1] = (torch.arange(t) % 3).float()   # row 0: seven distinct scores for n atoms
+    scores = x @ keys.T                        # small integers: exact in any summation order
+    _, idx, p_sel, _ = _cpu.moram_fwd(x, *_segs(keys, torch.randn(n, 5, generator=g), n // 2), k, TAU, 0.0, EPS)
+    want = _lower_id_topk(scores, k)
+    assert torch.equal(idx, want)
+    assert torch.equal(p_sel, scores.gather(1, want))
+
+
 @pytest.mark.parametrize("t", [1, 6])
 @pytest.mark.parametrize("n,k,want_k", [(1, 4, 1), (5, 1, 2), (3, 8, 3), (2, 2, 2)])
 def test_effective_k_on_the_row_road(t, n, k, want_k):
