@@ -94,6 +94,51 @@ def test_eager_output_can_be_modified_in_place(count_eager):
     assert len(count_eager) == 1 and x.grad.shape == x.shape
 
 
+@pytest.mark.parametrize("lead", [(7,), (2, 3)])
+def test_eager_x_gradient_is_no_view(count_eager, lead):
+    """The node's gradient of x is a tensor of its own, not a view: autograd adds the base
+    layer's gradient of x into such a tensor in place, but into a view out of place (a fresh
+    [T, d_in] every step)."""
+    x = torch.randn(*lead, 8, requires_grad=True)
+    y = mk.moram(x, torch.randn(6, 8), torch.randn(6, 5), k=3, tau=0.1, backend="cpu")
+    node = y.grad_fn                                  # with leading dims, a view of the node's output
+    while "MoramFunction" not in node.name():
+        node = node.next_functions[0][0]
+    seen = []
+    node.register_hook(lambda grad_in, grad_out: seen.append(grad_in[0]))
+    y.sum().backward()
+    assert len(count_eager) == 1 and len(seen) == 1
+    assert seen[0].shape == x.shape and not seen[0]._is_view()
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "nothing_requires_grad"])
+def test_eager_call_without_a_graph_gives_the_graphs_forward(count_eager, mode):
+    """A call with nothing to record runs the forward op alone: the same output and ids
+    as the call that records a node (two segments, scales, a leading dimension), with no
+    grad_fn, and inference tensors under inference mode."""
+    torch.manual_seed(0)
+    args = _segments(torch.float32, (2, 3), True, True, False)
+    x, k0, v0, k1, v1, s1, _ = args
+    s0 = torch.rand(k0.shape[0]) + 0.5
+    call = lambda *t: moram_segments(*t, k=5, tau=0.1, delta=0.1, eps=1e-12, backend="cpu")  # noqa: E731
+    y_ref, idx_ref = call(x, k0, v0, s0, k1, v1, s1)
+    assert y_ref.grad_fn is not None
+    plain = [t.detach() for t in (x, k0, v0, k1, v1)]
+    if mode == "no_grad":
+        with torch.no_grad():
+            y, idx = call(x, k0, v0, s0, k1, v1, s1)
+    elif mode == "inference_mode":
+        with torch.inference_mode():
+            y, idx = call(plain[0], plain[1], plain[2], s0, plain[3], plain[4], s1)
+        assert y.is_inference()
+    else:
+        y, idx = call(plain[0], plain[1], plain[2], s0, plain[3], plain[4], s1)
+    assert len(count_eager) == 2
+    assert y.grad_fn is None and not y.requires_grad
+    assert torch.equal(idx, idx_ref)
+    torch.testing.assert_close(y, y_ref.detach(), rtol=0, atol=0)
+
+
 def test_eager_path_taken_only_where_it_should(count_eager):
     x, keys, values = torch.randn(3, 8), torch.randn(6, 8), torch.randn(6, 5)
     mk.moram(x, keys, values, k=3, tau=0.1, backend="cpu")
