@@ -1265,7 +1265,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moram_bwd_cpu(
     const float* CV = coef_v.data_ptr<float>();
     const float* G = gyf.data_ptr<float>();
     const int nth = threads_for_stream(static_cast<double>(start[ns]) * static_cast<double>(d_out));
-#pragma omp parallel for schedule(dynamic, 16) num_threads(nth) if (nth > 1)
+    // about four chunks a thread: a fixed chunk of 16 gave one task's 16 trainable atoms to
+    // a single thread
+    const int64_t chunk = std::max<int64_t>(1, ns / (4 * static_cast<int64_t>(nth)));
+#pragma omp parallel for schedule(dynamic, chunk) num_threads(nth) if (nth > 1)
     for (int64_t j = 0; j < ns; ++j) {
       std::vector<float> acc(d_out, 0.f);
       for (int64_t q = start[j]; q < start[j + 1]; ++q) {
