@@ -702,6 +702,15 @@ inline void epilogue(const Atoms& a, const float* p, const int64_t* ids, int64_t
   gather_any(a, ids, c, k, y_row);
 }
 
+// The fp32 row the epilogue sums token t's output into: y's own row when y is fp32 (no copy
+// afterwards), else `scratch`, which y_store then rounds into y.
+inline float* y_row_acc(const Tensor& y, int64_t t, float* scratch) {
+  return y.scalar_type() == at::kFloat ? y.data_ptr<float>() + t * y.size(1) : scratch;
+}
+inline void y_store(const float* acc, const Tensor& y, int64_t t) {
+  if (y.scalar_type() != at::kFloat) store_row_any(acc, y, t);
+}
+
 struct Tile {
   int seg;
   int64_t lo, n;  // local first atom and count within the segment
@@ -818,8 +827,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moram_fwd_cpu(const Tensor& x_in, con
     float ss = 0.f;
     SelectScratch scratch;
     select_row(sc.data(), N, K, hv, hid, &ss, scratch);
-    epilogue(a, hv, hid, K, ss, ftau, fdelta, feps, c.data(), yrow.data(), norm.data_ptr<float>());
-    store_row_any(yrow.data(), y, 0);
+    float* acc = y_row_acc(y, 0, yrow.data());
+    epilogue(a, hv, hid, K, ss, ftau, fdelta, feps, c.data(), acc, norm.data_ptr<float>());
+    y_store(acc, y, 0);
     return {y, idx, p_sel, norm};
   }
 
@@ -909,9 +919,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moram_fwd_cpu(const Tensor& x_in, con
         std::vector<float> c(K), yrow(d_out);
         for (int64_t r = 0; r < bt; ++r) {
           const int64_t t = t0 + r;
-          epilogue(a, hv + r * K, hid + r * K, K, ss[r], ftau, fdelta, feps, c.data(), yrow.data(),
+          float* acc = y_row_acc(y, t, yrow.data());
+          epilogue(a, hv + r * K, hid + r * K, K, ss[r], ftau, fdelta, feps, c.data(), acc,
                    norm.data_ptr<float>() + t);
-          store_row_any(yrow.data(), y, t);
+          y_store(acc, y, t);
         }
       }
     } catch (...) {
@@ -947,8 +958,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moram_fwd_cpu(const Tensor& x_in, con
           if (pv[i] > hv[0]) heap_replace_root(hv, hid, K, pv[i], pi[i]);
       }
       std::vector<float> c(K), yrow(d_out);
-      epilogue(a, hv, hid, K, ss, ftau, fdelta, feps, c.data(), yrow.data(), norm.data_ptr<float>() + t);
-      store_row_any(yrow.data(), y, t);
+      float* acc = y_row_acc(y, t, yrow.data());
+      epilogue(a, hv, hid, K, ss, ftau, fdelta, feps, c.data(), acc, norm.data_ptr<float>() + t);
+      y_store(acc, y, t);
     }
   }
   return {y, idx, p_sel, norm};
