@@ -298,6 +298,8 @@ def test_cpu_floor_preset_prints_every_goal_with_its_verdict(tmp_path, capsys):
     rows = [ln.strip("| ").split(" | ") for ln in text.splitlines() if re.match(r"\| (one-token|clip|fp32|bf16) \|", ln)]
     scored = [r for r in rows if r[4] != "-"]
     assert [r[0] for r in scored] == ["one-token"] * 3 + ["clip"] + ["fp32"] * 3 + ["bf16"] * 3, text
+    # the CLIP share, a difference of two best times, takes three rounds per repetition
+    assert "best of 3 rounds" in next(r[2] for r in scored if r[0] == "clip"), text
     unit = {"µs": 1e-6, "ms": 1e-3}
     for group, measure, value, ratio, goal, verdict in scored:
         a, b = [float(v.split()[0]) * unit[v.split()[1]] for v in value.split(" (")[0].split(" vs ")]
