@@ -1,5 +1,5 @@
-"""``python -m benchmarks --preset triton-variants [--arch 90 80] [--jobs 2] [--filter scan] [--csv out.csv]``:
-every Triton kernel variant compiled for sm_90 and sm_80 without a GPU, with shared memory,
+"""``python -m benchmarks --preset triton-variants [--arch 90 80] [--jobs 2] [--filter scan] [--sample]
+[--csv out.csv]``: every Triton kernel variant compiled for sm_90 and sm_80 without a GPU, with shared memory,
 registers, spills, tensor-core and ``cp.async`` use, programs per SM and waves at the
 gpu-check shape.
 
