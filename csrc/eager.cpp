@@ -183,7 +183,8 @@ struct MoramFunction : public torch::autograd::Function<MoramFunction> {
                       need_k1 || need_v1);
     // Not a view (at::_unsafe_view keeps autograd's view tracking out): autograd adds a
     // second gradient of x (the base layer's) into a tensor it solely owns in place, but
-    // into a view out of place, a fresh [T, d_in] each step (2.6 ms of a 20 ms CLIP step).
+    // into a view out of place, a fresh [T, d_in] each step (2.6 ms of the adapter's ~20 ms
+    // in a CLIP-layer train step on a 2-core AVX2 EPYC).
     if (need_x) {
       const auto sizes = ctx->saved_data["x_sizes"].toIntVector();
       out[0] = gx.sizes() == c10::IntArrayRef(sizes) ? gx : at::_unsafe_view(gx, sizes);
