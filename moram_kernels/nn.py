@@ -53,8 +53,9 @@ def _linear_dims(base: nn.Module) -> tuple[int, int]:
 # ---- builders of the values MoRAMLinear caches (see MoRAMLinear._caches) ---------------------
 
 # The cached values below (and functional._scale_vector) are built outside inference mode
-# even when the first call that needs them runs under torch.inference_mode(): an inference tensor cannot be saved for
-# backward, so a cache filled during an evaluation made the next training step raise.
+# even when the first call that needs them runs under torch.inference_mode(): an inference
+# tensor cannot be saved for backward, so a cache filled during an evaluation made the next
+# training step raise.
 
 def _gram(keys: Tensor, dtype: torch.dtype) -> Tensor:
     """``keys^T keys``, accumulated in fp32 (fp64 for fp64 keys), stored in ``dtype``."""

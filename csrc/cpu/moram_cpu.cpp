@@ -655,9 +655,7 @@ void select_row(const float* __restrict__ row, int64_t n, int64_t k, float* out_
   }
   for (int64_t i = 0; c + i < n; ++i) gm[i] = std::max(gm[i], row[c + i]);
   std::nth_element(gm, gm + (k - 1), gm + G, std::greater<float>());
-  const float floor = gm[k - 1] == -std::numeric_limits<float>::infinity()
-                          ? -std::numeric_limits<float>::infinity()
-                          : std::nextafter(gm[k - 1], -std::numeric_limits<float>::infinity());
+  const float floor = std::nextafter(gm[k - 1], -std::numeric_limits<float>::infinity());  // -inf stays
   Cand* cd = scratch.cand.data();
   int64_t m = 0;
   for (int64_t j = 0; j < n; ++j) {
@@ -682,9 +680,11 @@ void select_row(const float* __restrict__ row, int64_t n, int64_t k, float* out_
   }
 }
 
-// The epilogue of one token: y_row (fp32, d_out) = Σ c_k values[idx_k].
+// The epilogue of token t: y[t] = Σ c_k values[idx_k], summed in fp32 in y's own row when y
+// is fp32 (nothing copied afterwards), else in `scratch` (d_out floats), then rounded into y.
 inline void epilogue(const Atoms& a, const float* p, const int64_t* ids, int64_t k, float ss, float tau,
-                     float delta, float eps, float* c, float* y_row, float* norm_out) {
+                     float delta, float eps, float* c, const Tensor& y, int64_t t, float* scratch,
+                     float* norm_out) {
   const float norm = std::max(std::sqrt(ss), eps);  // NaN stays NaN
   *norm_out = norm;
   float mx = -std::numeric_limits<float>::infinity();
@@ -699,16 +699,10 @@ inline void epilogue(const Atoms& a, const float* p, const int64_t* ids, int64_t
     const float m = (delta > 0.f && !(s >= delta)) ? 0.f : 1.f;
     c[i] = c[i] / den * m * p[i] * a.scale_of(ids[i]);
   }
-  gather_any(a, ids, c, k, y_row);
-}
-
-// The fp32 row the epilogue sums token t's output into: y's own row when y is fp32 (no copy
-// afterwards), else `scratch`, which y_store then rounds into y.
-inline float* y_row_acc(const Tensor& y, int64_t t, float* scratch) {
-  return y.scalar_type() == at::kFloat ? y.data_ptr<float>() + t * y.size(1) : scratch;
-}
-inline void y_store(const float* acc, const Tensor& y, int64_t t) {
-  if (y.scalar_type() != at::kFloat) store_row_any(acc, y, t);
+  const bool f32 = y.scalar_type() == at::kFloat;
+  float* acc = f32 ? y.data_ptr<float>() + t * y.size(1) : scratch;
+  gather_any(a, ids, c, k, acc);
+  if (!f32) store_row_any(acc, y, t);
 }
 
 struct Tile {
@@ -827,9 +821,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moram_fwd_cpu(const Tensor& x_in, con
     float ss = 0.f;
     SelectScratch scratch;
     select_row(sc.data(), N, K, hv, hid, &ss, scratch);
-    float* acc = y_row_acc(y, 0, yrow.data());
-    epilogue(a, hv, hid, K, ss, ftau, fdelta, feps, c.data(), acc, norm.data_ptr<float>());
-    y_store(acc, y, 0);
+    epilogue(a, hv, hid, K, ss, ftau, fdelta, feps, c.data(), y, 0, yrow.data(), norm.data_ptr<float>());
     return {y, idx, p_sel, norm};
   }
 
@@ -919,10 +911,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moram_fwd_cpu(const Tensor& x_in, con
         std::vector<float> c(K), yrow(d_out);
         for (int64_t r = 0; r < bt; ++r) {
           const int64_t t = t0 + r;
-          float* acc = y_row_acc(y, t, yrow.data());
-          epilogue(a, hv + r * K, hid + r * K, K, ss[r], ftau, fdelta, feps, c.data(), acc,
+          epilogue(a, hv + r * K, hid + r * K, K, ss[r], ftau, fdelta, feps, c.data(), y, t, yrow.data(),
                    norm.data_ptr<float>() + t);
-          y_store(acc, y, t);
         }
       }
     } catch (...) {
@@ -958,9 +948,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moram_fwd_cpu(const Tensor& x_in, con
           if (pv[i] > hv[0]) heap_replace_root(hv, hid, K, pv[i], pi[i]);
       }
       std::vector<float> c(K), yrow(d_out);
-      float* acc = y_row_acc(y, t, yrow.data());
-      epilogue(a, hv, hid, K, ss, ftau, fdelta, feps, c.data(), acc, norm.data_ptr<float>() + t);
-      y_store(acc, y, t);
+      epilogue(a, hv, hid, K, ss, ftau, fdelta, feps, c.data(), y, t, yrow.data(), norm.data_ptr<float>() + t);
     }
   }
   return {y, idx, p_sel, norm};
