@@ -130,6 +130,10 @@ def waves(v, blocks):
         progs *= triton.cdiv(g.d_out, c["BO"])
     elif v.kernel == "_moram_bwd_db_sorted_kernel":
         progs = g.r * triton.cdiv(g.d_out, c["BO"])       # the trainable atoms
+    elif v.kernel == "_moram_pick_kernel":
+        progs = t                                          # one program per token
+    elif v.kernel == "_moram_groups_kernel":
+        progs *= triton.cdiv(g.n, c["BN"])                # token blocks x atom blocks
     return f"T{t}:{progs / slots:.2f}"
 
 

@@ -215,7 +215,7 @@ def issue_rows(hw: dict = H200) -> list[dict]:
 def predict_ms(case: str, impl: str, t: int, hw: dict = H200, s: GpuCheckShape = GPU_CHECK) -> float | None:
     """Predicted milliseconds of one GPU check row (launches at ``hw["launch_s"]``), or None
     if not modelled. ``impl`` "triton" (or "triton bwd=v2") is the forward route ``auto``
-    takes, "triton fwd=scan2" (or "triton:scan2", any of the four routes) one route."""
+    takes, "triton fwd=scan2" (or "triton:scan2", any of the five routes) one route."""
     d, d_out, n, k = s.d_in, s.d_out, s.n, s.k
     gemm = max(2 * t * n * d / hw["tc_blas"], 2 * (n * d + t * d + t * n) / hw["hbm"])
     if impl.startswith("cuBLAS"):
@@ -247,9 +247,9 @@ def predict_ms(case: str, impl: str, t: int, hw: dict = H200, s: GpuCheckShape =
 
 # ---- forward routes: the package's runtime model ----------------------------------------------
 #
-# The Triton forward has four routes (``MORAM_TRITON_FWD``, docs/backends.md): ``fused``,
-# ``scan2``, ``split`` and ``gemm``. Their model, with the simulations of the merge rounds
-# (the fused scan and its select) and of the pick kernel (split, gemm), lives in the
+# The Triton forward has five routes (``MORAM_TRITON_FWD``, docs/backends.md): ``fused``,
+# ``scan2``, ``split``, ``gemm`` and ``gemm2``. Their model, with the simulations of the merge rounds
+# (the fused scan and its select) and of the pick kernel (split, gemm, gemm2), lives in the
 # package, since ``auto`` needs it at run time: ``moram_kernels.backends.triton.model``.
 # These wrappers print it in milliseconds for a ``HARDWARE`` entry.
 
@@ -266,7 +266,7 @@ def route_terms_ms(route: str, t: int, d_in: int, d_out: int, n: int, k: int, hw
 def route_ms(route: str, t: int, d_in: int, d_out: int, n: int, k: int, hw: dict = H200, *,
              graph: bool = False) -> float:
     """Predicted milliseconds of one forward on ``route`` ("fused", "scan2", "split",
-    "gemm"), bf16; ``fwd_route``'s ``auto`` takes ``split`` at decode and the cheapest
+    "gemm", "gemm2"), bf16; ``fwd_route``'s ``auto`` takes ``split`` at decode and the cheapest
     of the others above (a test pins the two together)."""
     return route_terms_ms(route, t, d_in, d_out, n, k, hw, graph=graph)["total"]
 

@@ -269,7 +269,7 @@ ROWS = (
 #: select, split = the decode road, gemm = cuBLAS scores + select, scan2 = the new prefill
 #: scan. Only those in ``forward.FWD_ROUTES`` of this checkout are timed; the others are
 #: listed as skipped, with the reason.
-KNOWN_FWD_ROUTES = ("fused", "split", "gemm", "scan2")
+KNOWN_FWD_ROUTES = ("fused", "split", "gemm", "scan2", "gemm2")
 #: the backward variants (``MORAM_TRITON_BWD``)
 KNOWN_BWD = ("v1", "v2")
 

@@ -1,14 +1,15 @@
 """The ``triton`` backend: fused MoRAM forward and backward (contract in
 :mod:`moram_kernels.backends.reference`).
 
-The forward takes one of four routes, chosen per call by ``forward.fwd_route`` from
+The forward takes one of five routes, chosen per call by ``forward.fwd_route`` from
 ``MORAM_TRITON_FWD``: ``fused`` (below), ``scan2`` (the fused route with the prefill scan
-of :mod:`.scan2`), ``split`` and ``gemm`` (:mod:`.split`: scores written as fp32
-``[T, N]``, by a BGMV-style kernel that gives every SM two or more programs, or by cuBLAS,
-then one pick kernel over packed (score, id) keys with ``tl.topk`` networks; no host
-synchronisation, so a decode step can be captured in a CUDA graph). ``auto`` (the
-default) takes ``split`` up to 64 tokens and above that the route the runtime model
-(:mod:`.model`) prices lowest. All four save the
+of :mod:`.scan2`), ``split``, ``gemm`` and ``gemm2`` (:mod:`.split`: scores written as
+fp32 ``[T, N]``, by a BGMV-style kernel that gives every SM two or more programs, or by
+cuBLAS, then one pick kernel over packed (score, id) keys with ``tl.topk`` networks;
+``gemm2`` first reduces cuBLAS's scores to group maxima with a kernel as wide as them;
+no host synchronisation, so a decode step can be captured in a CUDA graph). ``auto``
+(the default) takes ``split`` up to 16 tokens and above that the route the runtime model
+(:mod:`.model`) prices lowest. All five save the
 same idx/p_sel/norm, so the backward is one.
 
 The ``fused`` road, three launches, no ``[T, N]`` tensor in device memory:

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ..._precision import fp32_uses_tf32, lowest
-from ._common import (DECODE_T, INTERPRET, device_ctx, gate_epilogue, k_bucket, launch_gather, merge_topk,
+from ._common import (INTERPRET, device_ctx, gate_epilogue, k_bucket, launch_gather, merge_topk,
                       scan_config, sm_count, small_block, tl_name)
 from .split import _slab_scores, gemm_fwd, split_fwd
 
@@ -156,8 +156,13 @@ def dot_precision(compute: str) -> str:
     return "tf32" if compute != "fp32" or fp32_uses_tf32() else "ieee"
 
 
-#: values of ``MORAM_TRITON_FWD``: ``auto`` and the four routes
-FWD_ROUTES = ("auto", "fused", "split", "gemm", "scan2")
+#: ``auto`` takes ``split`` up to this many tokens (a decode step of up to 16 sequences)
+#: without asking the model; above, the model also prices ``split`` against the others
+#: (on an H200 it gives way to ``gemm2`` at 48 tokens with N = 16,384)
+SPLIT_T = 16
+
+#: values of ``MORAM_TRITON_FWD``: ``auto`` and the five routes
+FWD_ROUTES = ("auto", "fused", "split", "gemm", "scan2", "gemm2")
 
 
 def fwd_route(t: int, n: int, d: int, kp: int = 16, compute: str = "bf16", prec: str = "tf32",
@@ -165,9 +170,11 @@ def fwd_route(t: int, n: int, d: int, kp: int = 16, compute: str = "bf16", prec:
     """The forward route of one call, from ``MORAM_TRITON_FWD`` (read on every call):
     ``fused`` (scan + select + gather, no scores in memory), ``split`` (decode: scores
     of every atom block on its own program, then one pick), ``gemm`` (cuBLAS scores,
-    then the same pick), ``scan2`` (the prefill scan with 128 x 128 tiles and a packed
-    ``tl.topk`` merge, :mod:`.scan2`), or ``auto``/unset: ``split`` up to ``DECODE_T`` (64)
-    tokens, above that the cheapest of ``fused``/``scan2``/``gemm``/``split`` by the runtime
+    then the same pick streaming each token's scores), ``gemm2`` (cuBLAS scores, a groups
+    kernel as wide as them, then the pick in group mode), ``scan2`` (the prefill scan
+    with 128 x 128 tiles and a packed ``tl.topk`` merge, :mod:`.scan2`), or ``auto``/unset:
+    ``split`` up to ``SPLIT_T`` (16) tokens, above that the cheapest of
+    ``fused``/``scan2``/``gemm``/``gemm2``/``split`` by the runtime
     model (:func:`.model.prefill_route`, on ``sms`` SMs, for ``t`` rounded up by
     :func:`route_bucket`). ``tests/backends/triton/test_triton_routes.py``
     pins this rule to the model. ``t, n, d``: tokens, atoms, d_in; ``kp, compute, prec``:
@@ -178,7 +185,7 @@ def fwd_route(t: int, n: int, d: int, kp: int = 16, compute: str = "bf16", prec:
         raise ValueError(f"MORAM_TRITON_FWD={v!r}: expected one of {', '.join(FWD_ROUTES)}")
     if v != "auto":
         return v
-    if t <= DECODE_T:
+    if t <= SPLIT_T:
         return "split"
     from .model import prefill_route
     return prefill_route(route_bucket(t), d, n, kp, compute, prec, sms)
@@ -224,9 +231,9 @@ def moram_fwd(x, keys0, values0, scale0, keys1, values1, scale1, K, tau, delta, 
     if route == "split":
         y, idx, p_sel, norm = split_fwd(x, keys0, values0, scale0, keys1, values1, scale1, n0, n1,
                                         K, tau, delta, eps, compute=compute, prec=prec)
-    elif route == "gemm":
+    elif route in ("gemm", "gemm2"):
         y, idx, p_sel, norm = gemm_fwd(x, keys0, values0, scale0, keys1, values1, scale1, n0, n1,
-                                       K, tau, delta, eps)
+                                       K, tau, delta, eps, groups=route == "gemm2")
     else:
         y, idx, p_sel, norm = _fused_fwd(x, keys0, values0, scale0, keys1, values1, scale1, n0, n1,
                                          K, tau, delta, eps, compute, prec, gpu_tiles, route == "scan2")

@@ -28,9 +28,12 @@ Terms (seconds, on a :class:`Gpu`; :data:`H200` unless told):
   whichever is longer.
 - ``split`` (decode): the scores kernel (keys once from HBM, the padded MMA, the L2
   re-reads of x per atom block and of the keys per token block, the fp32 scores
-  written), then the pick program (:func:`simulate_pick`, waves of ``PICK_PER_SM``).
+  written), then the pick program (:func:`simulate_pick`, waves of :func:`pick_per_sm`).
 - ``gemm``: cuBLAS ``x A^T`` writing fp32 scores, the pick reading them (bytes or the
   simulated programs, whichever is longer).
+- ``gemm2``: the same GEMM, then the groups kernel reading the scores once at HBM speed
+  (a grid of ``T/32 x N/256`` programs, nothing data-dependent) and writing block sums of
+  squares and group maxima, then the pick in group mode (simulated as ``split``'s).
 - gather: the K value rows per token and y at HBM speed, plus one dependent load.
 - launches: ``launch_s`` each (eager; a CUDA graph node costs ``GRAPH_NODE_S``).
 
@@ -47,7 +50,7 @@ from dataclasses import dataclass, replace
 
 __all__ = ["Gpu", "H200", "A100", "GPUS", "SCAN_EFF", "GRAPH_NODE_S", "simulate_scan", "simulate_select",
            "simulate_pick", "bitonic_stages", "scan_old_s", "scan2_s", "select_s", "gather_s", "forward_terms",
-           "forward_s", "prefill_route", "ROUTES"]
+           "forward_s", "prefill_route", "pick_per_sm", "ROUTES"]
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,7 @@ A100 = Gpu("A100", sms=108, tc_peak=312e12, tc_blas=280e12, hbm=1.9e12, clock=1.
 GPUS = {g.name: g for g in (H200, A100)}
 
 #: the forward routes this model prices (``MORAM_TRITON_FWD`` less ``auto``)
-ROUTES = ("fused", "split", "gemm", "scan2")
+ROUTES = ("fused", "split", "gemm", "scan2", "gemm2")
 
 SCAN_EFF = 0.70          # share of the tensor-core peak a Triton scan tile's MMAs sustain (assumed)
 DRAIN_CYCLES = 2000      # old scan: pipeline drain + prologue refill per tile (2 stages from L2, assumed)
@@ -92,8 +95,17 @@ TOPK_STAGE_S = 20e-9
 CHUNK_S = 0.7e-6
 #: launch of one kernel node inside a CUDA graph (eager launches: ``Gpu.launch_s``)
 GRAPH_NODE_S = 1.0e-6
-#: resident pick programs per SM (4 warps, few registers)
-PICK_PER_SM = 4
+#: resident pick programs per SM: 8 warps of at most 128 registers (the compile check's
+#: /SM column on sm_90: K8/K16 lists in either mode, K32/K64 streams); one for the K32/K64
+#: group-mode and the one-chunk stream variants (149-177 registers)
+PICK_PER_SM = 2
+
+
+def pick_per_sm(kp: int, groups: bool, bc: int) -> int:
+    """Resident pick programs per SM for a K bucket, mode and chunk (see :data:`PICK_PER_SM`)."""
+    from .split import ONE_CHUNK_N
+    one_chunk = not groups and bc == ONE_CHUNK_N and kp == 16
+    return 1 if (groups and kp >= 32) or one_chunk else PICK_PER_SM
 
 
 # ---- simulation of the merges -----------------------------------------------------------------
@@ -291,9 +303,9 @@ def simulate_pick(n: int, k: int, mode: str, *, parts: int = 1, nb: int = 0, bc:
     return dict(loads=chunks, stages=stages, merges=m, candidates=n)
 
 
-def _pick_waves_s(t: int, sim: dict, gpu: Gpu) -> float:
-    """Pick programs (one per token) in waves of ``PICK_PER_SM`` per SM."""
-    return -(-t // (gpu.sms * PICK_PER_SM)) * (sim["loads"] * CHUNK_S + sim["stages"] * TOPK_STAGE_S)
+def _pick_waves_s(t: int, sim: dict, gpu: Gpu, per_sm: int = PICK_PER_SM) -> float:
+    """Pick programs (one per token) in waves of ``per_sm`` per SM."""
+    return -(-t // (gpu.sms * per_sm)) * (sim["loads"] * CHUNK_S + sim["stages"] * TOPK_STAGE_S)
 
 
 # ---- the routes ---------------------------------------------------------------------------------
@@ -321,21 +333,36 @@ def _split_terms(t, d, n, k, compute, gpu, elt):
     mma = 2 * t_blocks * cfg.BT * n * d / (_tc(compute, gpu) * SCAN_EFF)
     scores = max(elt * n * d / gpu.hbm, mma, l2) + 4 * t * n * parts / gpu.hbm
     groups = parts == 1
-    sim = simulate_pick(n, k, "groups" if groups else "stream", parts=parts, nb=nb,
-                        bc=pick_config(k_bucket(k), groups, interpret=False)[0])
-    pick = _pick_waves_s(t, sim, gpu) + 4 * t * (parts * n if parts > 1 else 0) / gpu.hbm
+    kp = k_bucket(k)
+    bc = pick_config(kp, groups, interpret=False, n=n)[0]
+    sim = simulate_pick(n, k, "groups" if groups else "stream", parts=parts, nb=nb, bc=bc)
+    pick = _pick_waves_s(t, sim, gpu, pick_per_sm(kp, groups, bc)) + 4 * t * (parts * n if parts > 1 else 0) / gpu.hbm
     return dict(scores=scores, select=pick), 3
 
 
-def _gemm_terms(t, d, n, k, compute, gpu, elt):
+def _gemm_terms(t, d, n, k, compute, gpu, elt, groups=False):
     gemm = max(2 * t * n * d / (gpu.tc_blas / (2 if compute == "fp32" else 1)),
                (elt * (n * d + t * d) + 4 * t * n) / gpu.hbm)
     from ._common import k_bucket
-    from .split import pick_config
-    sim = simulate_pick(n, k, "stream", bc=pick_config(k_bucket(k), False, interpret=False)[0])
-    pick = max(4 * t * n / gpu.hbm, _pick_waves_s(t, sim, gpu))
-    # four launches: the GEMM (cuBLAS runs a thin, long-d_in one split-K: two kernels), pick, gather
-    return dict(scores=gemm, select=pick), 4
+    from .split import GS_GPU, groups_config, pick_config
+    kp = k_bucket(k)
+    if not groups:
+        bc = pick_config(kp, False, interpret=False, n=n)[0]
+        sim = simulate_pick(n, k, "stream", bc=bc)
+        pick = max(4 * t * n / gpu.hbm, _pick_waves_s(t, sim, gpu, pick_per_sm(kp, False, bc)))
+        # four launches: the GEMM (cuBLAS runs a thin, long-d_in one split-K: two kernels), pick, gather
+        return dict(scores=gemm, select=pick), 4
+    # gemm2: the groups kernel reads the scores once and writes the block sums of squares
+    # and group maxima (HBM speed: a grid of T/32 x N/256 programs, no data dependence);
+    # the pick in group mode reads those and KP x GS scores a token
+    _, bn, _ = groups_config(interpret=False)
+    nb = -(-n // bn)
+    ng = nb * (bn // GS_GPU)
+    groups_pass = 4 * t * (n + nb + ng) / gpu.hbm
+    bc = pick_config(kp, True, interpret=False)[0]
+    sim = simulate_pick(n, k, "groups", nb=nb, bc=bc)
+    pick = max(4 * t * (nb + ng + kp * GS_GPU) / gpu.hbm, _pick_waves_s(t, sim, gpu, pick_per_sm(kp, True, bc)))
+    return dict(scores=gemm, select=groups_pass + pick), 5
 
 
 def forward_terms(route, t, d, n, k, d_out, compute="bf16", gpu: Gpu = H200, graph=False) -> dict:
@@ -348,8 +375,8 @@ def forward_terms(route, t, d, n, k, d_out, compute="bf16", gpu: Gpu = H200, gra
         out, launches = _fused_terms(route, t, d, n, k, compute, gpu)
     elif route == "split":
         out, launches = _split_terms(t, d, n, k, compute, gpu, elt)
-    elif route == "gemm":
-        out, launches = _gemm_terms(t, d, n, k, compute, gpu, elt)
+    elif route in ("gemm", "gemm2"):
+        out, launches = _gemm_terms(t, d, n, k, compute, gpu, elt, groups=route == "gemm2")
     else:
         raise ValueError(f"no model for the forward route {route!r} ({', '.join(ROUTES)})")
     out["gather"] = gather_s(t, n, k, d_out, gpu, elt)
@@ -366,14 +393,15 @@ def forward_s(route, t, d, n, k, d_out, compute="bf16", gpu: Gpu = H200, graph=F
 @functools.lru_cache(maxsize=256)
 def prefill_route(t, d, n, kp, compute, prec, sms) -> str:
     """``MORAM_TRITON_FWD=auto`` above decode: the cheapest of ``fused``, ``scan2`` (when it
-    serves: tensor-core dots with K <= 16), ``gemm`` and ``split`` by :func:`forward_s`, on
-    the GPU of :data:`GPUS` with ``sms`` SMs (another count: an :data:`H200` with that many
-    SMs; the first route on a tie). ``split`` still wins some medium T with large banks
-    (an A100 at T = 65-128, N >= 16,384). Empty calls keep ``fused``."""
+    serves: tensor-core dots with K <= 16), ``gemm``, ``gemm2`` and ``split`` by
+    :func:`forward_s`, on the GPU of :data:`GPUS` with ``sms`` SMs (another count: an
+    :data:`H200` with that many SMs; the first route on a tie). ``split`` still wins some
+    medium T with large banks (an A100 at T = 17-128, N >= 16,384). Empty calls keep
+    ``fused``."""
     from . import scan2
     if n == 0 or d == 0 or t == 0:
         return "fused"
-    options = ["fused"] + (["scan2"] if scan2.serves(kp, prec) else []) + ["gemm", "split"]
+    options = ["fused"] + (["scan2"] if scan2.serves(kp, prec) else []) + ["gemm", "gemm2", "split"]
     gpu = next((g for g in GPUS.values() if g.sms == sms), None) or replace(H200, sms=max(int(sms), 1))
     cost = {v: forward_s(v, t, d, n, kp, d, compute, gpu) for v in options}
     return min(options, key=lambda v: (cost[v], options.index(v)))

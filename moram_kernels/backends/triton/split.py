@@ -33,7 +33,8 @@ import triton.language as tl
 from ._common import (INTERPRET, device_ctx, dot_xkt, gate_epilogue, k_bucket, launch_gather,
                       sm_count)
 
-__all__ = ["split_fwd", "gemm_fwd", "split_plan", "SplitConfig", "split_config", "pick_config"]
+__all__ = ["split_fwd", "gemm_fwd", "split_plan", "SplitConfig", "split_config", "pick_config", "groups_config",
+           "ONE_CHUNK_N"]
 
 
 # ---- jit ----------------------------------------------------------------------------------------
@@ -219,6 +220,34 @@ def _moram_pick_kernel(p0_ptr, p1_ptr, pss_ptr, gmax_ptr, sc0_ptr, sc1_ptr,
                   has_s0, has_s1, idx_ptr, psel_ptr, norm_ptr, coef_ptr, KP)
 
 
+# sizes that only bound masks and the score rows' strides are not specialised (see above)
+@triton.jit(do_not_specialize=["T", "N0", "N1", "NB", "NG", "sp0t", "sp1t"])
+def _moram_groups_kernel(p0_ptr, p1_ptr, pss_ptr, gmax_ptr, T, N0, N1, NB, NG, sp0t, sp1t,
+                         BT: tl.constexpr, BN: tl.constexpr, GS: tl.constexpr):
+    """Program (atom block, token block) of the ``gemm2`` road: one ``BT x BN`` tile of
+    the written fp32 scores (rows ``p0 + t sp0t`` for segment 0's blocks, which come first,
+    ``p1 + t sp1t`` for segment 1's, as the split scores kernel numbers them), reduced to
+    what the pick's group mode reads: the block's sums of squares ``pss [T, NB]`` and the
+    maximum of every GS atoms ``gmax [T, NG]``. One read of the scores, at HBM speed, by a
+    grid as wide as the scores; nothing depends on the data."""
+    pid_n = tl.program_id(0)
+    rows = tl.program_id(1).to(tl.int64) * BT + tl.arange(0, BT)
+    t_mask = rows < T
+    tiles0 = tl.cdiv(N0, BN)
+    in0 = pid_n < tiles0
+    n_loc = tl.where(in0, pid_n, pid_n - tiles0) * BN + tl.arange(0, BN)
+    n_mask = n_loc < tl.where(in0, N0, N1)
+    m2 = t_mask[:, None] & n_mask[None, :]
+    if in0:
+        acc = tl.load(p0_ptr + rows[:, None] * sp0t + n_loc[None, :], mask=m2, other=0.0)
+    else:
+        acc = tl.load(p1_ptr + rows[:, None] * sp1t + n_loc[None, :], mask=m2, other=0.0)
+    tl.store(pss_ptr + rows * NB + pid_n, tl.sum(acc * acc, 1), mask=t_mask)   # masked atoms are 0
+    g = tl.max(tl.reshape(tl.where(m2, acc, float("-inf")), [BT, BN // GS, GS]), 2)
+    gcol = pid_n * (BN // GS) + tl.arange(0, BN // GS)
+    tl.store(gmax_ptr + rows[:, None] * NG + gcol[None, :], g, mask=t_mask[:, None])
+
+
 # ---- plans and configs --------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -263,13 +292,29 @@ def split_config(t: int, bn: int, compute: str, prec: str = "tf32", interpret: b
     return SplitConfig(bt, bn, bd, 4, 3)
 
 
-def pick_config(kp: int, groups: bool = True, interpret: bool = INTERPRET) -> tuple[int, int]:
+#: the stream-mode pick reads a bank of at most this many scores in one chunk (K16 lists)
+ONE_CHUNK_N = 1024
+
+
+def pick_config(kp: int, groups: bool = True, interpret: bool = INTERPRET, n: int | None = None) -> tuple[int, int]:
     """(BC scores or groups per chunk, num_warps) of the pick kernel. Chunks of 1,024
     keys on 8 warps, 512 for K64 lists and in stream mode (1,024 capped sm_80 at 128
-    registers with 8 B of spills for K8 and K32)."""
+    registers with 8 B of spills for K8 and K32), except that a stream over ``n`` <=
+    :data:`ONE_CHUNK_N` scores with a K16 list reads them in one chunk of 1,024: one dependent
+    load and one ``tl.topk`` instead of two loads and a merge (a decode step at N = 1,024;
+    150 registers on sm_90, one program per SM, which a decode's few tokens do not miss)."""
     if interpret:
         return max(64, kp), 1
+    if not groups and n is not None and n <= ONE_CHUNK_N and kp == 16:
+        return ONE_CHUNK_N, 8
     return (1024 if kp <= 32 and groups else 512), 8
+
+
+def groups_config(interpret: bool = INTERPRET) -> tuple[int, int, int]:
+    """(BT tokens, BN atoms, num_warps) of the ``gemm2`` road's groups kernel: 32 x 256
+    fp32 scores (32 KB, 64 a thread on 4 warps) per program, a grid of T/32 x N/256
+    programs; the interpreter's 4 x 16 make tiny banks cross many blocks."""
+    return (4, 16, 1) if interpret else (32, 256, 4)
 
 
 def split_plan(t: int, n0: int, n1: int, d: int, bd: int, sms: int, bns=None) -> tuple[int, int, int, int]:
@@ -304,7 +349,7 @@ def _pick(p0, p1, row0, row1, part_stride, n_part, pss, gmax, nb, ng, bn, n0, n1
           idx, p_sel, norm, coef, K, tau, delta, eps, groups):
     T = idx.shape[0]
     kp = k_bucket(K)
-    bc, warps = pick_config(kp, groups)
+    bc, warps = pick_config(kp, groups, n=n0 + n1)
     with device_ctx(idx.device):
         _moram_pick_kernel[(T,)](
             p0, p1, pss, gmax, scale0 if scale0 is not None else p_sel,
@@ -355,11 +400,14 @@ def split_fwd(x, keys0, values0, scale0, keys1, values1, scale1, n0, n1, K, tau,
 GEMM_SCORE_BYTES = 1 << 29   # at most this much fp32 score memory at once (512 MiB): tokens are chunked
 
 
-def gemm_fwd(x, keys0, values0, scale0, keys1, values1, scale1, n0, n1, K, tau, delta, eps):
-    """The ``gemm`` road (prefill): fp32 scores from torch GEMMs (cuBLAS; 16-bit operands
-    with an fp32 output, fp32 following torch's TF32 setting), then the pick kernel in
-    stream mode and the gather kernel. Tokens go in chunks whose ``[T_c, N]`` fp32 scores
-    fit :data:`GEMM_SCORE_BYTES`."""
+def gemm_fwd(x, keys0, values0, scale0, keys1, values1, scale1, n0, n1, K, tau, delta, eps, groups=False):
+    """The ``gemm`` and ``gemm2`` roads (prefill): fp32 scores from torch GEMMs (cuBLAS;
+    16-bit operands with an fp32 output, fp32 following torch's TF32 setting), then the
+    pick kernel and the gather kernel. ``gemm`` picks in stream mode: one program per
+    token reads its N scores chunk after dependent chunk. ``gemm2`` (``groups``) first runs
+    the groups kernel over the scores, a grid as wide as them, so the pick reads the
+    group maxima and ``KP x GS`` scores per token (group mode, as the split road's).
+    Tokens go in chunks whose ``[T_c, N]`` fp32 scores fit :data:`GEMM_SCORE_BYTES`."""
     from .backward import _mm   # the backward's GEMM with an fp32 output; it imports this package's forward
     T = x.shape[0]
     DO = values0.shape[1]
@@ -373,8 +421,22 @@ def gemm_fwd(x, keys0, values0, scale0, keys1, values1, scale1, n0, n1, K, tau, 
         s0 = s0 if s0 is not None else s1     # an empty segment's pointer is never read
         s1 = s1 if s1 is not None else s0
         rows = slice(t0, t0 + xs.shape[0])
-        _pick(s0, s1, s0.stride(0), s1.stride(0), 0, 1, p_sel, p_sel, 0, 0, 16, n0, n1, scale0, scale1,
-              idx[rows], p_sel[rows], norm[rows], coef[rows], K, tau, delta, eps, False)
+        if groups:
+            tc = xs.shape[0]
+            bt, bn, warps = groups_config()
+            nb = triton.cdiv(n0, bn) + triton.cdiv(n1, bn)
+            ng = nb * (bn // GROUP_ATOMS)
+            pss = torch.empty(tc, nb, device=x.device, dtype=torch.float32)
+            gmax = torch.empty(tc, ng, device=x.device, dtype=torch.float32)
+            with device_ctx(x.device):
+                _moram_groups_kernel[(nb, triton.cdiv(tc, bt))](
+                    s0, s1, pss, gmax, tc, n0, n1, nb, ng, s0.stride(0), s1.stride(0),
+                    BT=bt, BN=bn, GS=GROUP_ATOMS, num_warps=warps)
+            _pick(s0, s1, s0.stride(0), s1.stride(0), 0, 1, pss, gmax, nb, ng, bn, n0, n1, scale0, scale1,
+                  idx[rows], p_sel[rows], norm[rows], coef[rows], K, tau, delta, eps, True)
+        else:
+            _pick(s0, s1, s0.stride(0), s1.stride(0), 0, 1, p_sel, p_sel, 0, 0, 16, n0, n1, scale0, scale1,
+                  idx[rows], p_sel[rows], norm[rows], coef[rows], K, tau, delta, eps, False)
     if T:
         launch_gather(idx, coef, values0, values1, n0, y, k_bucket(K))
     return y, idx, p_sel, norm

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from ._common import GROUP, K_BUCKETS, scan_configs, small_block
 from .backward import FOLD_BR
-from .split import GS_GPU, pick_config, split_config, split_variants
+from .split import GS_GPU, ONE_CHUNK_N, groups_config, pick_config, split_config, split_variants
 
 __all__ = ["Variant", "all_variants"]
 
@@ -91,11 +91,11 @@ def _split_scores(dt, prec, bt, bn, groups, aligned):
         warps=cfg.num_warps, stages=cfg.num_stages)
 
 
-def _pick(kp, groups, aligned):
-    bc, warps = pick_config(kp, groups, interpret=False)
+def _pick(kp, groups, aligned, n=None):
+    bc, warps = pick_config(kp, groups, interpret=False, n=n)
     # p1 (segment 1's scores, column N0 of the split road's buffer) has no alignment to claim
     return _spec(
-        "_moram_pick_kernel", f"pick-K{kp}-{'groups' if groups else 'stream'}",
+        "_moram_pick_kernel", f"pick-K{kp}-{'groups' if groups else 'stream'}" + ("-onechunk" if n else ""),
         ptrs={"p0_ptr": "fp32", "p1_ptr": "fp32", "pss_ptr": "fp32", "gmax_ptr": "fp32", "sc0_ptr": "fp32",
               "sc1_ptr": "fp32", "idx_ptr": "i64", "psel_ptr": "fp32", "norm_ptr": "fp32", "coef_ptr": "fp32"},
         floats=("tau", "delta", "eps"), consts=dict(KP=kp, BC=bc, GS=GS_GPU, GROUPS=groups),
@@ -125,6 +125,15 @@ def all_variants() -> list[Variant]:
         for groups in (True, False):
             out.append(_pick(kp, groups, True))
     out.append(_pick(16, True, False))
+    out.append(_pick(16, False, True, n=ONE_CHUNK_N))    # a stream of at most ONE_CHUNK_N scores, one chunk
+    # the gemm2 road's groups kernel (fp32 scores whatever the inputs)
+    bt, bn, warps = groups_config(interpret=False)
+    for aligned in (True, False):
+        out.append(_spec(
+            "_moram_groups_kernel", "groups-fp32",
+            ptrs={"p0_ptr": "fp32", "p1_ptr": "fp32", "pss_ptr": "fp32", "gmax_ptr": "fp32"},
+            floats=(), consts=dict(BT=bt, BN=bn, GS=GS_GPU), unit=(), div=("sp0t", "sp1t"), aligned=aligned,
+            warps=warps, stages=3))
     # the dtype policy gives both dot operands one dtype: no mixed variant exists; fp32 runs
     # as TF32 unless float32_matmul_precision is "highest" (IEEE, CUDA cores)
     for dt, prec in (("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "tf32"), ("fp32", "ieee")):
