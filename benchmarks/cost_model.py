@@ -181,11 +181,18 @@ def _gpu(hw: dict):
     return model.Gpu(name, **{k: hw[k] for k in ("sms", "tc_peak", "tc_blas", "hbm", "clock", "launch_s", "l2")})
 
 
-def _backward_s(t, d, k, r, hw=H200):
-    """Training backward: x G (2 T d^2) on tensor cores, P and dA of the r trainable atoms,
-    the gathers (K rows of A and B per token, mostly L2) and about ten launches."""
-    return (2 * t * d * d + 4 * t * r * d) / hw["tc_blas"] + 3 * 2 * t * d / hw["hbm"] \
+def _backward_s(t, d, k, r, hw=H200, variant="v2"):
+    """Training backward (``MORAM_TRITON_BWD`` ``variant``, d_out = d_in = d): x G (2 T d^2)
+    on tensor cores, P and dA of the r trainable atoms, the gathers (K rows of A and B per
+    token, mostly L2) and about ten launches. ``v1`` also writes the trainable segment's
+    ``P A`` as a ``[T, d]`` fp32 tensor and sums it with ``x G`` in torch (16 T d bytes,
+    two launches), and its dB programs read all of ``gy`` (2 T d bytes), where ``v2`` folds
+    the term into the dx kernel and reads ``gy`` only for tokens that hit the segment."""
+    v2 = (2 * t * d * d + 4 * t * r * d) / hw["tc_blas"] + 3 * 2 * t * d / hw["hbm"] \
         + 2 * 2 * t * k * d / hw["hbm"] + 10 * hw["launch_s"]
+    if variant == "v1":
+        return v2 + (16 + 2) * t * d / hw["hbm"] + 2 * hw["launch_s"]
+    return v2
 
 
 def issue_rows(hw: dict = H200) -> list[dict]:
@@ -242,7 +249,7 @@ def predict_ms(case: str, impl: str, t: int, hw: dict = H200, s: GpuCheckShape =
         return None
     if fwd_only:
         return 1e3 * f
-    return 1e3 * (f + _backward_s(t, d, k, s.r, hw))
+    return 1e3 * (f + _backward_s(t, d, k, s.r, hw, "v1" if "bwd=v1" in impl else "v2"))
 
 
 # ---- forward routes: the package's runtime model ----------------------------------------------

@@ -100,3 +100,15 @@ def test_model_is_asked_by_full_name_then_backend(mode):
     assert cuda is not None and note == "model of cuda"
     eager = gc.model_ms(row, gc.Impl("triton", "backend", "triton"), "eager")[0]
     assert (base < eager) == (mode == "graph")           # a graph node costs less than an eager launch
+
+
+def test_the_backward_variants_have_their_own_model():
+    """v1 writes and sums the trainable segment's P A as a [T, d] fp32 tensor and reads
+    all of gy for dB: the model prices it above v2 on the training row (it printed the
+    same time for both before), and the forward rows do not depend on it."""
+    from benchmarks import cost_model as cm
+    v1 = cm.predict_ms("prefill fwd+bwd", "triton bwd=v1", 4096)
+    v2 = cm.predict_ms("prefill fwd+bwd", "triton bwd=v2", 4096)
+    assert v2 == cm.predict_ms("prefill fwd+bwd", "triton", 4096)       # auto is v2
+    assert 1.03 * v2 < v1 < 1.5 * v2
+    assert cm.predict_ms("prefill fwd", "triton bwd=v1", 4096) == cm.predict_ms("prefill fwd", "triton", 4096)
