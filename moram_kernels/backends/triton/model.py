@@ -32,7 +32,7 @@ Terms (seconds, on a :class:`Gpu`; :data:`H200` unless told):
 - ``gemm``: cuBLAS ``x A^T`` writing fp32 scores, the pick reading them (bytes or the
   simulated programs, whichever is longer).
 - ``gemm2``: the same GEMM, then the groups kernel reading the scores once at HBM speed
-  (a grid of ``T/32 x N/256`` programs, nothing data-dependent) and writing block sums of
+  (a grid of ``T/16 x N/256`` programs, nothing data-dependent) and writing block sums of
   squares and group maxima, then the pick in group mode (simulated as ``split``'s).
 - gather: the K value rows per token and y at HBM speed, plus one dependent load.
 - launches: ``launch_s`` each (eager; a CUDA graph node costs ``GRAPH_NODE_S``).
@@ -353,7 +353,7 @@ def _gemm_terms(t, d, n, k, compute, gpu, elt, groups=False):
         # four launches: the GEMM (cuBLAS runs a thin, long-d_in one split-K: two kernels), pick, gather
         return dict(scores=gemm, select=pick), 4
     # gemm2: the groups kernel reads the scores once and writes the block sums of squares
-    # and group maxima (HBM speed: a grid of T/32 x N/256 programs, no data dependence);
+    # and group maxima (HBM speed: a grid of T/16 x N/256 programs, no data dependence);
     # the pick in group mode reads those and KP x GS scores a token
     _, bn, _ = groups_config(interpret=False)
     nb = -(-n // bn)

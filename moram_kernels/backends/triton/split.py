@@ -231,7 +231,8 @@ def _moram_groups_kernel(p0_ptr, p1_ptr, pss_ptr, gmax_ptr, T, N0, N1, NB, NG, s
     maximum of every GS atoms ``gmax [T, NG]``. One read of the scores, at HBM speed, by a
     grid as wide as the scores; nothing depends on the data."""
     pid_n = tl.program_id(0)
-    rows = tl.program_id(1).to(tl.int64) * BT + tl.arange(0, BT)
+    # int32 offsets: one call's scores are at most GEMM_SCORE_BYTES (2^27 floats) from p0/p1
+    rows = tl.program_id(1) * BT + tl.arange(0, BT)
     t_mask = rows < T
     tiles0 = tl.cdiv(N0, BN)
     in0 = pid_n < tiles0
@@ -311,10 +312,11 @@ def pick_config(kp: int, groups: bool = True, interpret: bool = INTERPRET, n: in
 
 
 def groups_config(interpret: bool = INTERPRET) -> tuple[int, int, int]:
-    """(BT tokens, BN atoms, num_warps) of the ``gemm2`` road's groups kernel: 32 x 256
-    fp32 scores (32 KB, 64 a thread on 4 warps) per program, a grid of T/32 x N/256
-    programs; the interpreter's 4 x 16 make tiny banks cross many blocks."""
-    return (4, 16, 1) if interpret else (32, 256, 4)
+    """(BT tokens, BN atoms, num_warps) of the ``gemm2`` road's groups kernel: 16 x 256
+    fp32 scores (16 KB, 32 a thread on 4 warps) per program, a grid of T/16 x N/256
+    programs. 32 x 256 with int64 offsets took 194 registers on sm_90 (two programs per
+    SM); this takes 80 (six). The interpreter's 4 x 16 make tiny banks cross many blocks."""
+    return (4, 16, 1) if interpret else (16, 256, 4)
 
 
 def split_plan(t: int, n0: int, n1: int, d: int, bd: int, sms: int, bns=None) -> tuple[int, int, int, int]:

@@ -126,13 +126,15 @@ def all_variants() -> list[Variant]:
             out.append(_pick(kp, groups, True))
     out.append(_pick(16, True, False))
     out.append(_pick(16, False, True, n=ONE_CHUNK_N))    # a stream of at most ONE_CHUNK_N scores, one chunk
-    # the gemm2 road's groups kernel (fp32 scores whatever the inputs)
+    # the gemm2 road's groups kernel (fp32 scores whatever the inputs; its row strides are
+    # not specialised at run time, so no divisibility is claimed for them: scalar loads,
+    # 128 B a warp, coalesced)
     bt, bn, warps = groups_config(interpret=False)
     for aligned in (True, False):
         out.append(_spec(
             "_moram_groups_kernel", "groups-fp32",
             ptrs={"p0_ptr": "fp32", "p1_ptr": "fp32", "pss_ptr": "fp32", "gmax_ptr": "fp32"},
-            floats=(), consts=dict(BT=bt, BN=bn, GS=GS_GPU), unit=(), div=("sp0t", "sp1t"), aligned=aligned,
+            floats=(), consts=dict(BT=bt, BN=bn, GS=GS_GPU), unit=(), div=(), aligned=aligned,
             warps=warps, stages=3))
     # the dtype policy gives both dot operands one dtype: no mixed variant exists; fp32 runs
     # as TF32 unless float32_matmul_precision is "highest" (IEEE, CUDA cores)
