@@ -3,6 +3,7 @@ that keep the K-th/(K+1)-th scores apart, and the tolerance rule of docs/testing
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -92,7 +93,10 @@ def assert_close(out, ref64, *, dtype, pytorch_lowp=None, what="output"):
     err = max_rel_err(out, ref64)
     bound = REL_ATOL[dtype]
     if pytorch_lowp is not None:
-        bound = max(bound, 2 * max_rel_err(pytorch_lowp, ref64))
+        lowp_err = max_rel_err(pytorch_lowp, ref64)
+        # an overflowed (inf) or NaN PyTorch result would make any output pass
+        assert math.isfinite(lowp_err), f"{what}: PyTorch's own {dtype} result is not finite: no bound to widen"
+        bound = max(bound, 2 * lowp_err)
     assert err <= bound, f"{what}: relative error {err:.3e} > bound {bound:.3e} ({dtype})"
 
 

@@ -212,17 +212,37 @@ def test_gpu_tile_sizes_in_the_interpreter(t, monkeypatch):
 # ---- no silent fallback in the triton backward's GEMMs ---------------------------------------
 
 @needs_interp
-def test_mm_dtype_probe_warns_once_and_errors_propagate():
+def test_mm_dtype_probe_warns_once_and_errors_propagate(monkeypatch):
+    from moram_kernels import _warnings
     from moram_kernels.backends.triton import backward as tb
     dev = torch.device("cpu")                      # CPU torch has no aten::mm.dtype kernel
     tb._MM_FP32_OUT.pop((dev, BF16), None)
+    _warnings._warned.discard(f"mm-out-dtype-{dev}-{BF16}")
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         assert tb._mm_fp32_out_supported(dev, BF16) is False
         assert tb._mm_fp32_out_supported(dev, BF16) is False
     hits = [m for m in w if "out_dtype" in str(m.message)]
-    assert len(hits) <= 1
+    assert len(hits) == 1, "the missing kernel is said once, not never and not per call"
     a = torch.randn(4, 5).to(BF16)
+    assert tb._mm_fp32_out_road(a) is False        # so _mm takes the fp32 product here
     torch.testing.assert_close(tb._mm(a, a.t()), a.float() @ a.float().t())
-    with pytest.raises(RuntimeError):             # a real error of the product is not swallowed
-        tb._mm(a, torch.randn(4, 5))
+
+    # the aten::mm.dtype road (a GPU's), driven on CPU with a stand-in for torch.mm: its
+    # result is returned as is, and an error of the product itself is not swallowed into
+    # the fp32 fallback
+    real_mm = torch.mm
+    state = {"fail": False}
+
+    def fake_mm(x, y, out_dtype=None):
+        if out_dtype is None:
+            return real_mm(x, y)
+        if state["fail"]:
+            raise RuntimeError("CUDA out of memory (stand-in)")
+        return torch.full((x.shape[0], y.shape[1]), 7.0, dtype=out_dtype)
+    monkeypatch.setattr(tb, "_mm_fp32_out_road", lambda t: True)
+    monkeypatch.setattr(torch, "mm", fake_mm)
+    assert torch.equal(tb._mm(a, a.t()), torch.full((4, 4), 7.0))
+    state["fail"] = True
+    with pytest.raises(RuntimeError, match="out of memory"):
+        tb._mm(a, a.t())

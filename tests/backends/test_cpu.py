@@ -18,6 +18,7 @@ _WHY = _C_loader.why_unavailable("cpu")
 if _WHY is not None:
     pytest.skip(f"the cpu backend is not built here: {_WHY}", allow_module_level=True)
 
+from moram_kernels import _C  # noqa: E402
 from moram_kernels.backends import cpu as _cpu  # noqa: E402  (needs the extension)
 
 TAU, EPS = 0.1, 1e-12
@@ -175,14 +176,15 @@ def test_forward_is_deterministic_and_thread_count_independent():
     _close(y3, y1, torch.float32, "1 thread vs many")
 
 
-@pytest.mark.parametrize("threads,grain", [(1, None), (2, None), (2, 1), (3, 1)],
-                         ids=["1-thread", "2-threads", "2-threads-split", "3-threads-split"])
+@pytest.mark.parametrize("threads,grain", [(1, None), (2, 1), (3, 1)],
+                         ids=["1-thread", "2-threads-split", "3-threads-split"])
 def test_forward_across_threads_matches_the_oracle(monkeypatch, threads, grain):
     """Few tokens and several atom tiles: with more than one thread worth waking (torch's
-    thread count, and MORAM_CPU_GRAIN = 1 multiply-add per thread to force it) the atoms
-    are split across threads, each split keeps a partial top-K and sum of squares, and the
-    splits are merged; on one thread none of that runs. Every count against the float64
-    oracle, with the thread count restored after."""
+    thread count, and MORAM_CPU_GRAIN = 1 multiply-add per thread to force it: without it
+    this small call stays on one thread, which the thread plan is asked to confirm) the
+    atoms are split across threads, each split keeps a partial top-K and sum of squares,
+    and the splits are merged; on one thread none of that runs. Every count against the
+    float64 oracle, with the thread count restored after."""
     monkeypatch.setenv("MORAM_CPU_BN", "16")             # 7 tiles over the two segments
     if grain is not None:
         monkeypatch.setenv("MORAM_CPU_GRAIN", str(grain))
@@ -190,8 +192,10 @@ def test_forward_across_threads_matches_the_oracle(monkeypatch, threads, grain):
     x, keys, values = make_inputs(t, d_in, d_out, n0 + n1, k=k, seed=4)
     segs = (keys[:n0], values[:n0], None, keys[n0:], values[n0:], None)
     before = torch.get_num_threads()
+    madds = float(t * (n0 + n1) * d_in)
     try:
         torch.set_num_threads(threads)
+        assert _C.cpu_thread_plan(madds, 4.0 * madds) == threads, "the plan must wake `threads` here"
         y, idx, _, norm = _cpu.moram_fwd(x, *segs, k, TAU, 0.0, EPS)
     finally:
         torch.set_num_threads(before)
@@ -325,15 +329,17 @@ def test_boundary_checks_name_the_argument():
     x, segs, k = _setup("T33-d97-N40-K8", "fp32")
     k0, v0, s0, k1, v1, s1 = segs
     ops = torch.ops.moram_kernels_C
+    # each pattern starts the message ("moram cpu: <argument> must ..."), so a message that
+    # names another argument (or only contains the name, as "idx" contains "x") fails it
     bad = [
-        (dict(keys0=k0[:, :5]), "keys0"),
-        (dict(values1=v1[:, :3]), "values"),
-        (dict(values0=v0[:3]), "values0"),
-        (dict(scale1=s1.double()), "scale1"),
-        (dict(scale0=s0[:2]), "scale0"),
-        (dict(x=x.long()), "x"),
-        (dict(k=100), "k"),
-        (dict(tau=0.0), "tau"),
+        (dict(keys0=k0[:, :5]), r"moram cpu: keys0 must be \[N, d_in\]"),
+        (dict(values1=v1[:, :3]), r"moram cpu: values0 and values1 must have the same d_out, got \d+ and 3"),
+        (dict(values0=v0[:3]), r"moram cpu: values0 must be \[N, d_out\]"),
+        (dict(scale1=s1.double()), r"moram cpu: scale1 must be float32"),
+        (dict(scale0=s0[:2]), r"moram cpu: scale0 must be \[N\]"),
+        (dict(x=x.long()), r"moram cpu: x must be float32"),
+        (dict(k=100), r"moram cpu: k must be in \[1, N\]"),
+        (dict(tau=0.0), r"moram cpu: tau must be finite"),
     ]
     args = dict(x=x, keys0=k0, values0=v0, scale0=s0, keys1=k1, values1=v1, scale1=s1, k=k, tau=TAU,
                 delta=0.0, eps=EPS)

@@ -15,7 +15,7 @@ from moram_kernels.backends import reference as ref
 from moram_kernels.functional import moram_segments
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow])
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 # An interpreted backend (Triton on CPU) runs each call in Python, ~2 s a case: it gets
 # half the examples (the same strategies; its kernels' shapes are also covered case by
 # case in tests/backends/triton/).
@@ -53,7 +53,9 @@ def _forward_case(backend, t, d_in, d_out, n, k, tau, delta, dn, special, seed):
         x, keys, values = make_inputs(t, d_in, d_out, n, k=k, dtype=dt, seed=seed,
                                       min_gap=0.05 if dn == "fp32" else 0.1, max_tries=50)
     except AssertionError:
-        return      # no well-separated draw for this shape (e.g. d_in=1): nothing to compare
+        # no well-separated draw for this shape (e.g. d_in=1): not an example (Hypothesis
+        # draws another instead; a plain return counted it as a pass)
+        assume(False)
     bad_row = None
     if t and special != "none":
         bad_row = seed % t

@@ -182,9 +182,17 @@ def test_import_errors_leave_model_untouched():
     with pytest.raises(ValueError, match="scales its trainable values by 1"):
         mki.import_xtail_state_dict(model, xtail)
     assert_same(all_tensors(model), before)
+    # a second adapter with other tensors: the ambiguity is refused, and naming it imports
+    # its tensors, not the default adapter's
     two = {**{k: v for k, v in sd.items()},
-           **{k.replace(".default.", ".other."): v for k, v in sd.items() if "lora" in k}}
+           **{k.replace(".default.", ".other."): 2 * v for k, v in sd.items() if "lora" in k}}
     with pytest.raises(ValueError, match="several adapters"):
         mki.import_trace_state_dict(fresh(), two)
     m = fresh()
     mki.import_trace_state_dict(m, two, adapter_name="other")
+    want, default = fresh(), fresh()
+    mki.import_trace_state_dict(want, {k: (2 * v if "lora" in k else v) for k, v in sd.items()})
+    mki.import_trace_state_dict(default, sd)
+    assert_same(all_tensors(m), all_tensors(want))
+    with pytest.raises(AssertionError):
+        assert_same(all_tensors(m), all_tensors(default))

@@ -260,10 +260,15 @@ def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     setting. Errors from the product itself (out of memory, say) propagate."""
     low = lowest(a.dtype, b.dtype)
     a, b = a.to(low), b.to(low)
-    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) \
-            and _mm_fp32_out_supported(a.device, a.dtype):
+    if _mm_fp32_out_road(a):
         return torch.mm(a, b, out_dtype=torch.float32)
     return a.float() @ b.float()
+
+
+def _mm_fp32_out_road(a: torch.Tensor) -> bool:
+    """Whether :func:`_mm` multiplies ``a`` (already in the product's dtype) with
+    ``aten::mm.dtype``: 16-bit operands on CUDA where the probe found it."""
+    return a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and _mm_fp32_out_supported(a.device, a.dtype)
 
 
 def _dense_plan(t: int, d: int, n: int, have_gram: bool, have_p: bool) -> str:
