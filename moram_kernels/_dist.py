@@ -121,6 +121,21 @@ def _collective(what: str, fn):
         traffic["comm_s"] += time.perf_counter() - start
 
 
+def _checksum_t(t: Tensor) -> Tensor:
+    """A 0-d int64 hash of the bits of ``t`` (on its device, no host sync): equal on ranks
+    that hold equal tensors, and sensitive to position: each element is weighted by its
+    row's and its column's place (``t`` seen as ``[rows, last dim]``), so permuted rows
+    or columns hash differently. Integer overflow wraps, the same way on every rank."""
+    bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    b = t.detach().contiguous().view(bits)
+    if b.numel() == 0:     # nothing to hash (an empty bank or task list): equal everywhere
+        return torch.zeros((), dtype=torch.int64, device=b.device)
+    b = b.reshape(-1, b.shape[-1]) if b.dim() else b.reshape(1, 1)
+    w_col = torch.arange(1, b.shape[1] + 1, dtype=torch.int64, device=b.device) * 2654435761 + 1
+    w_row = torch.arange(1, b.shape[0] + 1, dtype=torch.int64, device=b.device) * 40503 + 7
+    return ((b.to(torch.int64) * w_col).sum(1) * w_row).sum()
+
+
 def _all_gather(t: Tensor, group, what: str) -> Tensor:
     """``[P, *t.shape]``; exchanged as raw bytes, so any dtype travels bit-exactly."""
     t = t.contiguous()

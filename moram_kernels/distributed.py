@@ -61,8 +61,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ._base_road import base_forward
-from ._dist import (ACTIVE_DDP, _all_gather, _all_reduce, _all_to_all_rows, _collective, _is_dtensor,
-                    _reduce_scatter, traffic)
+from ._dist import (ACTIVE_DDP, _all_gather, _all_reduce, _all_to_all_rows, _checksum_t, _collective,
+                    _is_dtensor, _reduce_scatter, traffic)
 from ._precision import acc_dtype, autocast_off
 from .backends import Inputs, select
 from .backends.reference import _gate, effective_k, gate_backward, gram_apply, segment_grads
@@ -402,21 +402,6 @@ def _rows(t0: Tensor, t1: Tensor, idx: Tensor) -> Tensor:
     r0 = t0[idx.clamp(max=n0 - 1)]
     r1 = t1[(idx - n0).clamp(min=0)]
     return torch.where((idx < n0)[..., None], r0, r1)
-
-
-def _checksum_t(t: Tensor) -> Tensor:
-    """A 0-d int64 hash of the bits of ``t`` (on its device, no host sync): equal on ranks
-    that hold equal tensors, and sensitive to position: each element is weighted by its
-    row's and its column's place (``t`` seen as ``[rows, last dim]``), so permuted rows
-    or columns hash differently. Integer overflow wraps, the same way on every rank."""
-    bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
-    b = t.detach().contiguous().view(bits)
-    if b.numel() == 0:     # nothing to hash (an empty bank or task list): equal everywhere
-        return torch.zeros((), dtype=torch.int64, device=b.device)
-    b = b.reshape(-1, b.shape[-1]) if b.dim() else b.reshape(1, 1)
-    w_col = torch.arange(1, b.shape[1] + 1, dtype=torch.int64, device=b.device) * 2654435761 + 1
-    w_row = torch.arange(1, b.shape[0] + 1, dtype=torch.int64, device=b.device) * 40503 + 7
-    return ((b.to(torch.int64) * w_col).sum(1) * w_row).sum()
 
 
 def _checksum(t: Tensor) -> int:

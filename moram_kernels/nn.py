@@ -10,8 +10,8 @@ from torch import Tensor, nn
 from ._cache import DerivedCaches
 from ._base_road import base_forward_owned
 from ._checks import check_real as _check_real
-from ._dist import (ACTIVE_DDP, _assign_full, _broadcast_from_rank0, _ddp_class, _ddp_ignore, _full,
-                    _is_dtensor, _local)
+from ._dist import (ACTIVE_DDP, _all_gather, _assign_full, _broadcast_from_rank0, _checksum_t, _ddp_class,
+                    _ddp_ignore, _full, _is_dtensor, _local)
 from ._precision import acc_dtype, call_dtypes
 from .functional import _scale_vector, moram_segments
 
@@ -398,7 +398,32 @@ class MoRAMLinear(nn.Module):
                 "moram_kernels.distributed.shard_bank on the module DDP wraps (or on the DDP "
                 "wrapper itself), not only on a submodule")
         _ddp_ignore(ddp, list(names))
+        if getattr(self, "_bank_shard", None) is None:
+            self._check_ranks_hold_one_bank(ddp)
         self.__dict__["_ddp_seen"] = id(ddp)
+
+    def _check_ranks_hold_one_bank(self, ddp) -> None:
+        """DDP leaves a replicated frozen bank alone (it never copies rank 0's, see
+        :meth:`_check_ddp`), so the ranks must already hold the same one: a checkpoint loaded
+        on rank 0 only would otherwise train a different model on every rank, silently. One
+        all-gather, at this layer's first forward under ``ddp``, of the bank's sizes and a
+        hash of its bits; where the ranks differ every rank raises, naming the layer."""
+        group = getattr(ddp, "process_group", None)
+        fields = [_local(getattr(self, f)) for f in self.BANK_FIELDS]
+        dev = fields[0].device
+        facts = torch.stack([torch.tensor(self.frozen_keys.shape[0], device=dev),
+                             torch.tensor(self.keys.shape[0], device=dev)]
+                            + [_checksum_t(t).to(dev) for t in fields])
+        every = _all_gather(facts, group, "MoRAMLinear: the ranks' banks under DDP").cpu()
+        if bool((every == every[0]).all()):
+            return
+        name = next((n for n, m in ddp.module.named_modules() if m is self), "") or "<root>"
+        differ = [r for r in range(every.shape[0]) if not bool((every[r] == every[0]).all())]
+        raise RuntimeError(
+            f"MoRAMLinear {name!r}: rank(s) {differ} hold another bank than rank 0 (atoms frozen / "
+            f"trainable by rank: {every[:, :2].tolist()}; equal sizes mean other values). Under "
+            "DistributedDataParallel the frozen bank is never copied from rank 0, so every rank "
+            "must load the same checkpoint (or build the same bank) before the first forward")
 
     # ---- atom-usage statistics -------------------------------------------------------------
 

@@ -577,6 +577,45 @@ def sc_plain_ddp_leaves_the_bank_alone(rank, world):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def sc_plain_ddp_refuses_ranks_with_other_banks(rank, world):
+    """DDP leaves the frozen bank of an injected model alone, so a checkpoint loaded on one
+    rank only would train a different model on each rank: the first forward under DDP
+    refuses that on every rank, naming the layer, and the same banks pass with one check
+    in three forwards. A model built by hand is wrapped before its layers are known, so DDP
+    copies rank 0's bank when it wraps it: no error, every rank then holds rank 0's. (A bank
+    of another size on one rank aborts inside DDP's broadcast of the task sizes, in torch,
+    before any forward.)"""
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
+    for inject in (True, False):
+        model = _tiny_model(world, inject=inject)
+        first = model[0].frozen_values.clone()
+        if rank == world - 1:
+            with torch.no_grad():
+                model[0].frozen_values.mul_(2)              # as if another checkpoint
+        ddp = nn.parallel.DistributedDataParallel(model)
+        if inject:
+            with pytest.raises(RuntimeError, match=rf"MoRAMLinear '0': rank\(s\) \[{world - 1}\] hold another bank"):
+                ddp(x)
+        else:
+            ddp(x)
+            assert torch.equal(model[0].frozen_values, first)
+    model = _tiny_model(world)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    from moram_kernels import nn as mk_nn
+    real, calls = mk_nn._all_gather, []
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+    mk_nn._all_gather = spy
+    try:
+        for _ in range(3):
+            ddp(x)
+    finally:
+        mk_nn._all_gather = real
+    assert len(calls) == 1, f"{len(calls)} bank checks in 3 forwards (one is enough)"
+
+
 def sc_ddp_and_shard_bank_in_either_order(rank, world):
     """``shard_bank`` before or after DDP wraps the model, on the wrapped module, a child
     of it or the wrapper: correct, or refused with a clear error before any result."""
@@ -991,7 +1030,7 @@ SCENARIOS = {f.__name__[3:]: f for f in (
     sc_bf16, sc_dropout_same_seed, sc_ties_across_ranks, sc_add_task_while_sharded, sc_bad_input_on_one_rank,
     sc_ddp_wrapped, sc_rules_the_audit_found_unpinned, sc_dp_uneven_batches,
     sc_dp_dropout_and_autocast, sc_dp_ranks_must_agree, sc_dp_ddp_and_fsdp2_step,
-    sc_dp_bytes_match_the_model, sc_plain_ddp_leaves_the_bank_alone,
+    sc_dp_bytes_match_the_model, sc_plain_ddp_leaves_the_bank_alone, sc_plain_ddp_refuses_ranks_with_other_banks,
     sc_ddp_and_shard_bank_in_either_order, sc_autocast, sc_ranks_must_agree, sc_fp64_backward,
     sc_add_task_in_a_subgroup, sc_collectives_per_call, sc_state_dict_holds_dtensors,
     sc_save_load_moram_sharded, sc_import_into_sharded, sc_empty_bank_lifecycle,
