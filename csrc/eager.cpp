@@ -93,6 +93,8 @@ void validate(const Tensor& x, const Tensor& keys0, const Tensor& values0, const
   TORCH_CHECK_VALUE(k >= 1, "k must be >= 1, got ", k);
   check_positive("tau", tau);
   TORCH_CHECK_VALUE(!std::isnan(delta), "delta must not be NaN");
+  TORCH_CHECK_VALUE(delta <= 1, "delta must be <= 1 (it is compared with normalised scores, which lie in "
+                    "[-1, 1]: above 1 every atom is dropped), got ", py_float(delta));
   check_positive("eps", eps);
   check_vector("value_scale", scale0, keys0.size(0), x);
   check_vector("scale1", scale1, keys1.size(0), x);

@@ -14,8 +14,9 @@ from torch import Tensor
 __all__ = ["check_real", "validate", "check_extras"]
 
 
-def check_real(name: str, v, *, positive: bool = False) -> float:
-    """``v`` as a float: a real number, not NaN, and finite and > 0 when ``positive``."""
+def check_real(name: str, v, *, positive: bool = False, finite: bool = False) -> float:
+    """``v`` as a float: a real number, not NaN, finite with ``finite``, and finite and
+    > 0 with ``positive``."""
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
     v = float(v)
@@ -23,7 +24,20 @@ def check_real(name: str, v, *, positive: bool = False) -> float:
         raise ValueError(f"{name} must not be NaN")
     if positive and not (v > 0 and math.isfinite(v)):
         raise ValueError(f"{name} must be finite and > 0, got {v}")
+    if finite and not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
     return v
+
+
+def check_delta(delta) -> float:
+    """The eval threshold as a float: not NaN and at most 1. It drops the atoms whose
+    normalised score ``p_i / ||p||`` (in [-1, 1]) is below it, so above 1 it would drop
+    every atom and switch the adapter off without a word; <= 0 disables it."""
+    delta = check_real("delta", delta)
+    if delta > 1:
+        raise ValueError(f"delta must be <= 1 (it is compared with normalised scores, which lie in "
+                         f"[-1, 1]: above 1 every atom is dropped), got {delta}")
+    return delta
 
 
 def _check_vector(name: str, t: Tensor, n: int, x: Tensor) -> None:
@@ -66,14 +80,14 @@ def validate(x, keys, values, k, tau, delta, eps, value_scale, backend):
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     tau = check_real("tau", tau, positive=True)
-    delta = check_real("delta", delta)
+    delta = check_delta(delta)
     eps = check_real("eps", eps, positive=True)
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
     if isinstance(value_scale, Tensor):
         _check_vector("value_scale", value_scale, keys.shape[0], x)
     elif value_scale is not None:
-        value_scale = check_real("value_scale", value_scale)
+        value_scale = check_real("value_scale", value_scale, finite=True)
     return int(k), tau, delta, eps, value_scale
 
 

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ._cache import DerivedCaches
 from ._base_road import base_forward_owned
+from ._checks import check_delta as _check_delta
 from ._checks import check_real as _check_real
 from ._dist import (ACTIVE_DDP, _all_gather, _assign_full, _broadcast_from_rank0, _checksum_t, _ddp_class,
                     _ddp_ignore, _full, _is_dtensor, _local)
@@ -108,7 +109,7 @@ class MoRAMLinear(nn.Module):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         self.tau = _check_real("tau", tau, positive=True)
-        self.delta = _check_real("delta", delta)
+        self.delta = _check_delta(delta)
         self.eps = _check_real("eps", eps, positive=True)
         dropout = _check_real("dropout", dropout)
         if not 0.0 <= dropout < 1.0:
@@ -493,6 +494,19 @@ class MoRAMLinear(nn.Module):
                     return
         if gathered:
             state_dict = {k: gathered.get(k, v) for k, v in state_dict.items() if k.startswith(prefix)}
+        # atoms must be finite as this layer will hold them (an fp32 value may overflow its
+        # fp16): one inf/NaN atom makes every token's output non-finite, as add_task and
+        # load_moram refuse too
+        for name in ("frozen_keys", "frozen_values", "keys", "values"):
+            t, cur = state_dict.get(prefix + name), getattr(self, name)
+            if isinstance(t, Tensor) and t.dim() == 2 and t.is_floating_point():
+                bad = ~torch.isfinite(t.detach().to(cur.dtype)).all(dim=1)
+                if bool(bad.any()):
+                    error_msgs.append(
+                        f"MoRAMLinear {prefix[:-1] or '(root)'}: {name} has non-finite atom(s) "
+                        f"{bad.nonzero().flatten().tolist()[:20]} (in {cur.dtype}); refusing to load "
+                        "(this layer was left unchanged)")
+                    return
         # the bank takes the state dict's shapes (and task sizes) first, checked as a whole;
         # a tensor that is missing or of another kind is left to the errors of super()
         bank = {}

@@ -154,6 +154,13 @@ BAD = [
     (dict(keys=[[1.0]]), TypeError, "keys must be a torch.Tensor"),
     (dict(value_scale=torch.ones(4)), ValueError, "value_scale must have shape"),
     (dict(value_scale=math.nan), ValueError, "value_scale"),
+    # inf gave NaN outputs; a threshold above 1 dropped every atom (normalised scores lie in
+    # [-1, 1]), a zero delta with no word
+    (dict(value_scale=math.inf), ValueError, "value_scale must be finite"),
+    (dict(value_scale=-math.inf), ValueError, "value_scale must be finite"),
+    (dict(delta=5.0), ValueError, r"delta must be <= 1 \(it is compared with normalised scores"),
+    (dict(delta=math.inf), ValueError, r"delta must be <= 1"),
+    (dict(delta=1.5, backend="reference"), ValueError, r"delta must be <= 1"),     # the Python checks' road
     (dict(backend="nope"), ValueError, "unknown backend"),
     (dict(backend=3), TypeError, "backend"),
     (dict(keys=torch.randn(5, 4, device="meta")), ValueError, "keys is on meta"),

@@ -207,7 +207,7 @@ def test_state_dict_round_trip_and_repr():
 
 @pytest.mark.parametrize("kw,match", [(dict(r=0), "r must"), (dict(k=0), "k must"),
                                       (dict(tau=0), "tau"), (dict(dropout=1.0), "dropout"),
-                                      (dict(alpha=-1.0), "alpha")])
+                                      (dict(alpha=-1.0), "alpha"), (dict(delta=1.5), "delta must be <= 1")])
 def test_constructor_errors(kw, match):
     with pytest.raises((ValueError, TypeError), match=match):
         mk.MoRAMLinear(nn.Linear(4, 4), **kw)
@@ -237,6 +237,27 @@ def test_add_task_refuses_a_non_finite_atom(tensor, bad):
     assert set(after) == set(before)
     for k, v in before.items():
         assert torch.equal(after[k], v) or (k == tensor and torch.equal(after[k].isnan(), v.isnan())), k
+
+
+@pytest.mark.parametrize("case", ["nan-frozen-key", "inf-trainable-value", "overflows-fp16"])
+def test_load_state_dict_refuses_non_finite_atoms(case):
+    """A state dict with an inf/NaN atom (or an fp32 value beyond the fp16 layer's range)
+    made every output non-finite after loading; now it is refused, the layer unchanged."""
+    src = _layer(tasks=2, r=4)
+    dst = _layer(tasks=2, r=4)
+    sd = {k: v.clone() for k, v in src.state_dict().items()}
+    name, row = {"nan-frozen-key": ("frozen_keys", 3), "inf-trainable-value": ("values", 1),
+                 "overflows-fp16": ("frozen_values", 2)}[case]
+    if case == "overflows-fp16":
+        dst.half()
+        sd[name][row, 0] = 1e6            # finite in fp32, inf in fp16
+    else:
+        sd[name][row, 0] = math.nan if case.startswith("nan") else math.inf
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with pytest.raises(RuntimeError, match=rf"{name} has non-finite atom\(s\) \[{row}\]"):
+        dst.load_state_dict(sd)
+    for k, v in dst.state_dict().items():
+        assert torch.equal(v, before[k]), k
 
 
 def test_add_task_refuses_a_value_that_overflows_once_scaled():
