@@ -208,11 +208,12 @@ class MoRAMLinear(nn.Module):
 
         The new bank (given tensors plus the kept ones) is checked first (see
         :meth:`_check_bank`): a ``ValueError`` leaves the layer unchanged. Tensors are
-        taken as they are (no copy, no cast). ``keys`` / ``values`` other than the current
-        parameter object become new ``nn.Parameter`` objects with the current
-        ``requires_grad``; pass the current object (or None) to keep it, as the in-place
-        re-initialisation of :meth:`add_task` does. Every value derived from the bank
-        (cast copies, Gram matrix, scales) is dropped.
+        taken as they are (no copy, no cast), except ``keys`` / ``values`` of the current
+        parameter's shape, dtype and device, which are copied into it: the Parameter object
+        stays, so an optimiser built before a checkpoint is loaded still trains the layer
+        (it stepped orphaned tensors when they were replaced). Others become new
+        ``nn.Parameter`` objects with the current ``requires_grad``. Every value derived
+        from the bank (cast copies, Gram matrix, scales) is dropped.
         """
         given = {"frozen_keys": frozen_keys, "frozen_values": frozen_values, "keys": keys,
                  "values": values, "task_sizes": task_sizes}
@@ -223,7 +224,12 @@ class MoRAMLinear(nn.Module):
             if t is None or t is cur:
                 continue
             if f in ("keys", "values"):
-                setattr(self, f, nn.Parameter(t.detach(), requires_grad=cur.requires_grad))
+                if (not _is_dtensor(cur) and t.shape == cur.shape and t.dtype == cur.dtype
+                        and t.device == cur.device):
+                    with torch.no_grad():
+                        cur.copy_(t)     # the same Parameter: an optimiser built before keeps it
+                else:
+                    setattr(self, f, nn.Parameter(t.detach(), requires_grad=cur.requires_grad))
             else:
                 setattr(self, f, t.detach())
         self._caches.clear()

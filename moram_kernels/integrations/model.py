@@ -355,8 +355,11 @@ def load_moram(model: nn.Module, path) -> nn.Module:
     layers and config (``inject`` it first; its number of tasks so far does not matter).
 
     Everything is checked before anything changes: a mismatch raises ``ValueError`` and
-    leaves the model untouched. Atoms take the model's device and dtype. The trainable
-    atoms become new ``nn.Parameter`` objects, so build the optimiser after loading.
+    leaves the model untouched. Atoms take the model's device and dtype. Trainable atoms
+    of the layer's current shape are copied into its existing Parameters, so an optimiser
+    built before loading keeps training them; when the shape changes (the file's r or a
+    layer without a task yet) they become new ``nn.Parameter`` objects, and the optimiser
+    must be built after loading.
 
     Into a model whose bank is sharded this is a collective: every rank of the group calls
     it and reads only its own rows of each frozen bank from the file (cut for the file's

@@ -221,8 +221,15 @@ def test_save_load_round_trip(tmp_path, fresh_tasks):
     mk.inject(dst, mk.MoRAMConfig(**CFG))
     for _ in range(fresh_tasks):
         mk.add_task(dst)
+    before = list(mk.trainable_parameters(dst))
     mk.load_moram(dst, path)
     assert torch.equal(out(dst, x), want)
+    if fresh_tasks:
+        # the layers' trainable atoms had the file's shape: loaded into the same Parameters,
+        # so an optimiser built before loading trains the loaded model (it used to step
+        # orphaned tensors)
+        after = list(mk.trainable_parameters(dst))
+        assert len(after) == len(before) and all(a is b for a, b in zip(after, before))
     dst.train(), src.train()
     with torch.no_grad():
         assert torch.equal(dst(x).last_hidden_state, src(x).last_hidden_state)
