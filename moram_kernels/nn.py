@@ -245,9 +245,8 @@ class MoRAMLinear(nn.Module):
         if not self.keys.shape[0]:
             return
         for tensor, t in (("keys", _full(self.keys)), ("values", _full(self.values) * self.scaling)):
-            bad = ~torch.isfinite(t).all(dim=1)
-            if bad.any():
-                ids = bad.nonzero().flatten().tolist()
+            ids = _nonfinite_atoms(t)
+            if ids:
                 raise ValueError(
                     f"layer {what}: trainable atom(s) {ids[:20]}{' ...' if len(ids) > 20 else ''} "
                     f"have non-finite {tensor}{' (scale alpha/r baked in)' if tensor == 'values' else ''}; "
@@ -506,12 +505,11 @@ class MoRAMLinear(nn.Module):
         for name in ("frozen_keys", "frozen_values", "keys", "values"):
             t, cur = state_dict.get(prefix + name), getattr(self, name)
             if isinstance(t, Tensor) and t.dim() == 2 and t.is_floating_point():
-                bad = ~torch.isfinite(t.detach().to(cur.dtype)).all(dim=1)
-                if bool(bad.any()):
+                ids = _nonfinite_atoms(t, cur.dtype)
+                if ids:
                     error_msgs.append(
                         f"MoRAMLinear {prefix[:-1] or '(root)'}: {name} has non-finite atom(s) "
-                        f"{bad.nonzero().flatten().tolist()[:20]} (in {cur.dtype}); refusing to load "
-                        "(this layer was left unchanged)")
+                        f"{ids[:20]} (in {cur.dtype}); refusing to load (this layer was left unchanged)")
                     return
         # the bank takes the state dict's shapes (and task sizes) first, checked as a whole;
         # a tensor that is missing or of another kind is left to the errors of super()
@@ -537,6 +535,13 @@ class MoRAMLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"N={self.num_atoms}, trainable={self.num_trainable_atoms}, r={self.r}, k={self.k}, "
                 f"tau={self.tau}, delta={self.delta}, alpha={self.alpha}")
+
+
+def _nonfinite_atoms(t: Tensor, dtype: torch.dtype | None = None) -> list[int]:
+    """Rows of the atoms ``t`` with an inf/NaN element, once cast to ``dtype`` (a layer's
+    own dtype: a finite fp32 value may overflow its fp16); [] when every atom is finite."""
+    t = t.detach() if dtype is None else t.detach().to(dtype)
+    return (~torch.isfinite(t).all(dim=1)).nonzero().flatten().tolist()
 
 
 # ---- DistributedDataParallel leaves the frozen banks alone --------------------------------------

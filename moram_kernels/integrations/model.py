@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed import _NOT_SHARDED, _agree, _models_bank_group, _read_part, _save_sharded, is_sharded
-from ..nn import MoRAMLinear, _is_conv1d, _keep_frozen_banks_out_of_ddp, _linear_dims
+from ..nn import MoRAMLinear, _is_conv1d, _keep_frozen_banks_out_of_ddp, _linear_dims, _nonfinite_atoms
 
 __all__ = ["MoRAMConfig", "InjectionSummary", "inject", "remove", "add_task", "save_moram",
            "load_moram", "moram_layers", "trainable_parameters"]
@@ -325,9 +325,8 @@ def _check_finite(name: str, layer: MoRAMLinear, st: dict[str, Tensor]) -> None:
     fk, fv, k, v, _ = (st[a] for a in _STATE)
     for a, t in (("frozen_keys", fk), ("frozen_values", fv), ("keys", k), ("values", v)):
         # as the layer will hold it: a finite fp32 value may overflow the layer's fp16
-        bad = ~torch.isfinite(t.to(getattr(layer, a).dtype)).all(dim=1)
-        if bad.any():
-            ids = bad.nonzero().flatten().tolist()
+        ids = _nonfinite_atoms(t, getattr(layer, a).dtype)
+        if ids:
             raise ValueError(f"layer {name}: {a} has non-finite atom(s) {ids[:20]} (in "
                              f"{getattr(layer, a).dtype}); refusing to load (the model is unchanged)")
 

@@ -104,7 +104,7 @@ PICK_PER_SM = 2
 def pick_per_sm(kp: int, groups: bool, bc: int) -> int:
     """Resident pick programs per SM for a K bucket, mode and chunk (see :data:`PICK_PER_SM`)."""
     from .split import ONE_CHUNK_N
-    one_chunk = not groups and bc == ONE_CHUNK_N and kp == 16
+    one_chunk = not groups and bc == ONE_CHUNK_N      # pick_config gives stream mode 512 otherwise
     return 1 if (groups and kp >= 32) or one_chunk else PICK_PER_SM
 
 

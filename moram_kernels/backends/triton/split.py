@@ -111,6 +111,18 @@ def score_keys(p0_ptr, p1_ptr, row0, row1, sps, n_part, c0, N0, N, ss, BC: tl.co
 
 
 @triton.jit
+def store_groups(acc, m2, rows, t_mask, pid_n, pss_ptr, gmax_ptr, NB, NG,
+                 BT: tl.constexpr, BN: tl.constexpr, GS: tl.constexpr):
+    """What the pick's group mode reads of atom block ``pid_n``'s fp32 scores ``acc [BT, BN]``
+    (``m2``: the live tokens x atoms, masked scores 0): its sums of squares into
+    ``pss [T, NB]`` and the maximum of every GS atoms into ``gmax [T, NG]``."""
+    tl.store(pss_ptr + rows * NB + pid_n, tl.sum(acc * acc, 1), mask=t_mask)   # masked atoms are 0
+    g = tl.max(tl.reshape(tl.where(m2, acc, float("-inf")), [BT, BN // GS, GS]), 2)
+    gcol = pid_n * (BN // GS) + tl.arange(0, BN // GS)
+    tl.store(gmax_ptr + rows[:, None] * NG + gcol[None, :], g, mask=t_mask[:, None])
+
+
+@triton.jit
 def _slab_scores(x_ptr, sxt, sxd, rows, t_mask, k_ptr, skn, skd, n_loc, n_mask, d_lo, d_hi,
                  BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr,
                  PREC: tl.constexpr):
@@ -167,10 +179,7 @@ def _moram_split_scores_kernel(x_ptr, k0_ptr, k1_ptr, sc_ptr, pss_ptr, gmax_ptr,
     m2 = t_mask[:, None] & n_mask[None, :]
     tl.store(sc_ptr + pid_d.to(tl.int64) * scs + rows[:, None] * sct + gid[None, :], acc, mask=m2)
     if GROUPS:
-        tl.store(pss_ptr + rows * NB + pid_n, tl.sum(acc * acc, 1), mask=t_mask)   # masked atoms are 0
-        g = tl.max(tl.reshape(tl.where(m2, acc, float("-inf")), [BT, BN // GS, GS]), 2)
-        gcol = pid_n * (BN // GS) + tl.arange(0, BN // GS)
-        tl.store(gmax_ptr + rows[:, None] * NG + gcol[None, :], g, mask=t_mask[:, None])
+        store_groups(acc, m2, rows, t_mask, pid_n, pss_ptr, gmax_ptr, NB, NG, BT, BN, GS)
 
 
 @triton.jit(do_not_specialize=["T", "N0", "N1", "K", "n_part", "NB", "NG", "BN", "sp0t", "sp1t", "sps"])
@@ -243,10 +252,7 @@ def _moram_groups_kernel(p0_ptr, p1_ptr, pss_ptr, gmax_ptr, T, N0, N1, NB, NG, s
         acc = tl.load(p0_ptr + rows[:, None] * sp0t + n_loc[None, :], mask=m2, other=0.0)
     else:
         acc = tl.load(p1_ptr + rows[:, None] * sp1t + n_loc[None, :], mask=m2, other=0.0)
-    tl.store(pss_ptr + rows * NB + pid_n, tl.sum(acc * acc, 1), mask=t_mask)   # masked atoms are 0
-    g = tl.max(tl.reshape(tl.where(m2, acc, float("-inf")), [BT, BN // GS, GS]), 2)
-    gcol = pid_n * (BN // GS) + tl.arange(0, BN // GS)
-    tl.store(gmax_ptr + rows[:, None] * NG + gcol[None, :], g, mask=t_mask[:, None])
+    store_groups(acc, m2, rows, t_mask, pid_n, pss_ptr, gmax_ptr, NB, NG, BT, BN, GS)
 
 
 # ---- plans and configs --------------------------------------------------------------------------
@@ -416,29 +422,28 @@ def gemm_fwd(x, keys0, values0, scale0, keys1, values1, scale1, n0, n1, K, tau, 
     y, idx, p_sel, norm, coef = _outputs(x, K, DO, x.dtype)
     n = n0 + n1
     step = max(1, GEMM_SCORE_BYTES // (4 * max(n, 1)))
+    # gemm2's blocks and groups; stream mode reads neither (p_sel stands in, never read)
+    bt, bn, warps = groups_config()
+    nb = triton.cdiv(n0, bn) + triton.cdiv(n1, bn) if groups else 0
+    ng = nb * (bn // GROUP_ATOMS)
+    pss = gmax = p_sel
     for t0 in range(0, T, step):
         xs = x[t0:t0 + step]
+        tc = xs.shape[0]
         s0 = _mm(xs, keys0.t()) if n0 else None
         s1 = _mm(xs, keys1.t()) if n1 else None
         s0 = s0 if s0 is not None else s1     # an empty segment's pointer is never read
         s1 = s1 if s1 is not None else s0
-        rows = slice(t0, t0 + xs.shape[0])
         if groups:
-            tc = xs.shape[0]
-            bt, bn, warps = groups_config()
-            nb = triton.cdiv(n0, bn) + triton.cdiv(n1, bn)
-            ng = nb * (bn // GROUP_ATOMS)
             pss = torch.empty(tc, nb, device=x.device, dtype=torch.float32)
             gmax = torch.empty(tc, ng, device=x.device, dtype=torch.float32)
             with device_ctx(x.device):
                 _moram_groups_kernel[(nb, triton.cdiv(tc, bt))](
                     s0, s1, pss, gmax, tc, n0, n1, nb, ng, s0.stride(0), s1.stride(0),
                     BT=bt, BN=bn, GS=GROUP_ATOMS, num_warps=warps)
-            _pick(s0, s1, s0.stride(0), s1.stride(0), 0, 1, pss, gmax, nb, ng, bn, n0, n1, scale0, scale1,
-                  idx[rows], p_sel[rows], norm[rows], coef[rows], K, tau, delta, eps, True)
-        else:
-            _pick(s0, s1, s0.stride(0), s1.stride(0), 0, 1, p_sel, p_sel, 0, 0, 16, n0, n1, scale0, scale1,
-                  idx[rows], p_sel[rows], norm[rows], coef[rows], K, tau, delta, eps, False)
+        rows = slice(t0, t0 + tc)
+        _pick(s0, s1, s0.stride(0), s1.stride(0), 0, 1, pss, gmax, nb, ng, bn, n0, n1, scale0, scale1,
+              idx[rows], p_sel[rows], norm[rows], coef[rows], K, tau, delta, eps, groups)
     if T:
         launch_gather(idx, coef, values0, values1, n0, y, k_bucket(K))
     return y, idx, p_sel, norm
