@@ -311,6 +311,14 @@ def test_cpu_floor_preset_prints_every_goal_with_its_verdict(tmp_path, capsys):
         assert r == pytest.approx(want, rel=0.02, abs=0.01), (measure, value, ratio)
         assert verdict == ("PASS" if (r >= limit if faster else 0 < r <= limit) else "MISS"), (measure, ratio, goal)
     assert re.search(rf"{sum(r[5] == 'PASS' for r in scored)} of 10 goals met on .+ \(", text)
+    # the note on the forward's parts outside its GEMM: the thin call over the same floor
+    thin = [r for r in rows if r[1].startswith("forward with d_in=")]
+    assert [r[0] for r in thin] == ["fp32", "bf16"], text
+    for group, measure, value, ratio, goal, verdict in thin:
+        a, b = [float(v.split()[0]) * unit[v.split()[1]] for v in value.split(" vs ")]
+        assert float(ratio.rstrip("x")) == pytest.approx(a / b, rel=0.02, abs=0.01), (measure, value, ratio)
+        gemm_row = next(r for r in scored if r[0] == group and "fastest torch GEMM" in r[1])
+        assert value.split(" vs ")[1] == gemm_row[2].split(" vs ")[1], (value, gemm_row)   # the same floor
     with open(out_csv) as f:
         saved = list(csv.DictReader(f))
     assert [r["measure"] for r in saved] == [r[1] for r in rows]
