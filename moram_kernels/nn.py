@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -270,9 +271,20 @@ class MoRAMLinear(nn.Module):
         atoms whatever its RNG state. FSDP2-sharded parameters (DTensors) are
         gathered in full for the frozen bank and written back shard by shard.
 
-        A non-finite trainable atom raises ``ValueError`` and changes nothing.
+        A non-finite trainable atom raises ``ValueError`` and changes nothing. Atoms whose
+        values are all still zero (never trained: a second ``add_task`` before any optimiser
+        step) are frozen as asked, with a ``UserWarning``: such atoms add nothing to the
+        output but take top-K places and softmax weight from trained ones.
         """
         self._check_finite_atoms()
+        old_values = _full(self.values).detach() if self.keys.shape[0] else None
+        if old_values is not None and not bool(old_values.any()):
+            warnings.warn(
+                f"MoRAMLinear.add_task: the current task's {self.keys.shape[0]} trainable atoms "
+                "were never trained (their values are all still zero); freezing them adds atoms "
+                "that contribute nothing but take top-K places and softmax weight from the "
+                "trained ones. Train the task before add_task() (ignore this if intended).",
+                UserWarning, stacklevel=2)
         keys = torch.empty(self.r, self.in_features, dtype=self.keys.dtype,
                            device=_local(self.keys).device)
         nn.init.kaiming_uniform_(keys, a=math.sqrt(5))
@@ -284,8 +296,7 @@ class MoRAMLinear(nn.Module):
             bank["values"] = torch.zeros(self.r, self.out_features, dtype=self.values.dtype,
                                          device=keys.device)
         if self.keys.shape[0]:
-            self._append_frozen(_full(self.keys).detach(), _full(self.values).detach() * self.scaling,
-                                **bank)
+            self._append_frozen(_full(self.keys).detach(), old_values * self.scaling, **bank)
         else:
             self._set_bank(**bank)
         if in_place:    # after the frozen bank took the old values

@@ -1,6 +1,7 @@
 """MoRAMLinear: the lifecycle, scaling, dropout, threshold, state_dict, gradients."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -61,6 +62,28 @@ def test_add_task_freezes_and_appends_fresh_atoms():
     first.add_task()
     assert torch.equal(first(x), y0)
     assert not layer.frozen_keys.requires_grad and layer.keys.requires_grad
+
+
+def test_add_task_warns_when_the_task_was_never_trained():
+    """A second add_task before any optimiser step freezes atoms whose values are still zero:
+    they take top-K places and softmax weight and add nothing, so it warns (and still does
+    what was asked). The first task, and a task whose values moved, do not warn."""
+    layer = mk.MoRAMLinear(nn.Linear(16, 12), r=4, k=3, tau=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer.add_task()                       # from an empty bank: nothing to freeze
+    with pytest.warns(UserWarning, match="4 trainable atoms were never trained"):
+        layer.add_task()
+    assert layer.num_atoms == 8 and layer.num_tasks == 2     # frozen as asked
+    opt = torch.optim.SGD([layer.keys, layer.values], lr=0.1)
+    layer.train()
+    layer(torch.randn(5, 16)).square().sum().backward()
+    opt.step()
+    assert layer.values.abs().sum() > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer.add_task()
+    assert layer.num_atoms == 12
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
