@@ -20,6 +20,7 @@ scaling in, so a frozen atom keeps contributing what it contributed while traine
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -175,13 +176,22 @@ def import_trace_state_dict(model, state_dict: Mapping[str, Tensor], *,
     ``MoRAMConfig(r=<their r>, alpha=<their lora_alpha>)``.
 
     ``lora_alpha``: the checkpoint's ``lora_alpha`` (from its adapter config); when given,
-    a layer whose ``alpha / r`` differs raises. ``task_sizes``: atoms of each past task
+    a layer whose ``alpha / r`` differs raises. Without it nothing can check that scale (the
+    tensors do not record it), so the import assumes the model's and warns. ``task_sizes``: atoms of each past task
     (the checkpoint does not record them; default r per task). ``strict``: every MoRAM
     layer of the model must receive atoms. All checks run before the model changes.
     Returns ``{model layer name: checkpoint module name}``.
     """
     scaling = None
-    if lora_alpha is not None:
+    if lora_alpha is None:
+        scales = sorted({layer.scaling for layer in moram_layers(model).values()})
+        warnings.warn(
+            "import_trace_state_dict: lora_alpha not given, so the checkpoint's scale of its "
+            f"trainable values (lora_alpha / r, from its adapter_config.json) is taken to be "
+            f"this model's alpha / r = {', '.join(f'{v:g}' for v in scales)}; with another scale "
+            "the imported model computes other outputs and nothing can tell. Pass lora_alpha= "
+            "to check it.", UserWarning, stacklevel=2)
+    else:
         r = {layer.r for layer in moram_layers(model).values()}
         scaling = float(lora_alpha) / r.pop() if len(r) == 1 else None
         if scaling is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 import math
 
 import pytest
@@ -111,7 +112,13 @@ def test_import_trace_checkpoint(train_mode):
     mk.inject(ours, mk.MoRAMConfig(target_modules=["q_proj", "v_proj"], r=r, k=k, tau=tau,
                                    delta=delta, alpha=alpha, eps=eps))
     mk.add_task(ours)
-    mapping = mki.import_trace_state_dict(ours, sd, lora_alpha=alpha)
+    # without lora_alpha the scale cannot be checked: the import warns, naming the one it takes
+    unchecked = copy.deepcopy(ours)
+    with pytest.warns(UserWarning, match=r"lora_alpha not given.* alpha / r = 2;"):
+        mki.import_trace_state_dict(unchecked, sd)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mapping = mki.import_trace_state_dict(ours, sd, lora_alpha=alpha)
     assert len(mapping) == 4 and all(v.startswith("base_model.model.") for v in mapping.values())
     layer = mki.moram_layers(ours)["layers.0.self_attn.q_proj"]
     assert layer.task_sizes.tolist() == [4, 4, 4] and layer.num_trainable_atoms == r
