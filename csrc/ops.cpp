@@ -46,6 +46,8 @@ bool has_cuda() {
 #ifdef MORAM_WITH_CPU
 namespace moram_cpu {
 std::string lowp_road(const std::string& dtype);  // csrc/cpu/moram_cpu.cpp
+at::Tensor store_rows(const at::Tensor& src, const std::string& dtype);  // csrc/cpu/moram_cpu.cpp
+at::Tensor gather_rows(const at::Tensor& values, const at::Tensor& ids, const at::Tensor& coef);  // the same
 }
 #endif
 
@@ -55,6 +57,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef MORAM_WITH_CPU
   m.def("cpu_lowp_road", &moram_cpu::lowp_road,
         "the road of the CPU GEMMs for 'bfloat16'/'float16' inputs now: 'native' or 'fp32' (MORAM_CPU_LOWP)");
+  m.def("cpu_store_rows", &moram_cpu::store_rows,
+        "fp32 rows written into a new 'bfloat16'/'float16'/'float32' tensor by the CPU kernels' row store (tests)");
+  m.def("cpu_gather_rows", &moram_cpu::gather_rows,
+        "sum_i coef[i] * values[ids[i]] in fp32 through the CPU kernels' gather of value rows (tests)");
 #endif
   m.def("eager", &moram_eager::eager, "the MoRAM delta with its autograd node, for eager calls on the cpu/cuda backends",
         py::call_guard<py::gil_scoped_release>());

@@ -19,9 +19,14 @@
 
 #include "thread_plan.h"
 
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(MORAM_NO_CLONES)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <exception>
 #include <functional>
 #include <limits>
@@ -284,10 +289,38 @@ Atoms make_atoms(const Tensor& x, const Tensor& keys0, const Tensor& values0,
 #define MORAM_CLONES
 #endif
 
+// A value row's element as fp32. fp16 by integer steps and one fp32 subtraction, without
+// branches, so that the row loops below vectorise (c10::Half's conversion does not: the fp16
+// gather took half of an fp16 forward at d_out = 1024 on an AVX2 EPYC). Exact for every
+// finite value, subnormals included; infinities and NaN keep their bits.
+inline float to_f32(float v) { return v; }
+inline float to_f32(at::BFloat16 v) { return static_cast<float>(v); }  // a shift: vectorises
+inline float to_f32(at::Half v) {
+  const uint32_t h = v.x;
+  const uint32_t em = (h & 0x7FFFu) << 13;  // exponent and mantissa, in fp32's places
+  const uint32_t e = em & (0x7C00u << 13);
+  // all-ones masks, not branches or selects of floats (GCC then leaves the loop scalar)
+  const uint32_t inf_nan = 0u - static_cast<uint32_t>(e == (0x7C00u << 13));
+  const uint32_t small = 0u - static_cast<uint32_t>(e == 0);
+  // rebias the exponent (to 255 for inf / NaN)
+  const uint32_t o = em + ((127u - 15u) << 23) + (inf_nan & ((128u - 16u) << 23));
+  // zero / subnormal: m * 2^-24 = (2^-14 * (1 + m / 1024)) - 2^-14, exact in fp32
+  const uint32_t os = o + (1u << 23);
+  float fs;
+  std::memcpy(&fs, &os, sizeof fs);
+  fs -= 6.103515625e-05f;
+  uint32_t sb;
+  std::memcpy(&sb, &fs, sizeof sb);
+  const uint32_t r = ((sb & small) | (o & ~small)) | ((h & 0x8000u) << 16);
+  float f;
+  std::memcpy(&f, &r, sizeof f);
+  return f;
+}
+
 template <typename V>
 inline void axpy_body(float c, const V* __restrict__ src, float* __restrict__ acc, int64_t n) {
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) acc[j] += c * static_cast<float>(src[j]);
+  for (int64_t j = 0; j < n; ++j) acc[j] += c * to_f32(src[j]);
 }
 
 // Four quarters summed side by side: four independent accumulators, so that the FMA
@@ -298,12 +331,12 @@ inline float dot_body(const V* __restrict__ a, const float* __restrict__ b, int6
   float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
 #pragma omp simd reduction(+ : s0, s1, s2, s3)
   for (int64_t j = 0; j < q; ++j) {
-    s0 += static_cast<float>(a[j]) * b[j];
-    s1 += static_cast<float>(a[j + q]) * b[j + q];
-    s2 += static_cast<float>(a[j + 2 * q]) * b[j + 2 * q];
-    s3 += static_cast<float>(a[j + 3 * q]) * b[j + 3 * q];
+    s0 += to_f32(a[j]) * b[j];
+    s1 += to_f32(a[j + q]) * b[j + q];
+    s2 += to_f32(a[j + 2 * q]) * b[j + 2 * q];
+    s3 += to_f32(a[j + 3 * q]) * b[j + 3 * q];
   }
-  for (int64_t j = 4 * q; j < n; ++j) s0 += static_cast<float>(a[j]) * b[j];
+  for (int64_t j = 4 * q; j < n; ++j) s0 += to_f32(a[j]) * b[j];
   return (s0 + s1) + (s2 + s3);
 }
 
@@ -313,6 +346,19 @@ inline void store_body(const float* __restrict__ src, T* __restrict__ dst, int64
   for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<T>(src[j]);
 }
 
+// fp32 -> bf16 as c10::BFloat16(float) rounds (to nearest even; every NaN becomes 0x7FC0),
+// written without its NaN branch so that the loop vectorises: the scalar conversion took
+// 8 % of a bf16 forward at d_out = 1024 on an AVX2 EPYC.
+inline void store_body(const float* __restrict__ src, at::BFloat16* __restrict__ dst, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    uint32_t b;
+    std::memcpy(&b, src + j, sizeof b);
+    const uint32_t rounded = (b + (((b >> 16) & 1u) + 0x7FFFu)) >> 16;
+    dst[j].x = static_cast<uint16_t>((b & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
+  }
+}
+
 MORAM_CLONES void axpy_row(float c, const float* src, float* acc, int64_t n) { axpy_body(c, src, acc, n); }
 MORAM_CLONES void axpy_row(float c, const at::Half* src, float* acc, int64_t n) { axpy_body(c, src, acc, n); }
 MORAM_CLONES void axpy_row(float c, const at::BFloat16* src, float* acc, int64_t n) { axpy_body(c, src, acc, n); }
@@ -320,7 +366,31 @@ MORAM_CLONES float dot_row(const float* a, const float* b, int64_t n) { return d
 MORAM_CLONES float dot_row(const at::Half* a, const float* b, int64_t n) { return dot_body(a, b, n); }
 MORAM_CLONES float dot_row(const at::BFloat16* a, const float* b, int64_t n) { return dot_body(a, b, n); }
 MORAM_CLONES void store_row(const float* src, float* dst, int64_t n) { store_body(src, dst, n); }
-MORAM_CLONES void store_row(const float* src, at::Half* dst, int64_t n) { store_body(src, dst, n); }
+// fp32 -> fp16: the F16C instruction where the CPU has it (IEEE round to nearest even, as
+// c10::Half rounds; its software conversion does not vectorise), else the portable loop.
+MORAM_CLONES void store_row_half_portable(const float* src, at::Half* dst, int64_t n) { store_body(src, dst, n); }
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(MORAM_NO_CLONES)
+__attribute__((target("avx,f16c"))) void store_row_half_f16c(const float* src, at::Half* dst, int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT));
+  if (j < n) {  // the tail through one zero-padded vector
+    alignas(32) float in[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    alignas(16) at::Half out[8];
+    std::copy(src + j, src + n, in);
+    _mm_store_si128(reinterpret_cast<__m128i*>(out), _mm256_cvtps_ph(_mm256_load_ps(in), _MM_FROUND_TO_NEAREST_INT));
+    std::copy(out, out + (n - j), dst + j);
+  }
+}
+#endif
+void store_row(const float* src, at::Half* dst, int64_t n) {
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(MORAM_NO_CLONES)
+  static const bool f16c = (__builtin_cpu_init(), __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx"));
+  if (f16c) return store_row_half_f16c(src, dst, n);
+#endif
+  store_row_half_portable(src, dst, n);
+}
 MORAM_CLONES void store_row(const float* src, at::BFloat16* dst, int64_t n) { store_body(src, dst, n); }
 
 // Four value rows at once: acc += c0 v0 + c1 v1 + c2 v2 + c3 v3 reads and writes acc once
@@ -332,8 +402,8 @@ inline void axpy4_body(const float* c, const V* __restrict__ v0, const V* __rest
   const float c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3];
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j)
-    acc[j] += c0 * static_cast<float>(v0[j]) + c1 * static_cast<float>(v1[j]) + c2 * static_cast<float>(v2[j]) +
-              c3 * static_cast<float>(v3[j]);
+    acc[j] += c0 * to_f32(v0[j]) + c1 * to_f32(v1[j]) + c2 * to_f32(v2[j]) +
+              c3 * to_f32(v3[j]);
 }
 
 // Four rows against one vector (value rows against a gradient row, key rows against a
@@ -346,10 +416,10 @@ inline void dot4_body(const V* __restrict__ v0, const V* __restrict__ v1, const 
 #pragma omp simd reduction(+ : s0, s1, s2, s3)
   for (int64_t j = 0; j < n; ++j) {
     const float gj = g[j];
-    s0 += static_cast<float>(v0[j]) * gj;
-    s1 += static_cast<float>(v1[j]) * gj;
-    s2 += static_cast<float>(v2[j]) * gj;
-    s3 += static_cast<float>(v3[j]) * gj;
+    s0 += to_f32(v0[j]) * gj;
+    s1 += to_f32(v1[j]) * gj;
+    s2 += to_f32(v2[j]) * gj;
+    s3 += to_f32(v3[j]) * gj;
   }
   out[0] = s0;
   out[1] = s1;
@@ -378,6 +448,7 @@ struct ValueRows {
   const V* base[2];
   int64_t lo1, d_out;
   explicit ValueRows(const Atoms& a);
+  ValueRows(const V* rows, int64_t d) : base{rows, nullptr}, lo1(std::numeric_limits<int64_t>::max()), d_out(d) {}
   const V* row(int64_t id) const { return id >= lo1 ? base[1] + (id - lo1) * d_out : base[0] + id * d_out; }
 };
 
@@ -1288,6 +1359,45 @@ std::string lowp_road(const std::string& dtype) {
   TORCH_CHECK(dtype == "bfloat16" || dtype == "float16", "cpu_lowp_road: dtype must be 'bfloat16' or 'float16', got '",
               dtype, "'");
   return lowp_gemm_road(dtype == "bfloat16" ? at::kBFloat16 : at::kHalf) ? "native" : "fp32";
+}
+
+// src (fp32 [rows, n]) written row by row into a new tensor of dtype through the kernels' own
+// row store (store_row_any: the forward's output rows, the backward's gradient rows), for
+// the tests that pin its rounding to torch's (bound as _C.cpu_store_rows in csrc/ops.cpp).
+at::Tensor store_rows(const at::Tensor& src, const std::string& dtype) {
+  TORCH_CHECK(src.device().is_cpu() && src.scalar_type() == at::kFloat && src.dim() == 2,
+              "cpu_store_rows: src must be a float32 CPU tensor [rows, n], got ", src.scalar_type(), " ",
+              src.sizes());
+  TORCH_CHECK(dtype == "bfloat16" || dtype == "float16" || dtype == "float32",
+              "cpu_store_rows: dtype must be 'bfloat16', 'float16' or 'float32', got '", dtype, "'");
+  const at::ScalarType dt = dtype == "bfloat16" ? at::kBFloat16 : dtype == "float16" ? at::kHalf : at::kFloat;
+  const at::Tensor s = src.contiguous();
+  at::Tensor out = at::empty(s.sizes(), s.options().dtype(dt));
+  for (int64_t r = 0; r < s.size(0); ++r) store_row_any(s.data_ptr<float>() + r * s.size(1), out, r);
+  return out;
+}
+
+// acc (fp32 [d]) = Σ_i coef_i values[ids_i] through the kernels' gather (gather_values: four
+// rows at a time, then one), values [N, d] fp32/bf16/fp16, for the tests that pin its
+// conversions (bound as _C.cpu_gather_rows in csrc/ops.cpp).
+at::Tensor gather_rows(const at::Tensor& values, const at::Tensor& ids, const at::Tensor& coef) {
+  TORCH_CHECK(values.device().is_cpu() && values.dim() == 2 && is_float_type(values.scalar_type()),
+              "cpu_gather_rows: values must be a float CPU tensor [N, d], got ", values.scalar_type(), " ",
+              values.sizes());
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 1 && coef.scalar_type() == at::kFloat &&
+                  coef.sizes() == ids.sizes(),
+              "cpu_gather_rows: ids must be int64 [K] and coef float32 [K]");
+  const at::Tensor v = values.contiguous(), i = ids.contiguous(), c = coef.contiguous();
+  const int64_t N = v.size(0), d = v.size(1), K = i.size(0);
+  const int64_t* I = i.data_ptr<int64_t>();
+  for (int64_t e = 0; e < K; ++e) TORCH_CHECK(I[e] >= 0 && I[e] < N, "cpu_gather_rows: id ", I[e], " out of [0, ", N, ")");
+  at::Tensor acc = at::empty({d}, v.options().dtype(at::kFloat));
+  switch (v.scalar_type()) {
+    case at::kFloat: gather_values(ValueRows<float>(v.data_ptr<float>(), d), I, c.data_ptr<float>(), K, acc.data_ptr<float>()); break;
+    case at::kHalf: gather_values(ValueRows<at::Half>(v.data_ptr<at::Half>(), d), I, c.data_ptr<float>(), K, acc.data_ptr<float>()); break;
+    default: gather_values(ValueRows<at::BFloat16>(v.data_ptr<at::BFloat16>(), d), I, c.data_ptr<float>(), K, acc.data_ptr<float>()); break;
+  }
+  return acc;
 }
 }  // namespace moram_cpu
 

@@ -142,3 +142,51 @@ def test_small_bank_paths_on_either_road(road, t, dn):
     for nm, g, w in zip(("gx", "gk0", "gv0", "gk1", "gv1"), got, want):
         assert g.dtype == dt, nm
         _close(g, w, dt, nm)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_row_store_rounds_as_torch_does(dtype):
+    """The kernels' fp32 -> low-precision row store (forward output rows, backward gradient
+    rows): every finite value, infinity, overflow, subnormal and exact tie rounds to the bits
+    torch's own conversion gives, and NaN stays NaN, at row lengths with and without a
+    vector tail."""
+    g = torch.Generator().manual_seed(7)
+    bits = torch.randint(-2**31, 2**31, (40, 1003), generator=g, dtype=torch.int64).to(torch.int32)
+    x = bits.view(torch.float32).clone()
+    ties = torch.tensor([0x3F808000, 0x3F818000, -0x40C08000, 0x00008000, 0x7F7FFFFF, 0x7F7F8000,
+                         0x33000000, 0x387FE000], dtype=torch.int32).view(torch.float32)  # bf16 and fp16 ties
+    x[0, :8] = ties
+    x[1, :6] = torch.tensor([float("inf"), -float("inf"), 0.0, -0.0, 3.0e38, -6.0e-8])
+    for n in (1003, 37, 8, 3):
+        got, want = _C.cpu_store_rows(x[:, :n], str(dtype).split(".")[1]), x[:, :n].to(dtype)
+        assert got.dtype == dtype
+        nan = torch.isnan(want)
+        assert torch.equal(torch.isnan(got), nan)
+        itype = torch.int32 if dtype == torch.float32 else torch.int16
+        assert torch.equal(got[~nan].view(itype), want[~nan].view(itype)), n
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_value_rows_convert_every_bit_pattern_exactly(dtype):
+    """The gather reads bf16/fp16 value rows as fp32 (fp16 by its own branch-free steps):
+    all 65,536 bit patterns, subnormals included, come out as torch's conversion gives them,
+    through one row (the single-row loop) and through the four-row loop."""
+    every = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    want = every.float()
+    finite = torch.isfinite(want)
+    zeros = torch.zeros_like(every)
+    rows = torch.stack([zeros, every, zeros, zeros, zeros])
+    ids = {1: [1], 4: [0, 1, 2, 3]}
+    for k, picked in ids.items():
+        got = _C.cpu_gather_rows(rows, torch.tensor(picked), torch.ones(k))
+        assert torch.equal(got[finite], want[finite]), k       # -0 + 0 is +0: equal under ==
+        assert torch.equal(torch.isinf(got), torch.isinf(want)) and torch.equal(got[torch.isinf(got)],
+                                                                                 want[torch.isinf(want)])
+        assert torch.equal(torch.isnan(got), torch.isnan(want)), k
+    # and a weighted sum of rows with a tail row, against fp64
+    g = torch.Generator().manual_seed(3)
+    vals = torch.randn(9, 77, generator=g).to(dtype)
+    idx, c = torch.tensor([4, 0, 8, 2, 7, 1]), torch.randn(6, generator=g)
+    got = _C.cpu_gather_rows(vals, idx, c)
+    ref64 = (c.double()[:, None] * vals[idx].double()).sum(0)
+    torch.testing.assert_close(got.double(), ref64, rtol=1e-6, atol=1e-6)
