@@ -494,3 +494,22 @@ def test_dtype_axis_times_each_case_in_each_dtype_against_its_own_floor(tmp_path
     lines = [ln for ln in md.splitlines() if ln.startswith("| custom ")]
     assert [ln.split(" | ")[5] for ln in lines] == ["fp32", "bf16"]
     assert "float32, bfloat16" in md and cpu_isa() in md
+
+
+@pytest.mark.skipif("cpu" not in mk.available_backends(), reason="ab_builds times the C++ cpu backend")
+def test_ab_builds_times_both_trees_and_prints_each_ratio(capsys):
+    """Two builds side by side (here the same tree twice): one row per shape, each ratio the
+    quotient of its two times, the CPU above the table; a malformed shape is refused."""
+    from benchmarks import ab_builds
+    shapes = ["9,40,16,8,4,float32", "9,40,16,8,4,bfloat16"]
+    assert ab_builds.main(["--old", ROOT, "--new", ROOT, "--rounds", "1",
+                           *[a for s in shapes for a in ("--shape", s)]]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"# CPU: .+, \d+ cores, ISA: ", text), text
+    rows = [ln.strip("| ").split(" | ") for ln in text.splitlines() if re.match(r"\| \d+, ", ln)]
+    assert [r[0] for r in rows] == [s.replace(",", ", ") for s in shapes], text
+    for _, old, new, ratio in rows:
+        assert float(old) > 0 and float(new) > 0
+        assert float(ratio) == pytest.approx(float(new) / float(old), rel=0.02, abs=0.011), rows
+    with pytest.raises(SystemExit):
+        ab_builds.main(["--old", ROOT, "--shape", "9,40,16,8,4,int8"])
