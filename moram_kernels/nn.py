@@ -284,7 +284,7 @@ class MoRAMLinear(nn.Module):
                 "were never trained (their values are all still zero); freezing them adds atoms "
                 "that contribute nothing but take top-K places and softmax weight from the "
                 "trained ones. Train the task before add_task() (ignore this if intended).",
-                UserWarning, stacklevel=2)
+                UserWarning, stacklevel=3)  # past torch.no_grad's wrapper, to the caller
         keys = torch.empty(self.r, self.in_features, dtype=self.keys.dtype,
                            device=_local(self.keys).device)
         nn.init.kaiming_uniform_(keys, a=math.sqrt(5))
