@@ -20,6 +20,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 from .hardware import cpu_isa, detect
 
 DEFAULT_SHAPES = ["2048,4096,16,1024,16,float32", "2048,4096,16,1024,16,bfloat16",
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         parts = s.split(",")
         if len(parts) != 6 or parts[5] not in ("float32", "bfloat16", "float16"):
             ap.error(f"--shape {s!r}: want T,N,d_in,d_out,k,dtype with dtype float32/bfloat16/float16")
-    hw = detect(__import__("torch").device("cpu"))
+    hw = detect(torch.device("cpu"))
     print(f"# cpu forward, two builds alternated ({hw['timestamp_utc']}): old {args.old}, new {args.new}")
     print(f"# CPU: {hw['cpu']}, {hw['cpu_cores']} cores, ISA: {cpu_isa()}; {args.threads} thread(s), "
           f"best of {args.rounds} rounds, load average {hw['load_avg_1min']}\n")

@@ -238,14 +238,17 @@ class MoRAMLinear(nn.Module):
     # ---- the task lifecycle --------------------------------------------------------------
 
     @torch.no_grad()
-    def _check_finite_atoms(self, name: str | None = None) -> None:
+    def _check_finite_atoms(self, name: str | None = None) -> tuple[Tensor, Tensor] | None:
         """Raise ``ValueError`` if a trainable atom about to be frozen is not finite (its key,
         or its value with the scale baked in). One inf/NaN atom would make every token's
-        norm non-finite, so it never enters the bank; the check runs before any change."""
+        norm non-finite, so it never enters the bank; the check runs before any change.
+        Returns the trainable ``(keys, values)`` whole (gathered once when sharded), or
+        None when there are none."""
         what = name or f"MoRAMLinear({self.in_features} -> {self.out_features})"
         if not self.keys.shape[0]:
-            return
-        for tensor, t in (("keys", _full(self.keys)), ("values", _full(self.values) * self.scaling)):
+            return None
+        keys, values = _full(self.keys).detach(), _full(self.values).detach()
+        for tensor, t in (("keys", keys), ("values", values * self.scaling)):
             ids = _nonfinite_atoms(t)
             if ids:
                 raise ValueError(
@@ -253,6 +256,7 @@ class MoRAMLinear(nn.Module):
                     f"have non-finite {tensor}{' (scale alpha/r baked in)' if tensor == 'values' else ''}; "
                     "they would poison every token's norm, so add_task() refuses to freeze them "
                     "(the layer is unchanged)")
+        return keys, values
 
     @torch.no_grad()
     def add_task(self) -> None:
@@ -276,9 +280,8 @@ class MoRAMLinear(nn.Module):
         step) are frozen as asked, with a ``UserWarning``: such atoms add nothing to the
         output but take top-K places and softmax weight from trained ones.
         """
-        self._check_finite_atoms()
-        old_values = _full(self.values).detach() if self.keys.shape[0] else None
-        if old_values is not None and not bool(old_values.any()):
+        old = self._check_finite_atoms()    # the current task's (keys, values), whole
+        if old is not None and not bool(old[1].any()):
             warnings.warn(
                 f"MoRAMLinear.add_task: the current task's {self.keys.shape[0]} trainable atoms "
                 "were never trained (their values are all still zero); freezing them adds atoms "
@@ -295,8 +298,8 @@ class MoRAMLinear(nn.Module):
             bank["keys"] = keys
             bank["values"] = torch.zeros(self.r, self.out_features, dtype=self.values.dtype,
                                          device=keys.device)
-        if self.keys.shape[0]:
-            self._append_frozen(_full(self.keys).detach(), old_values * self.scaling, **bank)
+        if old is not None:
+            self._append_frozen(old[0], old[1] * self.scaling, **bank)
         else:
             self._set_bank(**bank)
         if in_place:    # after the frozen bank took the old values

@@ -19,7 +19,9 @@
 
 #include "thread_plan.h"
 
+// x86 kernels written with intrinsics, compiled for their own ISA and picked at run time
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(MORAM_NO_CLONES)
+#define MORAM_X86_SIMD 1
 #include <immintrin.h>
 #endif
 
@@ -369,7 +371,7 @@ MORAM_CLONES void store_row(const float* src, float* dst, int64_t n) { store_bod
 // fp32 -> fp16: the F16C instruction where the CPU has it (IEEE round to nearest even, as
 // c10::Half rounds; its software conversion does not vectorise), else the portable loop.
 MORAM_CLONES void store_row_half_portable(const float* src, at::Half* dst, int64_t n) { store_body(src, dst, n); }
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(MORAM_NO_CLONES)
+#ifdef MORAM_X86_SIMD
 __attribute__((target("avx,f16c"))) void store_row_half_f16c(const float* src, at::Half* dst, int64_t n) {
   int64_t j = 0;
   for (; j + 8 <= n; j += 8)
@@ -385,7 +387,7 @@ __attribute__((target("avx,f16c"))) void store_row_half_f16c(const float* src, a
 }
 #endif
 void store_row(const float* src, at::Half* dst, int64_t n) {
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(MORAM_NO_CLONES)
+#ifdef MORAM_X86_SIMD
   static const bool f16c = (__builtin_cpu_init(), __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx"));
   if (f16c) return store_row_half_f16c(src, dst, n);
 #endif
@@ -584,9 +586,7 @@ inline void scan_row_scalar(const float* __restrict__ row, int64_t bn, int64_t i
   }
 }
 
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(MORAM_NO_CLONES)
-#define MORAM_X86_SIMD 1
-#include <immintrin.h>
+#ifdef MORAM_X86_SIMD
 
 __attribute__((target("avx512f"))) void scan_row_avx512(const float* __restrict__ row, int64_t bn,
                                                         int64_t id0, float* hv, int64_t* hid, int64_t k,

@@ -177,8 +177,9 @@ def import_trace_state_dict(model, state_dict: Mapping[str, Tensor], *,
 
     ``lora_alpha``: the checkpoint's ``lora_alpha`` (from its adapter config); when given,
     a layer whose ``alpha / r`` differs raises. Without it nothing can check that scale (the
-    tensors do not record it), so the import assumes the model's and warns. ``task_sizes``: atoms of each past task
-    (the checkpoint does not record them; default r per task). ``strict``: every MoRAM
+    tensors do not record it), so the import assumes the model's and warns.
+    ``task_sizes``: atoms of each past task (the checkpoint does not record them; default r
+    per task). ``strict``: every MoRAM
     layer of the model must receive atoms. All checks run before the model changes.
     Returns ``{model layer name: checkpoint module name}``.
     """
