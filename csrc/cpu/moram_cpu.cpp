@@ -34,6 +34,7 @@
 #include <limits>
 #include <mutex>
 #include <string>
+#include <type_traits>
 #include <unordered_map>
 #include <vector>
 
@@ -429,6 +430,28 @@ inline void dot4_body(const V* __restrict__ v0, const V* __restrict__ v1, const 
   out[3] = s3;
 }
 
+// Eight fp32 value rows at once, `set` writing acc instead of adding to it (the first eight
+// rows of a gather: no zeroing pass). The gather is bound by reading value rows from L2/L3;
+// eight streams a pass and acc read and written once per eight rows made the fp32 d_in = 16
+// forward (T = 2048, N = 4096, k = 16, d_out = 1024) 3-9 % faster than four on a 2-core
+// AVX2 EPYC.
+MORAM_CLONES void axpy8_row(const float* c, const float* const* v, float* __restrict__ acc, int64_t n, bool set) {
+  const float c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3], c4 = c[4], c5 = c[5], c6 = c[6], c7 = c[7];
+  const float *__restrict__ v0 = v[0], *__restrict__ v1 = v[1], *__restrict__ v2 = v[2], *__restrict__ v3 = v[3];
+  const float *__restrict__ v4 = v[4], *__restrict__ v5 = v[5], *__restrict__ v6 = v[6], *__restrict__ v7 = v[7];
+  if (set) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j)
+      acc[j] = ((c0 * v0[j] + c1 * v1[j]) + (c2 * v2[j] + c3 * v3[j])) +
+               ((c4 * v4[j] + c5 * v5[j]) + (c6 * v6[j] + c7 * v7[j]));
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j)
+      acc[j] += ((c0 * v0[j] + c1 * v1[j]) + (c2 * v2[j] + c3 * v3[j])) +
+                ((c4 * v4[j] + c5 * v5[j]) + (c6 * v6[j] + c7 * v7[j]));
+  }
+}
+
 #define DEFINE_ROW4(V)                                                                                    \
   MORAM_CLONES void axpy4_row(const float* c, const V* v0, const V* v1, const V* v2, const V* v3, float* acc, \
                               int64_t n) {                                                               \
@@ -443,8 +466,8 @@ DEFINE_ROW4(at::Half)
 DEFINE_ROW4(at::BFloat16)
 #undef DEFINE_ROW4
 
-// The value rows of the K ids of one token, four at a time: acc = Σ c_i values[ids_i]
-// (gather) or out_i = values[ids_i] · g (dots), for values of one dtype V in both segments.
+// The value rows of the K ids of one token: acc = Σ c_i values[ids_i] (gather, eight rows at
+// a time, then four, then one) or out_i = values[ids_i] · g (dots, four at a time), for values of one dtype V in both segments.
 template <typename V>
 struct ValueRows {
   const V* base[2];
@@ -457,8 +480,17 @@ struct ValueRows {
 template <typename V>
 void gather_values(const ValueRows<V>& vr, const int64_t* ids, const float* c, int64_t k, float* acc) {
   const int64_t n = vr.d_out;
-  std::fill(acc, acc + n, 0.f);
   int64_t i = 0;
+  // fp32 rows only: converting eight bf16/fp16 rows at once ran out of AVX2's 16 registers
+  // (fp16 1.45x, bf16 1.04x slower than four at once)
+  if constexpr (std::is_same<V, float>::value) {
+    const float* rows[8];
+    for (; i + 8 <= k; i += 8) {
+      for (int q = 0; q < 8; ++q) rows[q] = vr.row(ids[i + q]);
+      axpy8_row(c + i, rows, acc, n, /*set=*/i == 0);
+    }
+  }
+  if (i == 0) std::fill(acc, acc + n, 0.f);
   for (; i + 4 <= k; i += 4)
     axpy4_row(c + i, vr.row(ids[i]), vr.row(ids[i + 1]), vr.row(ids[i + 2]), vr.row(ids[i + 3]), acc, n);
   for (; i < k; ++i) axpy_row(c[i], vr.row(ids[i]), acc, n);
@@ -1391,7 +1423,8 @@ at::Tensor gather_rows(const at::Tensor& values, const at::Tensor& ids, const at
   const int64_t N = v.size(0), d = v.size(1), K = i.size(0);
   const int64_t* I = i.data_ptr<int64_t>();
   for (int64_t e = 0; e < K; ++e) TORCH_CHECK(I[e] >= 0 && I[e] < N, "cpu_gather_rows: id ", I[e], " out of [0, ", N, ")");
-  at::Tensor acc = at::empty({d}, v.options().dtype(at::kFloat));
+  // NaN to start: a gather that read acc before its first write would show
+  at::Tensor acc = at::full({d}, std::numeric_limits<float>::quiet_NaN(), v.options().dtype(at::kFloat));
   switch (v.scalar_type()) {
     case at::kFloat: gather_values(ValueRows<float>(v.data_ptr<float>(), d), I, c.data_ptr<float>(), K, acc.data_ptr<float>()); break;
     case at::kHalf: gather_values(ValueRows<at::Half>(v.data_ptr<at::Half>(), d), I, c.data_ptr<float>(), K, acc.data_ptr<float>()); break;

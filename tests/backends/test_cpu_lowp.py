@@ -176,7 +176,7 @@ def test_value_rows_convert_every_bit_pattern_exactly(dtype):
     finite = torch.isfinite(want)
     zeros = torch.zeros_like(every)
     rows = torch.stack([zeros, every, zeros, zeros, zeros])
-    ids = {1: [1], 4: [0, 1, 2, 3]}
+    ids = {1: [1], 4: [0, 1, 2, 3], 8: [0, 2, 3, 4, 0, 1, 2, 3]}   # the one-, four- and eight-row loops
     for k, picked in ids.items():
         got = _C.cpu_gather_rows(rows, torch.tensor(picked), torch.ones(k))
         assert torch.equal(got[finite], want[finite]), k       # -0 + 0 is +0: equal under ==
@@ -190,3 +190,19 @@ def test_value_rows_convert_every_bit_pattern_exactly(dtype):
     got = _C.cpu_gather_rows(vals, idx, c)
     ref64 = (c.double()[:, None] * vals[idx].double()).sum(0)
     torch.testing.assert_close(got.double(), ref64, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gather_of_any_k_matches_fp64(dtype):
+    """The gather sums K value rows eight at a time (the first eight written, not added, so no
+    zeroing pass), then four, then one: every K from 2 to 19 (each mix of the three loops),
+    repeated ids among them, against the same weighted sum in fp64. The binding starts its
+    accumulator as NaN, so a loop that read it before the first write would show."""
+    g = torch.Generator().manual_seed(11)
+    vals = torch.randn(23, 83, generator=g).to(dtype)
+    for k in range(2, 20):
+        idx = torch.randint(0, 23, (k,), generator=g)
+        c = torch.randn(k, generator=g)
+        got = _C.cpu_gather_rows(vals, idx, c)
+        ref64 = (c.double()[:, None] * vals[idx].double()).sum(0)
+        torch.testing.assert_close(got.double(), ref64, rtol=1e-5, atol=1e-5, msg=lambda m: f"K={k}: {m}")
