@@ -48,6 +48,7 @@ namespace moram_cpu {
 std::string lowp_road(const std::string& dtype);  // csrc/cpu/moram_cpu.cpp
 at::Tensor store_rows(const at::Tensor& src, const std::string& dtype);  // csrc/cpu/moram_cpu.cpp
 at::Tensor gather_rows(const at::Tensor& values, const at::Tensor& ids, const at::Tensor& coef);  // the same
+std::tuple<at::Tensor, at::Tensor> pass_above(const at::Tensor& row, double floor, const std::string& road);
 }
 #endif
 
@@ -61,6 +62,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "fp32 rows written into a new 'bfloat16'/'float16'/'float32' tensor by the CPU kernels' row store (tests)");
   m.def("cpu_gather_rows", &moram_cpu::gather_rows,
         "sum_i coef[i] * values[ids[i]] in fp32 through the CPU kernels' gather of value rows (tests)");
+  m.def("cpu_pass_above", &moram_cpu::pass_above,
+        "(scores, places) of a row's scores above floor, packed by the top-K's 'portable' or 'avx2' pass (tests)");
 #endif
   m.def("eager", &moram_eager::eager, "the MoRAM delta with its autograd node, for eager calls on the cpu/cuda backends",
         py::call_guard<py::gil_scoped_release>());

@@ -71,7 +71,7 @@ def test_ties_go_to_the_lower_id(t):
 
 
 @pytest.mark.parametrize("t", [1, 9])
-@pytest.mark.parametrize("n,k", [(200, 8), (161, 16), (64, 8), (40, 16), (33, 2)])
+@pytest.mark.parametrize("n,k", [(200, 8), (161, 16), (64, 8), (40, 16), (33, 2), (1000, 24), (1000, 64)])
 def test_rows_full_of_ties_match_a_stable_sort(t, n, k):
     """Integer scores from a handful of values, so every row ties at and around its K-th
     place, in the same and in different groups of the row road's threshold (score j in
@@ -89,6 +89,31 @@ def test_rows_full_of_ties_match_a_stable_sort(t, n, k):
     want = _lower_id_topk(scores, k)
     assert torch.equal(idx, want)
     assert torch.equal(p_sel, scores.gather(1, want))
+
+
+@pytest.mark.parametrize("road", ["portable", "avx2"])
+def test_pass_packs_the_scores_above_the_floor(road):
+    """The row road's pass packs, in row order, the scores strictly above the threshold
+    with their places: at lengths with and without a vector tail, with NaN and infinities
+    (NaN never passes) and scores equal to the threshold (they do not pass either). The
+    binding fills the output past the count with NaN, so a count that overshoots shows."""
+    if road == "avx2":
+        try:
+            _C.cpu_pass_above(torch.zeros(1), 0.0, "avx2")
+        except RuntimeError as e:
+            pytest.skip(f"no avx2 pass on this CPU or build: {e}")
+    g = torch.Generator().manual_seed(5)
+    for n in (0, 1, 7, 8, 9, 15, 16, 17, 64, 1003):
+        row = torch.randn(n, generator=g).round(decimals=1)   # many scores tie with the floor
+        if n >= 9:
+            row[torch.randint(0, n, (3,), generator=g)] = float("nan")
+            row[torch.randint(0, n, (2,), generator=g)] = float("inf")
+            row[torch.randint(0, n, (2,), generator=g)] = -float("inf")
+        for floor in (0.3, -0.1, 2.5, float("-inf"), float("inf")):
+            keep = row > floor
+            got_v, got_p = _C.cpu_pass_above(row, floor, road)
+            assert torch.equal(got_p, keep.nonzero().flatten()), (n, floor)
+            assert torch.equal(got_v, row[keep]), (n, floor)
 
 
 @pytest.mark.parametrize("t", [1, 6])
