@@ -466,8 +466,9 @@ DEFINE_ROW4(at::Half)
 DEFINE_ROW4(at::BFloat16)
 #undef DEFINE_ROW4
 
-// The value rows of the K ids of one token: acc = Σ c_i values[ids_i] (gather, eight rows at
-// a time, then four, then one) or out_i = values[ids_i] · g (dots, four at a time), for values of one dtype V in both segments.
+// The value rows of the K ids of one token: acc = Σ c_i values[ids_i] (gather: eight rows at
+// a time, then four, then one) or out_i = values[ids_i] · g (dots, four at a time), for
+// values of one dtype V in both segments.
 template <typename V>
 struct ValueRows {
   const V* base[2];
@@ -1526,6 +1527,7 @@ at::Tensor gather_rows(const at::Tensor& values, const at::Tensor& ids, const at
   }
   return acc;
 }
+
 // The scores of a 1-D fp32 row above `floor` as select_row's pass packs them, through the
 // pass of `road` ("portable", or "avx2" where this CPU has it): (scores, places), for tests.
 std::tuple<at::Tensor, at::Tensor> pass_above(const at::Tensor& row, double floor, const std::string& road) {
