@@ -776,15 +776,18 @@ struct SelectScratch {
 // The scores of a row above `floor`, in row order, packed at the front of pv with their
 // places in pi (n + 8 slots each: the vector loop stores whole vectors); returns how many.
 // Without a branch per score: about 1.25 K of n pass, at places no predictor can follow.
-int64_t pass_portable(const float* __restrict__ row, int64_t n, float floor, float* __restrict__ pv,
-                      int32_t* __restrict__ pi) {
-  int64_t m = 0;
-  for (int64_t j = 0; j < n; ++j) {
+// (pass_from: from place j of the row on, the first m slots already packed; returns the new m)
+inline int64_t pass_from(const float* __restrict__ row, int64_t j, int64_t n, float floor, float* __restrict__ pv,
+                         int32_t* __restrict__ pi, int64_t m) {
+  for (; j < n; ++j) {
     pv[m] = row[j];
     pi[m] = static_cast<int32_t>(j);
     m += row[j] > floor;
   }
   return m;
+}
+int64_t pass_portable(const float* row, int64_t n, float floor, float* pv, int32_t* pi) {
+  return pass_from(row, 0, n, floor, pv, pi, 0);
 }
 
 #ifdef MORAM_X86_SIMD
@@ -820,12 +823,7 @@ __attribute__((target("avx2,popcnt"))) int64_t pass_avx2(const float* __restrict
     m += _mm_popcnt_u32(static_cast<unsigned>(mask));
     place = _mm256_add_epi32(place, eight);
   }
-  for (; j < n; ++j) {
-    pv[m] = row[j];
-    pi[m] = static_cast<int32_t>(j);
-    m += row[j] > floor;
-  }
-  return m;
+  return pass_from(row, j, n, floor, pv, pi, m);  // the last n mod 8 scores
 }
 #endif
 
@@ -1504,9 +1502,9 @@ at::Tensor store_rows(const at::Tensor& src, const std::string& dtype) {
   return out;
 }
 
-// acc (fp32 [d]) = Σ_i coef_i values[ids_i] through the kernels' gather (gather_values: four
-// rows at a time, then one), values [N, d] fp32/bf16/fp16, for the tests that pin its
-// conversions (bound as _C.cpu_gather_rows in csrc/ops.cpp).
+// acc (fp32 [d]) = Σ_i coef_i values[ids_i] through the kernels' gather (gather_values: eight
+// fp32 rows at a time, then four, then one), values [N, d] fp32/bf16/fp16, for the tests that
+// pin its loops and conversions (bound as _C.cpu_gather_rows in csrc/ops.cpp).
 at::Tensor gather_rows(const at::Tensor& values, const at::Tensor& ids, const at::Tensor& coef) {
   TORCH_CHECK(values.device().is_cpu() && values.dim() == 2 && is_float_type(values.scalar_type()),
               "cpu_gather_rows: values must be a float CPU tensor [N, d], got ", values.scalar_type(), " ",
